@@ -1,0 +1,34 @@
+# `make test` and `make bench` do all the set-up from a fresh clone: a local virtual environment,
+# torch (an existing one is reused; otherwise the pinned CPU build), the native extension, test extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moe_kernels-installed
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: test bench build clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -c "import moe_kernels; print(moe_kernels.backends())"
+	@touch $(STAMP)
+
+build: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf build $(VENV) moe_kernels/_C*.so *.egg-info

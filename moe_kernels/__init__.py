@@ -1,0 +1,8 @@
+"""moe_kernels: fused Mixture-of-Experts kernels for PyTorch."""
+from . import ops, reference
+from ._backend import backends, use_backend
+from . import nn
+from .nn import DenseMoE, SoftMoE, SparseMoE
+
+__version__ = "0.1.0"
+__all__ = ["DenseMoE", "SoftMoE", "SparseMoE", "backends", "nn", "ops", "reference", "use_backend"]

@@ -1,0 +1,92 @@
+"""Backend selection: reference (always), native (csrc, CPU tensors), triton (CUDA tensors, or CPU tensors
+under TRITON_INTERPRET=1).
+
+MOE_KERNELS_BACKEND=reference|triton|native|auto (default auto: triton on CUDA, native on CPU when built,
+else reference), or `moe_kernels.use_backend(name)` for a block of code. An op that a chosen backend does
+not implement runs on the reference backend.
+"""
+import contextlib
+import importlib
+import os
+import threading
+
+BACKENDS = ("auto", "reference", "native", "triton")
+
+_native_error = None
+try:
+    importlib.import_module("moe_kernels._C")
+    NATIVE = True
+except Exception as exc:  # not built, or built against another torch
+    NATIVE = False
+    _native_error = f"{type(exc).__name__}: {exc}"
+
+# op name -> {backend: implementation}; filled by moe_kernels.ops as each op registers its backends
+IMPLS: dict[str, dict[str, object]] = {}
+_local = threading.local()
+
+
+def _requested() -> str:
+    name = getattr(_local, "backend", None) or os.environ.get("MOE_KERNELS_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"MOE_KERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _triton_usable(device_type: str) -> bool:
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(op: str, device_type: str) -> str:
+    """The backend that runs `op` on tensors of `device_type` now."""
+    name = _requested()
+    impls = IMPLS.get(op, {})
+    if name == "auto":
+        if device_type == "cuda" and "triton" in impls:
+            return "triton"
+        if device_type == "cpu" and NATIVE and "native" in impls:
+            return "native"
+        return "reference"
+    if name == "native":
+        if not NATIVE:
+            raise RuntimeError(f"MOE_KERNELS_BACKEND=native but moe_kernels._C is not available ({_native_error})")
+        if device_type != "cpu":
+            raise RuntimeError(f"the native backend runs on CPU tensors, got {device_type} tensors")
+    if name == "triton" and not _triton_usable(device_type):
+        raise RuntimeError(f"the triton backend needs CUDA tensors or TRITON_INTERPRET=1, got {device_type} tensors")
+    return name if name in impls else "reference"
+
+
+def register(op: str, backend: str, fn) -> None:
+    IMPLS.setdefault(op, {})[backend] = fn
+
+
+def dispatch(op: str, device_type: str):
+    return IMPLS[op][resolve(op, device_type)]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops of this thread on backend `name` inside the block (overrides MOE_KERNELS_BACKEND)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    prev = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = prev
+
+
+def backends() -> dict:
+    """What is available and what `auto` picks, per op: {'requested', 'native', 'triton', 'ops'}."""
+    try:
+        import triton  # noqa: F401
+        triton_state = "available"
+    except Exception as exc:
+        triton_state = f"unavailable ({type(exc).__name__}: {exc})"
+    return {
+        "requested": _requested(),
+        "native": "available" if NATIVE else f"unavailable, CPU ops fall back to reference ({_native_error})",
+        "triton": triton_state,
+        "ops": {op: {"implemented": sorted(impls), "cpu": resolve(op, "cpu")} for op, impls in sorted(IMPLS.items())},
+    }

@@ -1,0 +1,153 @@
+"""Permutation ops: moe_kernels::sort_by_expert (routing metadata), moe_kernels::permute and
+moe_kernels::unpermute (+ backwards). Spec: moe_kernels.reference.permutation."""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import permutation as ref
+from . import _checks
+
+
+# --- sort_by_expert -----------------------------------------------------------------------------
+@torch.library.custom_op("moe_kernels::sort_by_expert", mutates_args=())
+def _sort_by_expert(experts: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _backend.dispatch("sort_by_expert", experts.device.type)
+    return fn(experts, num_experts, None if capacity < 0 else capacity)
+
+
+@_sort_by_expert.register_fake
+def _(experts, num_experts, capacity):
+    T, k = experts.shape
+    return (experts.new_empty(T * k, dtype=torch.int32), experts.new_empty(T, k, dtype=torch.int32),
+            experts.new_empty(num_experts + 1, dtype=torch.int32))
+
+
+def _sort_native(experts, num_experts, capacity):
+    return torch.ops.moe_kernels_C.sort_by_expert(experts, num_experts, -1 if capacity is None else capacity)
+
+
+_backend.register("sort_by_expert", "reference", ref.sort_by_expert)
+_backend.register("sort_by_expert", "native", _sort_native)
+
+
+# --- permute ------------------------------------------------------------------------------------
+@torch.library.custom_op("moe_kernels::permute", mutates_args=())
+def _permute(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+    return _backend.dispatch("permute", x.device.type)(x, order, inverse.shape[1])
+
+
+@_permute.register_fake
+def _(x, order, inverse):
+    return x.new_empty(order.shape[0], x.shape[1])
+
+
+@torch.library.custom_op("moe_kernels::permute_backward", mutates_args=())
+def _permute_backward(grad: Tensor, inverse: Tensor) -> Tensor:
+    return _backend.dispatch("permute_backward", grad.device.type)(grad, inverse)
+
+
+@_permute_backward.register_fake
+def _(grad, inverse):
+    return grad.new_empty(inverse.shape[0], grad.shape[1])
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+
+
+def _permute_bwd(ctx, grad):
+    (inverse,) = ctx.saved_tensors
+    return _permute_backward(grad.contiguous(), inverse), None, None
+
+
+_permute.register_autograd(_permute_bwd, setup_context=_permute_setup)
+_backend.register("permute", "reference", ref.permute)
+_backend.register("permute_backward", "reference", ref.permute_backward)
+
+
+# --- unpermute ----------------------------------------------------------------------------------
+@torch.library.custom_op("moe_kernels::unpermute", mutates_args=())
+def _unpermute(y: Tensor, inverse: Tensor, weights: Optional[Tensor]) -> Tensor:
+    return _backend.dispatch("unpermute", y.device.type)(y, inverse, weights)
+
+
+@_unpermute.register_fake
+def _(y, inverse, weights):
+    return y.new_empty(inverse.shape[0], y.shape[1])
+
+
+@torch.library.custom_op("moe_kernels::unpermute_backward", mutates_args=())
+def _unpermute_backward(grad: Tensor, y: Tensor, inverse: Tensor, weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    grad_y, grad_w = _backend.dispatch("unpermute_backward", grad.device.type)(grad, y, inverse, weights)
+    return grad_y, grad_w if grad_w is not None else grad.new_empty(0)
+
+
+@_unpermute_backward.register_fake
+def _(grad, y, inverse, weights):
+    return torch.empty_like(y), (torch.empty_like(weights) if weights is not None else grad.new_empty(0))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _unpermute_bwd(ctx, grad):
+    y, inverse, weights = ctx.saved_tensors
+    grad_y, grad_w = _unpermute_backward(grad.contiguous(), y, inverse, weights)
+    return grad_y, None, grad_w if weights is not None else None
+
+
+_unpermute.register_autograd(_unpermute_bwd, setup_context=_unpermute_setup)
+_backend.register("unpermute", "reference", ref.unpermute)
+_backend.register("unpermute_backward", "reference", ref.unpermute_backward)
+
+
+# --- public functions ---------------------------------------------------------------------------
+class Sorted(NamedTuple):
+    order: Tensor    # [T*k] int32: flat (token*k + slot) index of each row in expert order
+    inverse: Tensor  # [T, k] int32: row of each (token, slot), -1 when not kept
+    offsets: Tensor  # [E+1] int32: rows of expert e are [offsets[e], offsets[e+1])
+
+    @property
+    def dropped(self) -> Tensor:
+        """Number of (token, slot) pairs not kept (capacity, or ids outside [0, E)), as a 0-d tensor."""
+        return self.order.shape[0] - self.offsets[-1]
+
+
+def sort_by_expert(experts: Tensor, num_experts: int, capacity: Optional[int] = None) -> Sorted:
+    """Index-only stable counting sort of the (token, slot) pairs of experts [T, k] by expert id.
+
+    capacity: rows kept per expert (first choices before second, token order within a choice); ids outside
+    [0, num_experts) are never kept (the transformers expert-parallel sentinel).
+    """
+    _checks.tensor("experts", experts, ndim=2, dtypes=_checks.INDEX_DTYPES)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+    _checks.pairs(*experts.shape)
+    return Sorted(*_sort_by_expert(experts, num_experts, -1 if capacity is None else capacity))
+
+
+def permute(x: Tensor, sorted: Sorted) -> Tensor:
+    """x: [T, D] -> [T*k, D] in expert order (row p is x[order[p] // k])."""
+    _checks.tensor("x", x, ndim=2)
+    if x.shape[0] != sorted.inverse.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens (shape {tuple(x.shape)}) but the sort has "
+                         f"{sorted.inverse.shape[0]} (inverse {tuple(sorted.inverse.shape)})")
+    _checks.same_device(x=x, order=sorted.order)
+    return _permute(x, sorted.order, sorted.inverse)
+
+
+def unpermute(y: Tensor, sorted: Sorted, weights: Optional[Tensor] = None) -> Tensor:
+    """y: [T*k, D] in expert order -> [T, D], each token the weighted sum of its k rows (slot order,
+    fp32 accumulation, no atomics). weights: [T, k] or None (sum)."""
+    _checks.tensor("y", y, ndim=2)
+    if y.shape[0] != sorted.order.shape[0]:
+        raise ValueError(f"y must have T*k = {sorted.order.shape[0]} rows, got shape {tuple(y.shape)}")
+    if weights is not None:
+        _checks.tensor("weights", weights, shape=tuple(sorted.inverse.shape), dtypes=_checks.FLOAT_DTYPES)
+    _checks.same_device(y=y, inverse=sorted.inverse, weights=weights)
+    return _unpermute(y, sorted.inverse, weights)
