@@ -7,9 +7,9 @@
 //   offsets: exclusive scan of the kept counts per expert.
 // capacity < 0: no limit. With a limit, the kept rows of an expert are chosen in priority order:
 // all first choices (slot 0) before second choices, token order within a slot.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
 #include <algorithm>
 #include <vector>
