@@ -35,7 +35,7 @@ _backend.register("sort_by_expert", "native", _sort_native)
 # --- permute ------------------------------------------------------------------------------------
 @torch.library.custom_op("moe_kernels::permute", mutates_args=())
 def _permute(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-    return _backend.dispatch("permute", x.device.type)(x, order, inverse.shape[1])
+    return _backend.dispatch("permute", x.device.type)(x, order, inverse)
 
 
 @_permute.register_fake
@@ -132,7 +132,7 @@ def sort_by_expert(experts: Tensor, num_experts: int, capacity: Optional[int] = 
 
 
 def permute(x: Tensor, sorted: Sorted) -> Tensor:
-    """x: [T, D] -> [T*k, D] in expert order (row p is x[order[p] // k])."""
+    """x: [T, D] -> [T*k, D] in expert order (row p is x[order[p] // k]; rows of pairs not kept are zero)."""
     _checks.tensor("x", x, ndim=2)
     if x.shape[0] != sorted.inverse.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens (shape {tuple(x.shape)}) but the sort has "

@@ -66,8 +66,13 @@ def check_routing(E: int, k: int, score: str, num_groups: Optional[int], topk_gr
     """Validates the routing arguments for E experts; returns (num_groups, topk_groups), 0 for no groups."""
     _checks.choice("score", score, ref.SCORES)
     _checks.top_k(k, E)
-    if num_groups is None or num_groups <= 1:
+    for name, v in (("num_groups", num_groups), ("topk_groups", topk_groups)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
+    if num_groups is None or num_groups == 1:
         return 0, 0
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if E % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the number of experts E={E}")
     if topk_groups is None or not 1 <= topk_groups <= num_groups:

@@ -37,9 +37,13 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int, capacity: int | None
     return order.to(torch.int32), inverse.view(T, k).to(torch.int32), offsets.to(torch.int32)
 
 
-def permute(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
-    """x: [T, D] -> [N, D], row p = x[order[p] // top_k]."""
-    return x.index_select(0, order.long() // top_k)
+def permute(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x: [T, D], order: [N], inverse: [T, k] -> [N, D]: row p = x[order[p] // k] for a kept pair, zero for the
+    rows of pairs not kept (past offsets[E])."""
+    k = inverse.shape[1]
+    rows = x.index_select(0, order.long() // k)
+    kept = inverse.reshape(-1).index_select(0, order.long()) >= 0
+    return torch.where(kept.unsqueeze(-1), rows, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def gather_pairs(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
