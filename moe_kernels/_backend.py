@@ -84,9 +84,19 @@ def backends() -> dict:
         triton_state = "available"
     except Exception as exc:
         triton_state = f"unavailable ({type(exc).__name__}: {exc})"
+    def cpu_choice(op):
+        try:
+            return resolve(op, "cpu")
+        except (RuntimeError, ValueError) as exc:
+            return f"error: {exc}"
+
+    try:
+        requested = _requested()
+    except ValueError as exc:
+        requested = f"error: {exc}"
     return {
-        "requested": _requested(),
+        "requested": requested,
         "native": "available" if NATIVE else f"unavailable, CPU ops fall back to reference ({_native_error})",
         "triton": triton_state,
-        "ops": {op: {"implemented": sorted(impls), "cpu": resolve(op, "cpu")} for op, impls in sorted(IMPLS.items())},
+        "ops": {op: {"implemented": sorted(impls), "cpu": cpu_choice(op)} for op, impls in sorted(IMPLS.items())},
     }

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import _checks
 from ..ops.routing import check_routing
 from .experts import Experts
 
@@ -21,7 +22,8 @@ class SparseMoE(nn.Module):
     choice; routed_scale: multiplies the weights; capacity_factor: each expert keeps at most
     ceil(capacity_factor * T * k / E) (token, slot) pairs, first choices first; noisy_gating: Shazeer et al.'s
     trainable Gaussian noise on the logits in training (std = softplus(x @ noise.weight^T)).
-    After a training forward, `aux_loss` = aux_loss_coef * load-balancing loss + z_loss_coef * router z-loss.
+    After a training forward, `aux_loss` = aux_loss_coef * load-balancing loss + z_loss_coef * router z-loss
+    (None after an eval forward).
     """
 
     def __init__(self, dim, hidden_dim, num_experts, top_k=2, *, activation="silu", gated=True, score="softmax",
@@ -46,6 +48,7 @@ class SparseMoE(nn.Module):
         self.num_groups, self.topk_groups, self.routed_scale = num_groups, topk_groups, routed_scale
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss = None
+        _checks.top_k(top_k, num_experts, name="top_k")
         check_routing(num_experts, top_k, score, num_groups, topk_groups)
 
     @property
@@ -78,7 +81,9 @@ class SparseMoE(nn.Module):
         r = self.route(x)
         out = ops.moe_mlp(x, r.experts, r.weights, self.experts.gate_up_proj, self.experts.down_proj,
                           capacity=self.capacity(x.shape[0]), **self.experts.kwargs())
-        if self.training:
+        if not self.training:
+            self.aux_loss = None
+        else:
             self.aux_loss = (self.aux_loss_coef * ops.load_balancing_loss(r)
                              + self.z_loss_coef * ops.router_z_loss(r))
         return out.view(shape)

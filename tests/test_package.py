@@ -1,0 +1,234 @@
+"""The package as a user meets it: import, backend report and selection, and the fallback when the native
+extension is missing (checked in a subprocess where `moe_kernels._C` cannot be imported)."""
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import _backend, ops
+
+REPO = Path(__file__).resolve().parents[1]
+
+# every custom op the package registers, forward and backward
+OPS = {f"{name}{suffix}" for name in ("topk_route", "sort_by_expert", "permute", "unpermute", "grouped_mm",
+                                      "dense_moe", "soft_dispatch", "soft_combine")
+       for suffix in ("", "_backward")} - {"sort_by_expert_backward"}
+
+
+# the native extension is built unless the build was told to skip it (setup.py: MOE_KERNELS_BUILD_NATIVE=0); a
+# build that silently failed must fail these tests, not skip them
+needs_native = pytest.mark.skipif(os.environ.get("MOE_KERNELS_BUILD_NATIVE") == "0",
+                                  reason="built with MOE_KERNELS_BUILD_NATIVE=0")
+
+
+@pytest.fixture
+def no_env_backend(monkeypatch):
+    monkeypatch.delenv("MOE_KERNELS_BACKEND", raising=False)
+
+
+def test_import_and_public_names():
+    assert moe_kernels.__version__
+    for name in moe_kernels.__all__:
+        assert getattr(moe_kernels, name) is not None, name
+    assert moe_kernels.SparseMoE is moe_kernels.nn.SparseMoE
+    m = moe_kernels.SparseMoE(8, 6, 4, 2)
+    x = torch.randn(3, 8)
+    assert m(x).shape == (3, 8)
+
+
+@needs_native
+def test_backends_report_lists_every_op(no_env_backend):
+    info = moe_kernels.backends()
+    assert info["requested"] == "auto"
+    assert info["native"] == "available", "the native extension is built in this checkout (make build)"
+    assert set(info["ops"]) == OPS
+    # ... and that is every op registered under the moe_kernels namespace with torch
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("moe_kernels::")}
+    assert registered == OPS
+    for op, entry in info["ops"].items():
+        assert "reference" in entry["implemented"], op
+        assert entry["cpu"] in entry["implemented"], op
+    assert isinstance(info["triton"], str)
+
+
+@needs_native
+def test_native_sort_used_on_cpu_under_auto(no_env_backend, monkeypatch):
+    assert moe_kernels.backends()["ops"]["sort_by_expert"]["cpu"] == "native"
+    # not just reported: the native implementation is what runs
+    calls = []
+    native = _backend.IMPLS["sort_by_expert"]["native"]
+
+    def spy(*args):
+        calls.append(args)
+        return native(*args)
+
+    monkeypatch.setitem(_backend.IMPLS["sort_by_expert"], "native", spy)
+    m = moe_kernels.SparseMoE(8, 6, 4, 2)
+    m(torch.randn(5, 8))
+    assert len(calls) == 1
+    experts = torch.rand(9, 4).argsort(1)[:, :2]
+    got = ops.sort_by_expert(experts, 4, capacity=3)
+    assert len(calls) == 2
+    want = moe_kernels.reference.permutation.sort_by_expert(experts, 4, 3)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_use_backend_restores_previous(no_env_backend):
+    assert _backend.resolve("sort_by_expert", "cpu") == "native"
+    with moe_kernels.use_backend("reference"):
+        assert moe_kernels.backends()["requested"] == "reference"
+        assert _backend.resolve("sort_by_expert", "cpu") == "reference"
+        with moe_kernels.use_backend("native"):
+            assert _backend.resolve("sort_by_expert", "cpu") == "native"
+            # an op without a native implementation runs on the reference one
+            assert _backend.resolve("topk_route", "cpu") == "reference"
+        assert _backend.resolve("sort_by_expert", "cpu") == "reference"
+        with pytest.raises(KeyError):
+            with moe_kernels.use_backend("native"):
+                raise KeyError("an error inside the block")
+        assert moe_kernels.backends()["requested"] == "reference"
+    assert moe_kernels.backends()["requested"] == "auto"
+    assert _backend.resolve("sort_by_expert", "cpu") == "native"
+
+
+@needs_native
+def test_use_backend_is_per_thread(no_env_backend):
+    seen = {}
+    with moe_kernels.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.setdefault("other", _backend.resolve("sort_by_expert", "cpu")))
+        t.start()
+        t.join()
+        seen["this"] = _backend.resolve("sort_by_expert", "cpu")
+    assert seen == {"other": "native", "this": "reference"}
+
+
+def test_use_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="bogus"):
+        with moe_kernels.use_backend("bogus"):
+            pass
+
+
+def test_env_bogus_raises_on_op_use(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "bogus")
+    experts = torch.rand(6, 4).argsort(1)[:, :2]
+    with pytest.raises(ValueError, match=r"MOE_KERNELS_BACKEND.*'bogus'"):
+        ops.sort_by_expert(experts, 4)
+    # use_backend overrides the environment
+    with moe_kernels.use_backend("reference"):
+        assert ops.sort_by_expert(experts, 4).offsets[-1] == 12
+
+
+@needs_native
+def test_env_selects_backend(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "reference")
+    assert moe_kernels.backends()["ops"]["sort_by_expert"]["cpu"] == "reference"
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "native")
+    assert moe_kernels.backends()["ops"]["sort_by_expert"]["cpu"] == "native"
+    assert moe_kernels.backends()["ops"]["topk_route"]["cpu"] == "reference"  # no native topk_route: fallback
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter lets triton take CPU tensors")
+def test_env_triton_on_cpu_raises(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="triton"):
+        ops.sort_by_expert(torch.rand(6, 4).argsort(1)[:, :2], 4)
+
+
+# --- without the native extension (a subprocess) ---------------------------------------------------
+HIDDEN = r"""
+import json, os, sys
+sys.modules["moe_kernels._C"] = None  # hide the built extension: importing it now raises ImportError
+os.environ["MOE_KERNELS_BACKEND"] = "bogus"  # read at op use, so the import itself must still work
+import torch
+import moe_kernels
+from moe_kernels import ops
+
+res = {"native_op_loaded": "moe_kernels_C::sort_by_expert" in torch._C._dispatch_get_all_op_names()}
+data = torch.load(sys.argv[1])
+experts = data["experts"]
+
+def attempt(fn):
+    try:
+        fn()
+        return "no error"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+res["bogus"] = attempt(lambda: ops.sort_by_expert(experts, 6))
+os.environ["MOE_KERNELS_BACKEND"] = "native"
+res["native"] = attempt(lambda: ops.sort_by_expert(experts, 6))
+del os.environ["MOE_KERNELS_BACKEND"]
+res["backends"] = moe_kernels.backends()
+
+m = moe_kernels.SparseMoE(8, 6, 6, 2, capacity_factor=1.0).train()
+m.load_state_dict(data["state"])
+x = data["x"].clone().requires_grad_()
+out = m(x)
+grads = torch.autograd.grad((out * data["g"]).sum() + m.aux_loss, [x] + list(m.parameters()))
+torch.save({"sorted": tuple(ops.sort_by_expert(experts, 6, 2)), "out": out, "grads": grads}, sys.argv[2])
+print(json.dumps(res))
+"""
+
+
+@pytest.fixture(scope="module")
+def hidden_native(tmp_path_factory):
+    """Runs HIDDEN once; inputs drawn from a fresh seed (printed), saved for the subprocess."""
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"hidden_native seed={seed}")
+    gen = torch.Generator().manual_seed(seed)
+    d = tmp_path_factory.mktemp("hidden_native")
+    m = moe_kernels.SparseMoE(8, 6, 6, 2, capacity_factor=1.0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    data = dict(experts=torch.rand(11, 6, generator=gen).argsort(1)[:, :2], state=m.state_dict(),
+                x=torch.randn(2, 9, 8, generator=gen), g=torch.randn(2, 9, 8, generator=gen))
+    torch.save(data, d / "in.pt")
+    env = {k: v for k, v in os.environ.items() if k != "MOE_KERNELS_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", HIDDEN, str(d / "in.pt"), str(d / "out.pt")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return data, json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(d / "out.pt")
+
+
+def test_hidden_native_imports_and_reports_unavailable(hidden_native):
+    _, res, _ = hidden_native
+    assert res["native_op_loaded"] is False, "the subprocess must really run without the extension"
+    info = res["backends"]
+    assert info["requested"] == "auto"
+    assert info["native"].startswith("unavailable"), info["native"]
+    assert set(info["ops"]) == OPS
+    assert all(entry["cpu"] == "reference" for entry in info["ops"].values())
+    assert "native" in info["ops"]["sort_by_expert"]["implemented"]  # registered, just not usable
+
+
+def test_hidden_native_env_errors(hidden_native):
+    _, res, _ = hidden_native
+    assert res["bogus"].startswith("ValueError: MOE_KERNELS_BACKEND must be one of"), res["bogus"]
+    assert res["native"].startswith("RuntimeError: MOE_KERNELS_BACKEND=native but moe_kernels._C is not available"), \
+        res["native"]
+
+
+def test_hidden_native_ops_run_on_reference(hidden_native, no_env_backend):
+    """Same inputs here (native sort under auto) and there (reference): the same bits."""
+    data, _, there = hidden_native
+    assert _backend.resolve("sort_by_expert", "cpu") == ("native" if _backend.NATIVE else "reference")
+    for a, b in zip(ops.sort_by_expert(data["experts"], 6, 2), there["sorted"]):
+        assert torch.equal(a, b)
+    m = moe_kernels.SparseMoE(8, 6, 6, 2, capacity_factor=1.0).train()
+    m.load_state_dict(data["state"])
+    x = data["x"].clone().requires_grad_()
+    out = m(x)
+    grads = torch.autograd.grad((out * data["g"]).sum() + m.aux_loss, [x] + list(m.parameters()))
+    assert torch.equal(out, there["out"])
+    for a, b in zip(grads, there["grads"]):
+        assert torch.equal(a, b)
