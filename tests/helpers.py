@@ -1,5 +1,10 @@
 """Helpers shared by the tests: the earned-tolerance comparison, poisoning, random routing."""
+import math
+
 import torch
+import torch.nn.functional as F
+
+F64 = torch.float64
 
 
 def assert_earned(fast, ref64, same_dtype, atol=1e-6, name="output"):
@@ -22,3 +27,61 @@ def rand_experts(T, k, E, generator=None):
     if T == 0:
         return torch.empty(0, k, dtype=torch.int64)
     return torch.rand(T, E).argsort(dim=1)[:, :k]
+
+
+# --- independent oracles of the activations, and the comparisons built on assert_earned ----------------
+def naive_act(v, activation):
+    """The activations from their textbook formulas, on a float64 vector."""
+    if activation == "silu":
+        return v / (1 + torch.exp(-v))
+    if activation == "gelu":
+        return 0.5 * v * (1 + torch.erf(v / math.sqrt(2)))
+    if activation == "gelu_tanh":
+        return 0.5 * v * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+    if activation == "relu":
+        return torch.where(v > 0, v, torch.zeros_like(v))
+    if activation == "identity":
+        return v.clone()
+    raise AssertionError(activation)
+
+
+def naive_glu(h, activation, gated):
+    """h: pre-activation vector [2H] (gate first, then up) when gated, else [H]."""
+    if not gated:
+        return naive_act(h, activation)
+    half = h.shape[0] // 2
+    return naive_act(h[:half], activation) * h[half:]
+
+
+def torch_act(h, activation):
+    """Plain PyTorch activations, for the same-dtype baseline of the earned tolerance."""
+    return {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
+            "identity": lambda t: t}[activation](h)
+
+
+def torch_glu(h, activation, gated):
+    if not gated:
+        return torch_act(h, activation)
+    gate, up = h.chunk(2, dim=-1)
+    return torch_act(gate, activation) * up
+
+
+def assert_earned_dtype(fast, ref64, same_dtype):
+    """The earned tolerance. float32: tests/helpers.assert_earned, elementwise. float16/bfloat16: the same rule
+    taken over the whole tensor, as flash-attention's tests write it (max |fast - ref64| <= 2 max |same_dtype -
+    ref64| + atol). Elementwise it cannot hold in 16 bits: two correct computations that differ by one rounding
+    step (CPU fp16 gelu rounds differently in its vectorised body and its scalar tail) fail wherever the
+    baseline happens to round almost exactly."""
+    assert fast.dtype == same_dtype.dtype and fast.shape == ref64.shape == same_dtype.shape
+    if fast.dtype in (torch.float32, F64):
+        assert_earned(fast, ref64, same_dtype)
+        return
+    err = (fast.double() - ref64).abs().max() if fast.numel() else torch.zeros((), dtype=F64)
+    bound = 2 * (same_dtype.double() - ref64).abs().max() + 1e-6 if fast.numel() else torch.zeros((), dtype=F64)
+    assert not torch.isnan(err) and err <= bound, f"max error {err.item():.3g} exceeds the earned {bound.item():.3g}"
+
+
+def assert_close64(actual, expected, name="output"):
+    """float64 against float64: only rounding differences are allowed."""
+    assert actual.dtype == F64 and expected.dtype == F64, (actual.dtype, expected.dtype)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")

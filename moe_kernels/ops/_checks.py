@@ -18,7 +18,7 @@ def tensor(name, t, *, ndim=None, dtypes=None, shape=None):
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
     if shape is not None:
         if len(shape) != t.dim() or any(s is not None and s != n for s, n in zip(shape, t.shape)):
-            want = tuple("*" if s is None else s for s in shape)
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     return t
 

@@ -28,7 +28,7 @@ def _forward(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activat
     a = glu(h, activation, gated)                                    # [T, E, H]
     z = a * gates.to(x.dtype).unsqueeze(-1)
     w_down = down_proj.permute(1, 0, 2).reshape(D, -1)               # [D, E*H]
-    out = z.reshape(T, -1) @ w_down.t()
+    out = z.reshape(T, w_down.shape[1]) @ w_down.t()
     if down_bias is not None:
         out = out + gates.to(x.dtype) @ down_bias
     return (out, h, a) if keep else out
@@ -81,10 +81,9 @@ def _dense_moe_backward(grad: Tensor, x: Tensor, gates: Tensor, gate_up_proj: Te
 
 @_dense_moe_backward.register_fake
 def _(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated):
-    empty = x.new_empty(0)
     return (torch.empty_like(x), torch.empty_like(gates), torch.empty_like(gate_up_proj), torch.empty_like(down_proj),
-            torch.empty_like(gate_up_bias) if gate_up_bias is not None else empty,
-            torch.empty_like(down_bias) if down_bias is not None else empty)
+            torch.empty_like(gate_up_bias) if gate_up_bias is not None else x.new_empty(0),
+            torch.empty_like(down_bias) if down_bias is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

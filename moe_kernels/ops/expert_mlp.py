@@ -3,7 +3,6 @@ the routing-metadata, permutation and grouped-GEMM ops (each with its own backen
 Spec: moe_kernels.reference.expert_mlp."""
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ..reference.activations import ACTIVATIONS
@@ -19,7 +18,7 @@ def check_experts_weights(gate_up_proj: Tensor, down_proj: Tensor, gated: bool, 
     E, H2, D = gate_up_proj.shape
     H = H2 // 2 if gated else H2
     if (gated and H2 % 2) or down_proj.shape != (E, D, H):
-        want = f"[E, 2H, D] and [E, D, H]" if gated else "[E, H, D] and [E, D, H]"
+        want = "[E, 2H, D] and [E, D, H]" if gated else "[E, H, D] and [E, D, H]"
         raise ValueError(f"gate_up_proj and down_proj must be {want} (gated={gated}), got "
                          f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
     if gate_up_bias is not None:

@@ -1,0 +1,293 @@
+"""moe_kernels.ops.grouped_mm (custom ops moe_kernels::grouped_mm and ::grouped_mm_backward).
+
+Oracles: a naive per-row loop written here in float64 (activations from their formulas, not from
+torch.nn.functional), and moe_kernels.reference.grouped_mm (the spec). Lower precision passes on the earned
+tolerance (tests/helpers.assert_earned). Also: gradcheck, opcheck, determinism, strides, bad input.
+"""
+import math
+
+import pytest
+import torch
+
+from moe_kernels import reference as ref
+from moe_kernels.ops import grouped_mm
+from moe_kernels.reference.activations import ACTIVATIONS
+from tests.helpers import assert_close64, assert_earned_dtype, naive_glu, poison_, torch_glu
+
+F64 = torch.float64
+
+
+def naive_grouped_mm(a, w, offsets, bias, activation, gated):
+    """Row by row: find the expert that owns row i, then act(w[e] a[i] + bias[e]) in float64."""
+    a, w = a.double(), w.double()
+    bias = bias.double() if bias is not None else None
+    N, (E, M, K) = a.shape[0], w.shape
+    bounds = [int(v) for v in offsets]
+    out = poison_(torch.empty(N, M // 2 if gated else M, dtype=F64))  # every row must be written below
+    for i in range(N):
+        owners = [e for e in range(E) if bounds[e] <= i < bounds[e + 1]]
+        assert len(owners) <= 1
+        if not owners:  # a row at or past offsets[E]: the pair was not kept
+            out[i] = 0
+            continue
+        e = owners[0]
+        h = w[e] @ a[i]
+        if bias is not None:
+            h = h + bias[e]
+        out[i] = naive_glu(h, activation, gated)
+    return out
+
+
+def same_dtype_grouped_mm(a, w, offsets, bias, activation, gated):
+    """Plain PyTorch in the inputs' dtype (the baseline of the earned tolerance): one matmul per expert."""
+    out = torch.zeros(a.shape[0], w.shape[1] // 2 if gated else w.shape[1], dtype=a.dtype)
+    bounds = [int(v) for v in offsets]
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        h = a[lo:hi] @ w[e].t()
+        if bias is not None:
+            h = h + bias[e]
+        out[lo:hi] = torch_glu(h, activation, gated)
+    return out
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+def make_offsets(N, E, layout):
+    """offsets [E+1] int32 for N rows. layout: random (random split, some groups may be empty), dropped
+    (random split of fewer than N rows: rows past offsets[E]), one (every row to one expert), gaps (groups
+    of size 0 at the start, the middle and the end), none (offsets all zero: every row past offsets[E])."""
+    if layout == "none":
+        return torch.zeros(E + 1, dtype=torch.int32)
+    if layout == "one":
+        counts = torch.zeros(E, dtype=torch.int64)
+        counts[int(torch.randint(E, ()))] = N
+    elif layout == "gaps":
+        assert E >= 5
+        counts = torch.zeros(E, dtype=torch.int64)
+        live = list(range(1, E - 1, 2))  # experts 0, 2, 4, ..., E-1 stay empty
+        cuts = torch.randint(0, N + 1, (len(live) - 1,)).sort().values.tolist()
+        for e, lo, hi in zip(live, [0] + cuts, cuts + [N]):
+            counts[e] = hi - lo
+    else:
+        kept = N if layout == "random" else N - int(torch.randint(1, max(2, N // 3 + 1), ()))
+        cuts = torch.randint(0, kept + 1, (E - 1,)).sort().values
+        bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([kept])])
+        counts = bounds.diff()
+    offsets = torch.zeros(E + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    assert int(offsets[-1]) <= N and bool((offsets.diff() >= 0).all())
+    return offsets.to(torch.int32)
+
+
+def make_inputs(N, K, M, E, layout, *, with_bias, dtype=F64):
+    """Weights scaled by 1/sqrt(K) as in a real layer, so values stay O(1) in every dtype."""
+    a = torch.randn(N, K, dtype=F64)
+    w = torch.randn(E, M, K, dtype=F64) / math.sqrt(K)
+    bias = torch.randn(E, M, dtype=F64) if with_bias else None
+    cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
+    return cast(a), cast(w), make_offsets(N, E, layout), cast(bias)
+
+
+# (N, K, M, E, layout); M is even so that every case also runs gated
+SHAPES = [
+    pytest.param(37, 15, 18, 7, "random", id="N37-K15-M18-E7-random"),    # prime E, odd K, random group sizes
+    pytest.param(29, 9, 10, 13, "dropped", id="N29-K9-M10-E13-dropped"),  # prime E=13 > some groups; rows past offsets[E]
+    pytest.param(16, 8, 6, 4, "one", id="N16-K8-M6-E4-one"),             # all rows to one expert, the others empty
+    pytest.param(12, 5, 4, 6, "gaps", id="N12-K5-M4-E6-gaps"),           # groups of size 0 at start, middle and end
+    pytest.param(1, 7, 6, 1, "random", id="N1-K7-M6-E1"),                # a single row and a single expert
+    pytest.param(0, 7, 6, 3, "random", id="N0-K7-M6-E3"),                # no rows at all
+    pytest.param(9, 4, 6, 3, "none", id="N9-K4-M6-E3-none"),             # offsets all zero: every row is dropped
+]
+GATED = [pytest.param(False, id="plain"), pytest.param(True, id="gated")]
+BIAS = [pytest.param(False, id="nobias"), pytest.param(True, id="bias")]
+
+
+# --- forward ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_bias", BIAS)
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("N, K, M, E, layout", SHAPES[:2])
+def test_forward_float64_every_activation(backend, N, K, M, E, layout, activation, gated, with_bias):
+    check_forward_float64(N, K, M, E, layout, activation, gated, with_bias)
+
+
+@pytest.mark.parametrize("with_bias", BIAS)
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("N, K, M, E, layout", SHAPES[2:])
+def test_forward_float64_edge_shapes(backend, N, K, M, E, layout, gated, with_bias):
+    # gelu: nonzero at a nonzero bias, so rows past offsets[E] are zero only if the op zeroes them
+    check_forward_float64(N, K, M, E, layout, "gelu", gated, with_bias)
+
+
+def check_forward_float64(N, K, M, E, layout, activation, gated, with_bias):
+    a, w, offsets, bias = make_inputs(N, K, M, E, layout, with_bias=with_bias)
+    out = grouped_mm(a, w, offsets, bias, activation=activation, gated=gated)
+    assert out.shape == (N, M // 2 if gated else M) and out.dtype == F64
+    assert_close64(out, naive_grouped_mm(a, w, offsets, bias, activation, gated), "vs naive loop")
+    assert_close64(out, ref.grouped_mm(a, w, offsets, bias, activation, gated), "vs reference")
+    # rows at or past offsets[E] are exactly zero, whatever the bias and the activation
+    assert bool((out[int(offsets[-1]):] == 0).all())
+
+
+@pytest.mark.parametrize("with_bias", BIAS)
+@pytest.mark.parametrize("M", [9, 1])  # odd output width (and width 1), allowed when not gated
+def test_forward_odd_width_not_gated(backend, M, with_bias):
+    a, w, offsets, bias = make_inputs(20, 6, M, 5, "dropped", with_bias=with_bias)
+    out = grouped_mm(a, w, offsets, bias, activation="gelu")
+    assert_close64(out, naive_grouped_mm(a, w, offsets, bias, "gelu", False), "vs naive loop")
+    assert_close64(out, ref.grouped_mm(a, w, offsets, bias, "gelu", False), "vs reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("N, K, M, E, layout", [SHAPES[1]])
+def test_forward_low_precision_earned(backend, N, K, M, E, layout, activation, gated, dtype):
+    a, w, offsets, bias = make_inputs(N, K, M, E, layout, with_bias=True, dtype=dtype)
+    out = grouped_mm(a, w, offsets, bias, activation=activation, gated=gated)
+    assert out.dtype == dtype
+    ref64 = naive_grouped_mm(a, w, offsets, bias, activation, gated)  # the same rounded inputs, in float64
+    assert_earned_dtype(out, ref64, same_dtype_grouped_mm(a, w, offsets, bias, activation, gated))
+    assert bool((out[int(offsets[-1]):] == 0).all())
+
+
+# --- backward ---------------------------------------------------------------------------------------
+def grad_inputs(with_bias=True):
+    """Small float64 leaves for gradcheck: expert 1 empty, rows 7 and 8 past offsets[E] (dropped)."""
+    a = torch.randn(9, 4, dtype=F64, requires_grad=True)
+    w = (torch.randn(3, 6, 4, dtype=F64) / 2).requires_grad_()
+    bias = torch.randn(3, 6, dtype=F64, requires_grad=True) if with_bias else None
+    offsets = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    return a, w, offsets, bias
+
+
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(backend, activation, gated):
+    a, w, offsets, bias = grad_inputs()
+    fn = lambda a, w, bias: grouped_mm(a, w, offsets, bias, activation=activation, gated=gated)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, w, bias))
+
+
+def test_gradcheck_without_bias(backend):
+    a, w, offsets, _ = grad_inputs(with_bias=False)
+    fn = lambda a, w: grouped_mm(a, w, offsets, activation="silu", gated=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, w))
+
+
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_backward_matches_naive_autograd_and_reference(backend, activation, gated):
+    # prime E, odd K, some rows dropped: the gradient of the naive loop (autograd through it) is the oracle
+    a, w, offsets, bias = make_inputs(23, 9, 10, 7, "dropped", with_bias=True)
+    leaves = [t.requires_grad_() for t in (a, w, bias)]
+    grad_out = torch.randn(23, 5 if gated else 10, dtype=F64)
+    out = grouped_mm(a, w, offsets, bias, activation=activation, gated=gated)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    want = torch.autograd.grad(naive_grouped_mm(a, w, offsets, bias, activation, gated), leaves, grad_out)
+    spec = ref.grouped_mm_backward(grad_out, a.detach(), w.detach(), offsets, bias.detach(), activation, gated)
+    for name, g, n, s in zip(("grad_a", "grad_w", "grad_bias"), got, want, spec):
+        assert_close64(g, n, f"{name} vs naive autograd")
+        assert_close64(g, s, f"{name} vs reference backward")
+    assert bool((got[0][int(offsets[-1]):] == 0).all())  # dropped rows get no gradient
+
+
+def test_empty_backward(backend):
+    # N=0: gradients of w and bias are exact zeros of their shapes
+    a, w, offsets, bias = make_inputs(0, 7, 6, 3, "random", with_bias=True)
+    leaves = [t.requires_grad_() for t in (a, w, bias)]
+    out = grouped_mm(a, w, offsets, bias, activation="silu", gated=True)
+    grads = torch.autograd.grad(out, leaves, torch.randn(0, 3, dtype=F64))
+    for leaf, g in zip(leaves, grads):
+        assert g.shape == leaf.shape and bool((g == 0).all())
+
+
+# --- custom-op registration ---------------------------------------------------------------------------
+OPCHECK = [pytest.param(torch.float32, "silu", True, id="fp32-silu-gated"),
+           pytest.param(F64, "gelu", False, id="fp64-gelu-plain")]
+
+
+@pytest.mark.parametrize("with_bias", BIAS)
+@pytest.mark.parametrize("dtype, activation, gated", OPCHECK)
+def test_opcheck_forward(backend, dtype, activation, gated, with_bias):
+    a, w, offsets, bias = make_inputs(11, 5, 6, 3, "dropped", with_bias=with_bias, dtype=dtype)
+    args = [t.requires_grad_() if t is not None else None for t in (a, w, bias)]
+    torch.library.opcheck(torch.ops.moe_kernels.grouped_mm, (args[0], args[1], offsets, args[2], activation, gated))
+
+
+@pytest.mark.parametrize("with_bias", BIAS)
+@pytest.mark.parametrize("dtype, activation, gated", OPCHECK)
+def test_opcheck_backward(backend, dtype, activation, gated, with_bias):
+    # the backward op has no autograd of its own (no double backward): its inputs do not require grad
+    a, w, offsets, bias = make_inputs(11, 5, 6, 3, "dropped", with_bias=with_bias, dtype=dtype)
+    grad = torch.randn(11, 3 if gated else 6, dtype=dtype)
+    torch.library.opcheck(torch.ops.moe_kernels.grouped_mm_backward, (grad, a, w, offsets, bias, activation, gated))
+
+
+# --- determinism, strides ---------------------------------------------------------------------------
+def test_deterministic_forward_and_backward(backend):
+    a, w, offsets, bias = make_inputs(64, 32, 48, 7, "dropped", with_bias=True, dtype=torch.float32)
+    grad_out = torch.randn(64, 24)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (a, w, bias)]
+        out = grouped_mm(leaves[0], leaves[1], offsets, leaves[2], activation="silu", gated=True)
+        runs.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    for name, x, y in zip(("out", "grad_a", "grad_w", "grad_bias"), *runs):
+        assert torch.equal(x, y), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("gated", GATED)
+def test_non_contiguous_inputs(backend, gated):
+    N, K, M, E = 21, 7, 10, 5
+    _, _, offsets, _ = make_inputs(N, K, M, E, "dropped", with_bias=False)
+    a = torch.randn(K, N, dtype=F64).t()                    # transposed view
+    w = torch.randn(E, K, M, dtype=F64).transpose(1, 2)     # [E, M, K] with K not innermost
+    bias = torch.randn(M, E, dtype=F64).t()                 # transposed view
+    strided = torch.full((2 * (E + 1),), -7, dtype=torch.int32)
+    strided[::2] = offsets
+    offsets_view = strided[::2]                             # stride-2 offsets
+    assert not any(t.is_contiguous() for t in (a, w, bias, offsets_view))
+    grad_out = torch.randn(N, M // 2 if gated else M, dtype=F64)
+    results = []
+    for args in ((a, w, offsets_view, bias), (a.contiguous(), w.contiguous(), offsets, bias.contiguous())):
+        leaves = [t.detach().requires_grad_() for t in (args[0], args[1], args[3])]
+        out = grouped_mm(leaves[0], leaves[1], args[2], leaves[2], activation="gelu_tanh", gated=gated)
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    for name, x, y in zip(("out", "grad_a", "grad_w", "grad_bias"), *results):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+# --- bad input --------------------------------------------------------------------------------------
+def _bad_cases():
+    """(id, change to the good keyword arguments, exception, message pattern naming the argument)."""
+    return [
+        ("a-rank3", lambda k: k.update(a=k["a"][None]), ValueError, r"^a must have 2 dimensions"),
+        ("a-rank1", lambda k: k.update(a=k["a"][0]), ValueError, r"^a must have 2 dimensions"),
+        ("a-not-tensor", lambda k: k.update(a=k["a"].tolist()), TypeError, r"^a must be a torch\.Tensor"),
+        ("a-int", lambda k: k.update(a=k["a"].long()), TypeError, r"^a must have dtype"),
+        ("w-rank2", lambda k: k.update(w=k["w"][0]), ValueError, r"^w must have 3 dimensions"),
+        ("K-mismatch", lambda k: k.update(a=k["a"][:, :-1]), ValueError, r"a: \[N, K\] and w: \[E, M, K\] must share K"),
+        ("offsets-int64", lambda k: k.update(offsets=k["offsets"].long()), TypeError, r"^offsets must have dtype"),
+        ("offsets-float", lambda k: k.update(offsets=k["offsets"].float()), TypeError, r"^offsets must have dtype"),
+        ("offsets-short", lambda k: k.update(offsets=k["offsets"][:-1]), ValueError, r"^offsets must have shape"),
+        ("offsets-2d", lambda k: k.update(offsets=k["offsets"][None]), ValueError, r"^offsets must have shape"),
+        ("bias-shape", lambda k: k.update(bias=k["bias"][:, :-1]), ValueError, r"^bias must have shape"),
+        ("bias-rank", lambda k: k.update(bias=k["bias"][0]), ValueError, r"^bias must have shape"),
+        ("bias-dtype", lambda k: k.update(bias=k["bias"].double()), TypeError, r"share a dtype.*bias"),
+        ("dtype-mismatch", lambda k: k.update(w=k["w"].double()), TypeError,
+         r"share a dtype.*a torch\.float32.*w torch\.float64"),
+        ("odd-M-gated", lambda k: k.update(w=k["w"][:, :-1], bias=k["bias"][:, :-1], gated=True), ValueError,
+         r"gated=True needs an even output width.*w \(3, 5, 4\)"),
+        ("activation", lambda k: k.update(activation="swish"), ValueError, r"^activation must be one of"),
+    ]
+
+
+@pytest.mark.parametrize("change, exc, match", [pytest.param(*c[1:], id=c[0]) for c in _bad_cases()])
+def test_bad_input_raises_naming_the_argument(backend, change, exc, match):
+    kwargs = dict(a=torch.randn(5, 4), w=torch.randn(3, 6, 4), offsets=torch.tensor([0, 2, 2, 5], dtype=torch.int32),
+                  bias=torch.randn(3, 6), activation="silu", gated=False)
+    grouped_mm(**kwargs)  # the unchanged arguments are fine
+    change(kwargs)
+    with pytest.raises(exc, match=match):
+        grouped_mm(**kwargs)
