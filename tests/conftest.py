@@ -6,8 +6,13 @@ import random
 import pytest
 import torch
 
-import moe_kernels
-from moe_kernels import _backend
+# Triton kernels run on CPU tensors in the interpreter; the switch is read when the kernels are defined,
+# so it is set before moe_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import moe_kernels  # noqa: E402
+from moe_kernels import _backend  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

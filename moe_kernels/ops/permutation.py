@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .. import triton as _triton
 from ..reference import permutation as ref
 from . import _checks
 
@@ -102,6 +103,14 @@ def _unpermute_bwd(ctx, grad):
 _unpermute.register_autograd(_unpermute_bwd, setup_context=_unpermute_setup)
 _backend.register("unpermute", "reference", ref.unpermute)
 _backend.register("unpermute_backward", "reference", ref.unpermute_backward)
+
+
+if _triton.AVAILABLE:
+    from ..triton import permutation as _tri
+
+    for _name in ("sort_by_expert", "permute", "permute_backward", "unpermute", "unpermute_backward"):
+        if hasattr(_tri, _name):
+            _backend.register(_name, "triton", getattr(_tri, _name))
 
 
 # --- public functions ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .. import triton as _triton
 from ..reference import routing as ref
 from . import _checks
 
@@ -41,6 +42,12 @@ def _(grad_weights, grad_prob_sum, grad_lse, logits, experts, score, renormalize
 
 _backend.register("topk_route", "reference", ref.topk_route)
 _backend.register("topk_route_backward", "reference", ref.topk_route_backward)
+if _triton.AVAILABLE:
+    from ..triton import routing as _tri
+
+    for _name in ("topk_route", "topk_route_backward"):
+        if hasattr(_tri, _name):
+            _backend.register(_name, "triton", getattr(_tri, _name))
 
 
 # --- autograd -----------------------------------------------------------------------------------

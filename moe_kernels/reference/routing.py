@@ -24,17 +24,23 @@ def loss_probs(s: torch.Tensor, score: str) -> torch.Tensor:
 
 
 def select_experts(s: torch.Tensor, k: int, bias=None, num_groups=None, topk_groups=None) -> torch.Tensor:
-    """Indices [T, k] of the chosen experts. `bias` shifts only the choice; with groups, only experts of
-    the `topk_groups` groups with the largest sum of their top-2 (biased) scores may be chosen."""
+    """Indices [T, k] of the chosen experts, by descending score; ties go to the lower index. `bias` shifts
+    only the choice; with groups, only experts of the `topk_groups` groups with the largest sum of their
+    top-2 (biased) scores may be chosen (ties again to the lower group index)."""
     choice = s if bias is None else s + bias.to(s.dtype)
     if num_groups is not None and num_groups > 1:
         T, E = choice.shape
         grouped = choice.view(T, num_groups, E // num_groups)
         group_score = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(-1)  # [T, G]
-        top_groups = group_score.topk(topk_groups, dim=-1).indices
+        top_groups = _topk_stable(group_score, topk_groups)
         keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
         choice = choice.masked_fill(~keep.repeat_interleave(E // num_groups, dim=1), float("-inf"))
-    return choice.topk(k, dim=-1).indices
+    return _topk_stable(choice, k)
+
+
+def _topk_stable(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of each row, ties to the lower index (torch.topk leaves ties open)."""
+    return torch.sort(v, dim=-1, descending=True, stable=True).indices[:, :k].contiguous()
 
 
 def topk_route(logits, k, *, score="softmax", renormalize=True, bias=None, num_groups=None, topk_groups=None,

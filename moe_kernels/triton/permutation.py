@@ -1,0 +1,1 @@
+"""Triton kernels of the permutation op family (counting sort, permute, unpermute)."""

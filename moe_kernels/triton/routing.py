@@ -1,0 +1,1 @@
+"""Triton kernels of the routing op family (top-k gating forward and backward)."""
