@@ -1,0 +1,110 @@
+"""Ahead-of-time compile check of every Triton kernel of the package, no GPU needed.
+
+    python -m moe_kernels.tools.aot_check [--arch 80 90] [--filter NAME]
+
+Compiles each entry of every `moe_kernels.triton.<family>.AOT_CONFIGS` (every config its launcher can launch
+with) for each architecture with `triton.compile(ASTSource, target=GPUTarget("cuda", arch, 32))`, reads
+registers, spills (STACK bytes) and shared memory from the cubin with the cuobjdump that ships with Triton,
+and prints a table kernel x arch x config. Entries with "wgmma": True must use wgmma on sm_90. Exits 1 on a
+compile failure, a spill or a missing wgmma.
+"""
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # @triton.jit must give compilable kernels, not interpreted ones
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+
+def _cuobjdump():
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def configs():
+    """(family, entry) for every AOT_CONFIGS entry of the moe_kernels.triton modules."""
+    import moe_kernels.triton as pkg
+
+    out = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        mod = importlib.import_module(f"moe_kernels.triton.{info.name}")
+        out.extend((info.name, e) for e in getattr(mod, "AOT_CONFIGS", ()))
+    return out
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / SHARED of the (single-kernel) cubin, from cuobjdump --dump-resource-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", text)
+        usage[key.lower()] = int(m.group(1)) if m else None
+    return usage
+
+
+def compile_one(entry: dict, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=entry["fn"], signature=entry["signature"], constexprs=entry.get("constexprs", {}))
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": entry["num_warps"], "num_stages": entry.get("num_stages", 2)})
+    usage = resource_usage(kernel.asm["cubin"])
+    usage["wgmma"] = "wgmma" in kernel.asm["ptx"]
+    return usage
+
+
+def describe(entry: dict) -> str:
+    consts = ",".join(f"{k}={v}" for k, v in entry.get("constexprs", {}).items())
+    ptrs = ",".join(f"{k}:{v}" for k, v in entry["signature"].items() if v.startswith("*"))
+    return f"{consts} w{entry['num_warps']}s{entry.get('num_stages', 2)} [{ptrs}]"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moe_kernels.tools.aot_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    p.add_argument("--filter", default="", help="only kernels whose name contains this")
+    args = p.parse_args(argv)
+    entries = [(fam, e) for fam, e in configs() if args.filter in e["name"]]
+    if not entries:
+        print("aot_check: no Triton kernel configs found", file=sys.stderr)
+        return 1
+    failures = 0
+    print(f"{'kernel':<28} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'wgmma':>6}  config")
+    for fam, e in entries:
+        for arch in args.arch:
+            name = f"{fam}.{e['name']}"
+            try:
+                u = compile_one(e, arch)
+            except Exception as exc:  # a compile failure is a finding, reported and counted
+                failures += 1
+                print(f"{name:<28} sm_{arch:<2} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}  "
+                      f"{describe(e)}")
+                continue
+            bad = []
+            if u["stack"]:
+                bad.append(f"spills {u['stack']} B")
+            if e.get("wgmma") and arch >= 90 and not u["wgmma"]:
+                bad.append("no wgmma")
+            failures += bool(bad)
+            print(f"{name:<28} sm_{arch:<2} {u['reg']:>5} {u['stack']:>6} {u['shared']:>7} {str(u['wgmma']):>6}  "
+                  f"{describe(e)}" + (f"  <- {'; '.join(bad)}" if bad else ""))
+    total = len(entries) * len(args.arch)
+    print(f"\n{total - failures} of {total} kernel x arch compiles clean" + (f", {failures} failed" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
