@@ -11,9 +11,12 @@ compile failure, a spill or a missing wgmma.
 import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # @triton.jit must give compilable kernels, not interpreted ones
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch compiles with today, said explicitly
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import importlib  # noqa: E402
+import multiprocessing  # noqa: E402
 import pkgutil  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -65,6 +68,16 @@ def compile_one(entry: dict, arch: int) -> dict:
     return usage
 
 
+_ENTRIES: list = []  # filled by main before the worker processes fork
+
+
+def _compile_indexed(i: int, arch: int):
+    try:
+        return compile_one(_ENTRIES[i][1], arch), None
+    except Exception as exc:  # a compile failure is a finding, reported and counted
+        return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+
+
 def describe(entry: dict) -> str:
     consts = ",".join(f"{k}={v}" for k, v in entry.get("constexprs", {}).items())
     ptrs = ",".join(f"{k}:{v}" for k, v in entry["signature"].items() if v.startswith("*"))
@@ -76,32 +89,37 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     p.add_argument("--filter", default="", help="only kernels whose name contains this")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = p.parse_args(argv)
-    entries = [(fam, e) for fam, e in configs() if args.filter in e["name"]]
-    if not entries:
+    _ENTRIES[:] = [(fam, e) for fam, e in configs() if args.filter in e["name"]]
+    if not _ENTRIES:
         print("aot_check: no Triton kernel configs found", file=sys.stderr)
         return 1
+    jobs = [(i, arch) for i in range(len(_ENTRIES)) for arch in args.arch]
+    if args.jobs > 1:
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            results = list(pool.map(_compile_indexed, *zip(*jobs), chunksize=4))
+    else:
+        results = [_compile_indexed(i, arch) for i, arch in jobs]
     failures = 0
     print(f"{'kernel':<28} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'wgmma':>6}  config")
-    for fam, e in entries:
-        for arch in args.arch:
-            name = f"{fam}.{e['name']}"
-            try:
-                u = compile_one(e, arch)
-            except Exception as exc:  # a compile failure is a finding, reported and counted
-                failures += 1
-                print(f"{name:<28} sm_{arch:<2} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}  "
-                      f"{describe(e)}")
-                continue
-            bad = []
-            if u["stack"]:
-                bad.append(f"spills {u['stack']} B")
-            if e.get("wgmma") and arch >= 90 and not u["wgmma"]:
-                bad.append("no wgmma")
-            failures += bool(bad)
-            print(f"{name:<28} sm_{arch:<2} {u['reg']:>5} {u['stack']:>6} {u['shared']:>7} {str(u['wgmma']):>6}  "
-                  f"{describe(e)}" + (f"  <- {'; '.join(bad)}" if bad else ""))
-    total = len(entries) * len(args.arch)
+    for (i, arch), (u, error) in zip(jobs, results):
+        fam, e = _ENTRIES[i]
+        name = f"{fam}.{e['name']}"
+        if error:
+            failures += 1
+            print(f"{name:<28} sm_{arch:<2} FAILED {error}  {describe(e)}")
+            continue
+        bad = []
+        if u["stack"]:
+            bad.append(f"spills {u['stack']} B")
+        if e.get("wgmma") and arch >= 90 and not u["wgmma"]:
+            bad.append("no wgmma")
+        failures += bool(bad)
+        print(f"{name:<28} sm_{arch:<2} {u['reg']:>5} {u['stack']:>6} {u['shared']:>7} {str(u['wgmma']):>6}  "
+              f"{describe(e)}" + (f"  <- {'; '.join(bad)}" if bad else ""))
+    total = len(jobs)
     print(f"\n{total - failures} of {total} kernel x arch compiles clean" + (f", {failures} failed" if failures else ""))
     return 1 if failures else 0
 
