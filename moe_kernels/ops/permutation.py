@@ -108,9 +108,11 @@ _backend.register("unpermute_backward", "reference", ref.unpermute_backward)
 if _triton.AVAILABLE:
     from ..triton import permutation as _tri
 
-    for _name in ("sort_by_expert", "permute", "permute_backward", "unpermute", "unpermute_backward"):
-        if hasattr(_tri, _name):
-            _backend.register(_name, "triton", getattr(_tri, _name))
+    _backend.register("sort_by_expert", "triton", _tri.sort_by_expert)
+    _backend.register("permute", "triton", _tri.permute)
+    _backend.register("permute_backward", "triton", _tri.permute_backward)
+    _backend.register("unpermute", "triton", _tri.unpermute)
+    _backend.register("unpermute_backward", "triton", _tri.unpermute_backward)
 
 
 # --- public functions ---------------------------------------------------------------------------

@@ -45,9 +45,8 @@ _backend.register("topk_route_backward", "reference", ref.topk_route_backward)
 if _triton.AVAILABLE:
     from ..triton import routing as _tri
 
-    for _name in ("topk_route", "topk_route_backward"):
-        if hasattr(_tri, _name):
-            _backend.register(_name, "triton", getattr(_tri, _name))
+    _backend.register("topk_route", "triton", _tri.topk_route)
+    _backend.register("topk_route_backward", "triton", _tri.topk_route_backward)
 
 
 # --- autograd -----------------------------------------------------------------------------------

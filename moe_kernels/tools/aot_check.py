@@ -8,20 +8,16 @@ registers, spills (STACK bytes) and shared memory from the cubin with the cuobjd
 and prints a table kernel x arch x config. Entries with "wgmma": True must use wgmma on sm_90. Exits 1 on a
 compile failure, a spill or a missing wgmma.
 """
+import argparse
+import concurrent.futures
+import importlib
+import multiprocessing
 import os
-
-os.environ.pop("TRITON_INTERPRET", None)  # @triton.jit must give compilable kernels, not interpreted ones
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch compiles with today, said explicitly
-
-import argparse  # noqa: E402
-import concurrent.futures  # noqa: E402
-import importlib  # noqa: E402
-import multiprocessing  # noqa: E402
-import pkgutil  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
 
 
 def _cuobjdump():
@@ -85,6 +81,13 @@ def describe(entry: dict) -> str:
 
 
 def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") or "TRITON_DEFAULT_FP_FUSION" not in os.environ:
+        # @triton.jit reads TRITON_INTERPRET when the kernels are defined (at import), so a clean process is
+        # needed to get compilable kernels; fp fusion is pinned to what a launch compiles with today.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        args = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, "-m", "moe_kernels.tools.aot_check", *args], env=env).returncode
     p = argparse.ArgumentParser(prog="python -m moe_kernels.tools.aot_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
