@@ -7,14 +7,33 @@ import torch.nn.functional as F
 F64 = torch.float64
 
 
+def _same_nans(fast, ref64, name):
+    nan = torch.isnan(ref64)
+    assert torch.equal(torch.isnan(fast), nan), f"{name}: NaN where the reference has none, or the reverse"
+    return ~nan
+
+
 def assert_earned(fast, ref64, same_dtype, atol=1e-6, name="output"):
-    """flash-attention's rule: |fast - ref64| <= 2 * |same_dtype - ref64| + atol, elementwise, where
-    `same_dtype` is plain PyTorch computing the same thing in fast's dtype."""
-    err = (fast.double() - ref64).abs()
-    bound = 2 * (same_dtype.double() - ref64).abs() + atol
+    """flash-attention's rule, elementwise: |fast - ref64| <= 2 * |same_dtype - ref64| + atol, where `same_dtype`
+    is plain PyTorch computing the same thing in fast's dtype; NaN exactly where the reference has NaN."""
+    ok = _same_nans(fast, ref64, name)
+    err = torch.where(ok, fast.double() - ref64, 0).abs()
+    bound = 2 * torch.where(ok, same_dtype.double() - ref64, 0).abs() + atol
     bad = err > bound
     assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} elements exceed the earned tolerance; "
                            f"max error {err.max().item():.3g}, max bound there {bound[bad].max().item():.3g}")
+
+
+def assert_earned_max(fast, ref64, same_dtype, atol=1e-6, name="output"):
+    """flash-attention's rule as its tests write it, over the whole tensor: max |fast - ref64| <=
+    2 * max |same_dtype - ref64| + atol. For kernels whose summation order differs from torch's (tiled K
+    loops, fused epilogues), where the elementwise form fails wherever the baseline happens to round exactly."""
+    ok = _same_nans(fast, ref64, name)
+    if not ok.any():
+        return
+    err = (fast.double() - ref64).abs()[ok].max()
+    bound = 2 * (same_dtype.double() - ref64).abs()[ok].max() + atol
+    assert err <= bound, f"{name}: max error {err.item():.3g} exceeds the earned {bound.item():.3g}"
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

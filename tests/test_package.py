@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # every custom op the package registers, forward and backward
 OPS = {f"{name}{suffix}" for name in ("topk_route", "sort_by_expert", "permute", "unpermute", "grouped_mm",
-                                      "dense_moe", "soft_dispatch", "soft_combine")
+                                      "moe_mlp_fused", "dense_moe", "soft_dispatch", "soft_combine")
        for suffix in ("", "_backward")} - {"sort_by_expert_backward"}
 
 

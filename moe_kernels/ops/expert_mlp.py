@@ -3,14 +3,88 @@ the routing-metadata, permutation and grouped-GEMM ops (each with its own backen
 Spec: moe_kernels.reference.expert_mlp."""
 from typing import Optional
 
+import torch
 from torch import Tensor
 
+from .. import _backend
+from .. import triton as _triton
+from ..reference import expert_mlp as ref
 from ..reference.activations import ACTIVATIONS
 from . import _checks
 from .grouped_gemm import grouped_mm
 from .permutation import permute, sort_by_expert, unpermute
 
 
+# --- the fused op ----------------------------------------------------------------------------------------
+# moe_mlp runs this op where the triton backend runs; elsewhere it composes the sort, permute, grouped_mm and
+# unpermute ops (see moe_mlp below), each with its own backends. The op's reference implementation is the
+# same composition of reference pieces.
+@torch.library.custom_op("moe_kernels::moe_mlp_fused", mutates_args=())
+def _moe_mlp_fused(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                   gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], activation: str, gated: bool,
+                   capacity: int, save_for_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (out [T, D], pre-activation [T*k, 2H] (empty unless saved), order, inverse, offsets)."""
+    fn = _backend.dispatch("moe_mlp_fused", x.device.type)
+    return fn(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,
+              None if capacity < 0 else capacity, save_for_backward)
+
+
+@_moe_mlp_fused.register_fake
+def _(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, capacity,
+      save_for_backward):
+    T, k = experts.shape
+    E, H2, _ = gate_up_proj.shape
+    h_pre = x.new_empty(T * k, H2) if save_for_backward else x.new_empty(0)
+    idx = dict(dtype=torch.int32)
+    return (x.new_empty(T, down_proj.shape[1]), h_pre, x.new_empty(T * k, **idx), x.new_empty(T, k, **idx),
+            x.new_empty(E + 1, **idx))
+
+
+@torch.library.custom_op("moe_kernels::moe_mlp_fused_backward", mutates_args=())
+def _moe_mlp_fused_backward(grad: Tensor, x: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                            gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], h_pre: Tensor, order: Tensor,
+                            inverse: Tensor, offsets: Tensor, activation: str,
+                            gated: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fn = _backend.dispatch("moe_mlp_fused_backward", x.device.type)
+    gx, gw, gu, gd, gub, gdb = fn(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre, order,
+                                  inverse, offsets, activation, gated)
+    return gx, gw, gu, gd, gub if gub is not None else x.new_empty(0), gdb if gdb is not None else x.new_empty(0)
+
+
+@_moe_mlp_fused_backward.register_fake
+def _(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre, order, inverse, offsets, activation,
+      gated):
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(gate_up_proj),
+            torch.empty_like(down_proj), torch.empty_like(gate_up_bias) if gate_up_bias is not None else x.new_empty(0),
+            torch.empty_like(down_bias) if down_bias is not None else x.new_empty(0))
+
+
+def _fused_setup(ctx, inputs, output):
+    x, experts, weights, up, down, up_b, down_b, activation, gated, capacity, save = inputs
+    _, h_pre, order, inverse, offsets = output
+    ctx.save_for_backward(x, weights, up, down, up_b, down_b, h_pre, order, inverse, offsets)
+    ctx.args = (activation, gated)
+
+
+def _fused_backward(ctx, grad, *_):
+    x, weights, up, down, up_b, down_b, h_pre, order, inverse, offsets = ctx.saved_tensors
+    gx, gw, gu, gd, gub, gdb = _moe_mlp_fused_backward(grad.contiguous(), x, weights, up, down, up_b, down_b, h_pre,
+                                                       order, inverse, offsets, *ctx.args)
+    return (gx, None, gw, gu, gd, gub if up_b is not None else None, gdb if down_b is not None else None,
+            None, None, None, None)
+
+
+_moe_mlp_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+_backend.register("moe_mlp_fused", "reference", ref.moe_mlp_fused)
+_backend.register("moe_mlp_fused_backward", "reference", ref.moe_mlp_fused_backward)
+if _triton.AVAILABLE:
+    from ..triton import expert_mlp as _tri
+
+    _backend.register("moe_mlp_fused", "triton", _tri.moe_mlp_forward)
+    _backend.register("moe_mlp_fused_backward", "triton", _tri.moe_mlp_backward)
+
+
+# --- public function ----------------------------------------------------------------------------------------
 def check_experts_weights(gate_up_proj: Tensor, down_proj: Tensor, gated: bool, gate_up_bias=None, down_bias=None):
     """gate_up_proj: [E, 2H, D] ([E, H, D] when not gated), down_proj: [E, D, H]; returns (E, H, D)."""
     _checks.tensor("gate_up_proj", gate_up_proj, ndim=3, dtypes=_checks.FLOAT_DTYPES)
@@ -49,6 +123,14 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
     _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj)
     _checks.choice("activation", activation, ACTIVATIONS)
+    if _backend.resolve("moe_mlp_fused", x.device.type) == "triton":
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+            raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+        _checks.pairs(*experts.shape)
+        save = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias))
+        return _moe_mlp_fused(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,
+                              -1 if capacity is None else capacity, save)[0]
     s = sort_by_expert(experts, E, capacity)
     h = grouped_mm(permute(x, s), gate_up_proj, s.offsets, gate_up_bias, activation=activation, gated=gated)
     y = grouped_mm(h, down_proj, s.offsets, down_bias)

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .. import triton as _triton
 from ..reference import grouped_gemm as ref
 from ..reference.activations import ACTIVATIONS
 from . import _checks
@@ -48,6 +49,11 @@ def _backward(ctx, grad):
 _grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 _backend.register("grouped_mm", "reference", ref.grouped_mm)
 _backend.register("grouped_mm_backward", "reference", ref.grouped_mm_backward)
+if _triton.AVAILABLE:
+    from ..triton import grouped_gemm as _tri
+
+    _backend.register("grouped_mm", "triton", _tri.grouped_mm)
+    _backend.register("grouped_mm_backward", "triton", _tri.grouped_mm_backward)
 
 
 def grouped_mm(a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = None, *, activation: str = "identity",
