@@ -15,6 +15,9 @@ past offsets[E] (when there is no scatter), the rest do nothing. No atomics: eve
 
 float64 (or any dtype other than fp32 / fp16 / bf16) runs the plain-torch loop `_torch_*` of this file.
 """
+import functools
+import json
+import logging
 import os
 
 import torch
@@ -179,14 +182,63 @@ def gemm_config_name(rows: int, num_experts: int, dtype: torch.dtype, gated: boo
     return f"{size}16_gated" if (gated or (fp32_out and size == "large")) and size != "small" else f"{size}16"
 
 
-def gemm_config(rows, num_experts, dtype, gated, fp32_out=False):
+# Tuned configs are data: configs/grouped_gemm-E{E}-N{N}-K{K}-{device}-{dtype}.json, each mapping a number of
+# sorted rows M to [BM, BN, BK, warps, stages]; the entry of the nearest M is used. N is the GEMM's output width
+# before the gated halving, K its reduction length, device torch.cuda.get_device_name() with spaces as "_".
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+_log = logging.getLogger(__name__)
+
+
+def config_file(E, N, K, device_name, dtype):
+    return os.path.join(CONFIG_DIR, f"grouped_gemm-E{E}-N{N}-K{K}-{device_name.replace(' ', '_')}-"
+                                    f"{str(dtype).replace('torch.', '')}.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tuned(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {int(m): tuple(int(v) for v in cfg) for m, cfg in json.load(f).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _log_default(key, name):
+    _log.info("moe_kernels grouped_gemm: no tuned config for %s, using the default %s", key, name)
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def gemm_config(rows, num_experts, dtype, gated, fp32_out=False, *, N=None, K=None, device=None):
+    """(BM, BN, BK, warps, stages): pinned by MOE_KERNELS_GEMM_CONFIG, else the tuned data file's entry of the
+    nearest M, else the default shape rule (logged once per shape)."""
     pinned = os.environ.get(CONFIG_ENV)
     if pinned:
         cfg = tuple(int(v) for v in pinned.split(","))
         if len(cfg) != 5:
             raise ValueError(f"{CONFIG_ENV} must be 'BM,BN,BK,warps,stages', got {pinned!r}")
         return cfg
-    return GEMM_CONFIGS[gemm_config_name(rows, num_experts, dtype, gated, fp32_out)]
+    name = gemm_config_name(rows, num_experts, dtype, gated, fp32_out)
+    if N is not None and K is not None and device is not None:
+        tuned = _load_tuned(config_file(num_experts, N, K, _device_name(device), dtype))
+        if tuned:
+            return tuned[min(tuned, key=lambda m: (abs(m - rows), m))]
+        _log_default((num_experts, N, K, _device_name(device), str(dtype)), name)
+    return GEMM_CONFIGS[name]
+
+
+def tuned_configs():
+    """Every config of every tuned data file (so that aot_check compiles them too)."""
+    if not os.path.isdir(CONFIG_DIR):
+        return []
+    out = []
+    for fname in sorted(os.listdir(CONFIG_DIR)):
+        if fname.startswith("grouped_gemm-") and fname.endswith(".json"):
+            dtype = getattr(torch, fname.rsplit("-", 1)[1][:-len(".json")])
+            out.extend((fname, dtype, cfg) for cfg in sorted(set(_load_tuned(os.path.join(CONFIG_DIR, fname)).values())))
+    return out
 
 
 def _torch_grouped_gemm(a, w, offsets, trans_w, gather, scatter, row_scale, bias, activation, gated, R, MO):
@@ -242,7 +294,8 @@ def grouped_gemm(a, w, offsets, *, trans_w=True, gather=None, scatter=None, row_
     out = alloc(R, MO, dtype=out_dtype or a.dtype, device=device)
     if N == 0 or E == 0 or R == 0 or MO == 0:
         return out
-    BM, BN, BK, warps, stages = gemm_config(N, E, a.dtype, gated, out.dtype == torch.float32)
+    BM, BN, BK, warps, stages = gemm_config(N, E, a.dtype, gated, out.dtype == torch.float32, N=MW, K=K,
+                                            device=device)
     offsets = offsets.to(device=device, dtype=torch.int32).contiguous()
     counts = offsets[1:] - offsets[:-1]
     tile_end = torch.cumsum(torch.div(counts + (BM - 1), BM, rounding_mode="floor"), 0, dtype=torch.int32)
@@ -521,6 +574,10 @@ def _aot_configs():
     for name in ("small16", "mid16", "large16_gated"):
         for dtype in (torch.float16, torch.bfloat16):
             out.append(_gemm_entry(name, GEMM_CONFIGS[name], dtype, "dh", out_dtype=torch.float32))
+    # configs of the tuned data files, with the expert MLP's forward flags
+    for fname, dtype, cfg in tuned_configs():
+        for flags in ("up", "down", "dgrad"):
+            out.append(_gemm_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype, flags))
     out.append(_gemm_entry("mid32", GEMM_CONFIGS["mid32"], torch.float32, "up", tf32=True))
     out.append(_gemm_entry("mid32", GEMM_CONFIGS["mid32"], torch.float32, "fwd", tf32=True))
     # grouped_gemm_tn

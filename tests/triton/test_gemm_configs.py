@@ -1,0 +1,74 @@
+"""Tuned grouped-GEMM configs as data files: nearest-M lookup, logged default, pinned override, AOT coverage."""
+import json
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import moe_kernels.triton.grouped_gemm as gg  # noqa: E402
+from tests.helpers import assert_earned_max  # noqa: E402
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(gg, "CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
+    gg._load_tuned.cache_clear()
+    gg._log_default.cache_clear()
+    yield tmp_path
+    gg._load_tuned.cache_clear()
+
+
+def test_nearest_m_entry_of_the_tuned_file(config_dir):
+    path = gg.config_file(3, 24, 16, "cpu", torch.float32)
+    with open(path, "w") as f:
+        json.dump({"16": [16, 32, 16, 4, 2], "512": [32, 64, 16, 4, 3]}, f)
+    cpu = torch.device("cpu")
+    assert gg.gemm_config(20, 3, torch.float32, False, N=24, K=16, device=cpu) == (16, 32, 16, 4, 2)
+    assert gg.gemm_config(400, 3, torch.float32, False, N=24, K=16, device=cpu) == (32, 64, 16, 4, 3)
+    # another shape has no file: the default rule
+    default = gg.GEMM_CONFIGS[gg.gemm_config_name(400, 3, torch.float32, False)]
+    assert gg.gemm_config(400, 3, torch.float32, False, N=32, K=16, device=cpu) == default
+
+
+def test_a_tuned_config_is_launched_and_correct(config_dir):
+    E, K, M = 3, 16, 24
+    with open(gg.config_file(E, M, K, "cpu", torch.float32), "w") as f:
+        json.dump({"30": [16, 32, 16, 4, 2]}, f)
+    a = torch.randn(30, K)
+    w = torch.randn(E, M, K)
+    offsets = torch.tensor([0, 7, 7, 30], dtype=torch.int32)
+    seen = []
+    real = gg.gemm_config
+    gg_config = lambda *args, **kw: seen.append(real(*args, **kw)) or seen[-1]  # noqa: E731
+    gg.gemm_config = gg_config
+    try:
+        out = gg.grouped_gemm(a, w, offsets)
+    finally:
+        gg.gemm_config = real
+    assert seen == [(16, 32, 16, 4, 2)]
+    ref64 = torch.cat([a[:7].double() @ w[0].double().t(), a[7:].double() @ w[2].double().t()])
+    assert_earned_max(out, ref64, torch.cat([a[:7] @ w[0].t(), a[7:] @ w[2].t()]))
+
+
+def test_the_default_is_logged_once_per_shape(config_dir, caplog):
+    with caplog.at_level(logging.INFO, logger=gg.__name__):
+        for _ in range(3):
+            gg.gemm_config(64, 4, torch.float32, False, N=40, K=8, device=torch.device("cpu"))
+    assert sum("no tuned config" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_pinned_config_wins(config_dir, monkeypatch):
+    with open(gg.config_file(3, 24, 16, "cpu", torch.float32), "w") as f:
+        json.dump({"16": [16, 32, 16, 4, 2]}, f)
+    monkeypatch.setenv(gg.CONFIG_ENV, "32,32,32,4,2")
+    assert gg.gemm_config(16, 3, torch.float32, False, N=24, K=16, device=torch.device("cpu")) == (32, 32, 32, 4, 2)
+
+
+def test_tuned_configs_are_compiled_by_aot_check(config_dir):
+    with open(gg.config_file(8, 4096, 1024, "NVIDIA_H100", torch.bfloat16), "w") as f:
+        json.dump({"4096": [128, 128, 64, 8, 4], "64": [16, 64, 64, 4, 4]}, f)
+    names = {e["name"] for e in gg._aot_configs()}
+    assert {"grouped_gemm-bf16-tuned128x128x64x8x4-up", "grouped_gemm-bf16-tuned16x64x64x4x4-down"} <= names
