@@ -1,4 +1,5 @@
 """Helpers shared by the tests: the earned-tolerance comparison, poisoning, random routing."""
+import contextlib
 import math
 
 import torch
@@ -39,6 +40,21 @@ def assert_earned_max(fast, ref64, same_dtype, atol=1e-6, name="output"):
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a tensor that a kernel is about to overwrite with NaN (floats) or a sentinel (ints)."""
     return t.fill_(float("nan") if t.is_floating_point() else -(2**30))
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty fills what it returns with poison for the duration of the block."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        return poison_(real(*args, **kwargs))
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
 
 
 def rand_experts(T, k, E, generator=None):

@@ -20,7 +20,8 @@ import moe_kernels  # noqa: E402
 import moe_kernels.triton.grouped_gemm as gg  # noqa: E402
 from moe_kernels import _backend, ops  # noqa: E402
 from moe_kernels.reference.activations import ACTIVATIONS  # noqa: E402
-from tests.helpers import assert_close64, assert_earned_dtype, naive_glu, poison_, torch_glu  # noqa: E402
+from tests.helpers import (assert_close64, assert_earned_dtype, naive_glu, poisoned_empty,  # noqa: E402
+                           torch_glu)
 
 F64 = torch.float64
 DTYPES = (torch.float32, torch.float16)
@@ -29,21 +30,6 @@ DTYPES = (torch.float32, torch.float16)
 def test_grouped_mm_op_has_a_triton_backend():
     assert _backend.IMPLS["grouped_mm"]["triton"] is gg.grouped_mm
     assert _backend.IMPLS["grouped_mm_backward"]["triton"] is gg.grouped_mm_backward
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty fills what it returns with poison for the duration of the block."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        return poison_(real(*args, **kwargs))
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
 
 
 # --- oracles -----------------------------------------------------------------------------------------------

@@ -17,25 +17,10 @@ import torch  # noqa: E402
 
 import moe_kernels  # noqa: E402
 from moe_kernels import ops  # noqa: E402
-from tests.helpers import assert_earned, poison_, rand_experts  # noqa: E402
+from tests.helpers import assert_earned, poisoned_empty, rand_experts  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ("sort_by_expert", "permute", "permute_backward", "unpermute", "unpermute_backward")
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty fills what it returns with poison for the duration of the block."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        return poison_(real(*args, **kwargs))
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
 
 
 @contextlib.contextmanager
