@@ -21,7 +21,7 @@ import moe_kernels.triton.grouped_gemm as gg  # noqa: E402
 from moe_kernels import _backend, ops  # noqa: E402
 from moe_kernels.reference.activations import ACTIVATIONS  # noqa: E402
 from tests.helpers import (assert_close64, assert_earned_dtype, naive_glu, poisoned_empty,  # noqa: E402
-                           torch_glu)
+                           reordered_sum_atol, torch_glu)
 
 F64 = torch.float64
 DTYPES = (torch.float32, torch.float16)
@@ -342,7 +342,8 @@ def test_grouped_mm_op_triton_backend(activation, gated, bias, dtype):
     names = ("out", "grad_a", "grad_w", "grad_bias")
     for name, f, r, s in zip(names, fast, ref64, same):
         assert f.dtype == dtype, name
-        assert_earned_dtype(f, r, s)
+        # chained reductions over K=20 (forward) and M=26 (backward), summed in tile order, not torch's
+        assert_earned_dtype(f, r, s, atol=reordered_sum_atol(r, dtype, 20 + 26), name=name)
     assert (fast[0][offsets[-1]:] == 0).all() and (fast[1][offsets[-1]:] == 0).all()
 
 
