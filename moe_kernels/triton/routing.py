@@ -21,6 +21,18 @@ from ..reference import routing as ref
 EPS = tl.constexpr(ref.EPS)  # a constexpr global, so the kernels may read it
 
 
+# --- shared by both kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _load_logits(logits_ptr, rows, offs_e, mask, row_ok, E: tl.constexpr):
+    """The block's logits z in fp32 (padded columns -inf, padded rows 0: finite, never stored), their row max m,
+    ex = exp(z - m) and its row sum."""
+    z = tl.load(logits_ptr + rows[:, None] * E + offs_e[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    z = tl.where(row_ok[:, None], z, 0.0)
+    m = tl.max(z, axis=1)
+    ex = tl.exp(z - m[:, None])
+    return z, m, ex, tl.sum(ex, axis=1)
+
+
 # --- forward kernel -------------------------------------------------------------------------------------------
 @triton.jit
 def _topk_route_fwd_kernel(
@@ -39,12 +51,8 @@ def _topk_route_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     rows = offs_t.to(tl.int64)
 
-    # logits, once, in fp32; padded columns -inf, padded rows 0 (finite, never stored)
-    z = tl.load(logits_ptr + rows[:, None] * E + offs_e[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-    z = tl.where(row_ok[:, None], z, 0.0)
-    m = tl.max(z, axis=1)
-    ex = tl.exp(z - m[:, None])
-    den = tl.sum(ex, axis=1)
+    # logits, once, in fp32
+    z, m, ex, den = _load_logits(logits_ptr, rows, offs_e, mask, row_ok, E)
     tl.store(lse_ptr + rows, m + tl.log(den), mask=row_ok)
     if SIGMOID:
         s = 1.0 / (1.0 + tl.exp(-z))
@@ -181,11 +189,7 @@ def _topk_route_bwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     rows = offs_t.to(tl.int64)
 
-    z = tl.load(logits_ptr + rows[:, None] * E + offs_e[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-    z = tl.where(row_ok[:, None], z, 0.0)
-    m = tl.max(z, axis=1)
-    ex = tl.exp(z - m[:, None])
-    den = tl.sum(ex, axis=1)
+    z, m, ex, den = _load_logits(logits_ptr, rows, offs_e, mask, row_ok, E)
     soft = ex / den[:, None]
     if SIGMOID:
         s = 1.0 / (1.0 + tl.exp(-z))
