@@ -55,12 +55,6 @@ def gather_pairs(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return torch.where(kept.unsqueeze(-1), rows, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
-def permute_backward(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """grad: [N, D] -> [T, D]: each token sums the gradients of its kept rows, in slot order."""
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return gather_pairs(grad, inverse).to(acc).sum(1).to(grad.dtype)
-
-
 def unpermute(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """y: [N, D], inverse: [T, k], weights: [T, k] -> [T, D], out[t] = sum_j w[t, j] * y[inverse[t*k+j]] (accumulated in fp32,
     slot order), in y's dtype. Pairs not kept contribute zero."""
@@ -69,6 +63,12 @@ def unpermute(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | No
     if weights is not None:
         rows = rows * weights.to(acc).unsqueeze(-1)
     return rows.sum(1).to(y.dtype)
+
+
+def permute_backward(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """grad: [N, D] -> [T, D]: each token sums the gradients of its kept rows, in slot order (unpermute without
+    weights)."""
+    return unpermute(grad, inverse, None)
 
 
 def unpermute_backward(grad_out, y, inverse, weights):

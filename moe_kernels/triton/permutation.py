@@ -176,43 +176,6 @@ def permute(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torc
     return out
 
 
-# --- permute_backward ---------------------------------------------------------------------------------------
-@triton.jit
-def _permute_backward_kernel(grad_ptr, inverse_ptr, out_ptr, T, D, K, BLOCK_M: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
-    """out[t] = sum over kept slots j (in order) of grad[inverse[t, j]]."""
-    t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    t_ok = t < T
-    dst = t.to(tl.int64) * D
-    cols = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + cols
-        d_ok = d < D
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for j in range(0, K):
-            r = tl.load(inverse_ptr + t * K + j, mask=t_ok, other=-1)
-            kept = r >= 0
-            m = kept[:, None] & d_ok[None, :]
-            g = tl.load(grad_ptr + r.to(tl.int64)[:, None] * D + d[None, :], mask=m, other=0)
-            acc += tl.where(m, g.to(acc.dtype), 0)
-        tl.store(out_ptr + dst[:, None] + d[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=t_ok[:, None] & d_ok[None, :])
-
-
-def permute_backward(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    if grad.dtype not in _DATA_DTYPES:
-        return _ref.permute_backward(grad, inverse)
-    T, K = inverse.shape
-    D = grad.shape[1]
-    out = torch.empty(T, D, dtype=grad.dtype, device=grad.device)
-    if T == 0 or D == 0:
-        return out
-    BLOCK_M, BLOCK_D, warps = _row_config(D)
-    _permute_backward_kernel[(triton.cdiv(T, BLOCK_M),)](
-        grad.contiguous(), inverse.contiguous(), out, T, D, K, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=warps)
-    return out
-
-
 # --- unpermute ----------------------------------------------------------------------------------------------
 @triton.jit
 def _unpermute_kernel(y_ptr, inverse_ptr, w_ptr, out_ptr, T, D, K, HAS_WEIGHTS: tl.constexpr,
@@ -256,6 +219,11 @@ def unpermute(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | No
         HAS_WEIGHTS=weights is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         num_warps=warps)
     return out
+
+
+def permute_backward(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Each token sums the gradients of its kept rows in slot order: unpermute without weights."""
+    return unpermute(grad, inverse, None)
 
 
 # --- unpermute_backward -------------------------------------------------------------------------------------
@@ -350,11 +318,6 @@ def _aot_configs():
                         "signature": {"x_ptr": f"*{dt}", "order_ptr": "*i32", "inverse_ptr": "*i32",
                                       "out_ptr": f"*{dt}", "N": "i32", "D": "i32", "K": "i32",
                                       "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-                        "constexprs": dict(tile), "num_warps": warps, "num_stages": 1})
-            out.append({"name": f"permute_backward-{dt}-M{bm}-D{bd}", "fn": _permute_backward_kernel,
-                        "signature": {"grad_ptr": f"*{dt}", "inverse_ptr": "*i32", "out_ptr": f"*{dt}", "T": "i32",
-                                      "D": "i32", "K": "i32", "BLOCK_M": "constexpr",
-                                      "BLOCK_D": "constexpr"},
                         "constexprs": dict(tile), "num_warps": warps, "num_stages": 1})
             for wt in [None] + floats:
                 has_w = wt is not None

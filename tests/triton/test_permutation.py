@@ -339,4 +339,4 @@ def test_aot_configs_cover_launchers():
         assert set(e["constexprs"]) == {p for p, ty in e["signature"].items() if ty == "constexpr"}, e["name"]
     kernels = {e["fn"] for e in tri.AOT_CONFIGS}
     assert kernels == {tri._sort_hist_kernel, tri._sort_capacity_kernel, tri._sort_scatter_kernel, tri._permute_kernel,
-                       tri._permute_backward_kernel, tri._unpermute_kernel, tri._unpermute_backward_kernel}
+                       tri._unpermute_kernel, tri._unpermute_backward_kernel}
