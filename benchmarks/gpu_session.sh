@@ -1,19 +1,40 @@
 #!/usr/bin/env bash
-# All that a session with a GPU runs, in one call: the Triton tests at real sizes in bf16 (the interpreter
-# cannot check bf16), then the GPU benchmarks. Logs, JSON and Markdown go to $OUT (default benchmarks/results);
-# commit the results under benchmarks/results/ with the card's name.
+# All that a session with a GPU runs, in one call: the Triton tests on the GPU (every tensor on CUDA, bf16 at
+# real sizes included), the GEMM tile tuner, then the GPU benchmarks. Uses the python that holds torch+triton
+# (PY, default python3) with the repo on PYTHONPATH: no install, no network. Logs, tuned configs, JSON and
+# Markdown go to $OUT (default benchmarks/results); commit them under benchmarks/results/ with the card's name.
+#   STEPS="tests profile tune bench" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-if ! make build > /tmp/moe_kernels-build.log 2>&1; then tail -60 /tmp/moe_kernels-build.log; exit 1; fi
-PY=.venv/bin/python
-card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-echo "card: $card"
-$PY -m pytest tests/triton tests/nn -q -p no:cacheprovider -rs > "$OUT/tests-$card.log" 2>&1
-echo "tests exit $?: $(tail -1 "$OUT/tests-$card.log")"
-$PY -m benchmarks.bench_expert_mlp --device cuda --out "$OUT" > /tmp/expert_mlp.log 2>&1 || tail -30 /tmp/expert_mlp.log
-{ $PY -m benchmarks.bench_routing --device cuda; echo; $PY -m benchmarks --device cuda --out "$OUT"; } \
-    > "$OUT/routing-and-modules-$card.md" 2>&1
-tail -40 "$OUT/routing-and-modules-$card.md"
-cat "$OUT"/expert_mlp-*.md 2>/dev/null
+DEST=${OUT:-benchmarks/results}
+OUT=$(mktemp -d)    # everything lands here, then one archive goes to DEST (a lease returns at most 8 files)
+trap 'tar czf "$DEST/gpu-session.tgz" -C "$OUT" . && echo "archived to $DEST/gpu-session.tgz"' EXIT
+PY=${PY:-python3}
+STEPS=${STEPS:-tests profile tune bench}
+mkdir -p "$DEST"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MOE_KERNELS_BUILD_NATIVE=0
+card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || exit 1
+$PY -c "import torch, triton; print('card', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+if has tests; then
+  xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  MOE_KERNELS_TEST_DEVICE=cuda timeout ${TEST_TIMEOUT:-220} $PY -m pytest tests/triton tests/nn -q -p no:cacheprovider \
+      -rs $xdist > "$OUT/tests-$card.log" 2>&1
+  echo "tests exit $?:"; grep -E "^(FAILED|ERROR)" "$OUT/tests-$card.log" | cut -c1-200 | head -40; tail -1 "$OUT/tests-$card.log"
+fi
+if has profile; then
+  for shape in Mixtral Qwen3-30B-A3B; do
+    timeout 90 $PY -m benchmarks.profile_expert_mlp --shape $shape 2>&1 | tee -a "$OUT/profile-$card.log"
+  done
+fi
+if has tune; then
+  timeout ${TUNE_TIMEOUT:-200} $PY -m moe_kernels.tools.tune_gemm --out moe_kernels/triton/configs > "$OUT/tune-$card.log" 2>&1
+  echo "tune exit $?"; grep "^|" "$OUT/tune-$card.log"; cp moe_kernels/triton/configs/*.json "$OUT/" 2>/dev/null
+fi
+if has bench; then
+  timeout ${BENCH_TIMEOUT:-150} $PY -m benchmarks.bench_expert_mlp --device cuda --out "$OUT" > "$OUT/expert_mlp-$card.log" 2>&1
+  echo "expert_mlp exit $?"; tail -30 "$OUT/expert_mlp-$card.log"
+  { timeout 60 $PY -m benchmarks.bench_routing --device cuda; echo; timeout 100 $PY -m benchmarks --device cuda --out "$OUT"; } \
+      > "$OUT/routing-and-modules-$card.log" 2>&1
+  tail -30 "$OUT/routing-and-modules-$card.log"
+fi

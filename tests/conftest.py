@@ -15,6 +15,20 @@ import moe_kernels  # noqa: E402
 from moe_kernels import _backend  # noqa: E402
 
 
+# MOE_KERNELS_TEST_DEVICE=cuda runs the whole suite's tensors on the GPU (benchmarks/gpu_session.sh): the
+# kernels the interpreter checks on CPU then compile and run on the real chip.
+TEST_DEVICE = os.environ.get("MOE_KERNELS_TEST_DEVICE")
+
+
+@pytest.fixture(autouse=True)
+def test_device():
+    if TEST_DEVICE:
+        torch.set_default_device(TEST_DEVICE)
+    yield
+    if TEST_DEVICE:
+        torch.set_default_device(None)
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
     """A new seed for every test and run; printed so a failure can be replayed."""

@@ -10,6 +10,7 @@ sum of its rows. Only the pre-activation [T*k, 2H] is saved; the activation is r
 """
 import torch
 
+from ..reference import expert_mlp as ref
 from ..reference.activations import glu, glu_backward
 from . import grouped_gemm as gg
 from . import permutation as perm
@@ -25,7 +26,11 @@ def _routing_rows(experts, weights, num_experts, capacity):
 
 def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,
                     capacity, save_for_backward):
-    """-> (out [T, D], pre-activation [N, 2H] (or [0] when not saved), order, inverse, offsets)."""
+    """-> (out [T, D], pre-activation [N, 2H] (or [0] when not saved), order, inverse, offsets). float64 runs the
+    reference (the kernels take 16-bit and fp32 data)."""
+    if x.dtype == torch.float64:
+        return ref.moe_mlp_fused(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                                 gated, capacity, save_for_backward)
     T, k = experts.shape
     E = gate_up_proj.shape[0]
     order, inverse, offsets, token, scale = _routing_rows(experts, weights, E, capacity)
@@ -37,7 +42,7 @@ def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, 
         h = gg.grouped_gemm(x, gate_up_proj, offsets, gather=token, bias=gate_up_bias, activation=activation,
                             gated=gated)
     y = gg.grouped_gemm(h, down_proj, offsets, bias=down_bias, row_scale=scale, scatter=order, num_out_rows=T * k)
-    out = y.view(T, k, -1).sum(1, dtype=torch.float32).to(x.dtype) if k > 1 else y.view(T, -1)
+    out = y.view(T, k, y.shape[1]).sum(1, dtype=torch.float32).to(x.dtype) if k > 1 else y.view(T, y.shape[1])
     return out, h_pre, order, inverse, offsets
 
 
@@ -45,6 +50,9 @@ def moe_mlp_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, do
                      offsets, activation, gated):
     """-> (grad_x, grad_weights, grad_gate_up_proj, grad_down_proj, grad_gate_up_bias or None,
     grad_down_bias or None)."""
+    if x.dtype == torch.float64:
+        return ref.moe_mlp_fused_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre,
+                                          order, inverse, offsets, activation, gated)
     T, k = inverse.shape
     E = gate_up_proj.shape[0]
     N = order.shape[0]

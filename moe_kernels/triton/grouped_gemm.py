@@ -211,15 +211,24 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def _parse_pinned(pinned):
+    """'BM,BN,BK,warps,stages' -> a tuple; tiles must be powers of two of at least 16 (tl.dot's minimum)."""
+    try:
+        cfg = tuple(int(v) for v in pinned.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) != 5 or any(b < 16 or b & (b - 1) for b in cfg[:3]) or cfg[3] not in (1, 2, 4, 8, 16) or cfg[4] < 1:
+        raise ValueError(f"{CONFIG_ENV} must be 'BM,BN,BK,warps,stages' with BM, BN, BK powers of two >= 16, "
+                         f"warps in 1..16 (a power of two) and stages >= 1; got {pinned!r}")
+    return cfg
+
+
 def gemm_config(rows, num_experts, dtype, gated, fp32_out=False, *, N=None, K=None, device=None):
     """(BM, BN, BK, warps, stages): pinned by MOE_KERNELS_GEMM_CONFIG, else the tuned data file's entry of the
     nearest M, else the default shape rule (logged once per shape)."""
     pinned = os.environ.get(CONFIG_ENV)
     if pinned:
-        cfg = tuple(int(v) for v in pinned.split(","))
-        if len(cfg) != 5:
-            raise ValueError(f"{CONFIG_ENV} must be 'BM,BN,BK,warps,stages', got {pinned!r}")
-        return cfg
+        return _parse_pinned(pinned)
     name = gemm_config_name(rows, num_experts, dtype, gated, fp32_out)
     if N is not None and K is not None and device is not None:
         tuned = _load_tuned(config_file(num_experts, N, K, _device_name(device), dtype))

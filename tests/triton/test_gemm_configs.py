@@ -35,9 +35,9 @@ def test_nearest_m_entry_of_the_tuned_file(config_dir):
 
 def test_a_tuned_config_is_launched_and_correct(config_dir):
     E, K, M = 3, 16, 24
-    with open(gg.config_file(E, M, K, "cpu", torch.float32), "w") as f:
+    a = torch.randn(30, K)  # on the default device: the tuned file is the one of its device's name
+    with open(gg.config_file(E, M, K, gg._device_name(a.device), torch.float32), "w") as f:
         json.dump({"30": [16, 32, 16, 4, 2]}, f)
-    a = torch.randn(30, K)
     w = torch.randn(E, M, K)
     offsets = torch.tensor([0, 7, 7, 30], dtype=torch.int32)
     seen = []
@@ -58,6 +58,14 @@ def test_the_default_is_logged_once_per_shape(config_dir, caplog):
         for _ in range(3):
             gg.gemm_config(64, 4, torch.float32, False, N=40, K=8, device=torch.device("cpu"))
     assert sum("no tuned config" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("bad", ["64,64,64,4", "64,64,8,4,3", "48,64,32,4,3", "a,b,c,d,e"])
+def test_a_pinned_config_the_chip_cannot_run_is_refused(config_dir, monkeypatch, bad):
+    # tl.dot needs tiles of at least 16 in each dimension (the interpreter would run BLOCK_K = 8; a GPU does not)
+    monkeypatch.setenv(gg.CONFIG_ENV, bad)
+    with pytest.raises(ValueError, match=gg.CONFIG_ENV):
+        gg.gemm_config(16, 3, torch.float32, False)
 
 
 def test_pinned_config_wins(config_dir, monkeypatch):

@@ -16,7 +16,7 @@ def route_and_permute(logits, x, k):
     return ops.unpermute(y, s, r.weights), ops.load_balancing_loss(r) + ops.router_z_loss(r)
 
 
-def _inputs(device="cpu", T=37, E=7, D=16):
+def _inputs(device=None, T=37, E=7, D=16):
     logits = torch.randn(T, E, device=device, requires_grad=True)
     x = torch.randn(T, D, device=device, requires_grad=True)
     return logits, x

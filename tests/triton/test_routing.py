@@ -240,9 +240,9 @@ def test_backward_through_losses():
 
     def run(backend, logits):
         x = logits.clone().requires_grad_(True)
-        c = torch.randn(T, k, generator=torch.Generator().manual_seed(1)).to(logits.dtype)
+        c = torch.randn(T, k, generator=torch.Generator().manual_seed(1), device="cpu").to(logits)
         with moe_kernels.use_backend(backend):
-            r = ops.topk_route(x, k, score="sigmoid", bias=torch.randn(E, generator=torch.Generator().manual_seed(2)))
+            r = ops.topk_route(x, k, score="sigmoid", bias=torch.randn(E, generator=torch.Generator().manual_seed(2), device="cpu").to(x.device))
             loss = (r.weights * c).sum() + 0.1 * ops.load_balancing_loss(r) + 0.01 * ops.router_z_loss(r)
         (g,) = torch.autograd.grad(loss, x)
         return loss.detach(), g

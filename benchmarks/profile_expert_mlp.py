@@ -1,0 +1,59 @@
+"""Where the expert MLP's time goes on a GPU: per-kernel CUDA time of one forward+backward (torch.profiler),
+ours beside the torch grouped_mm layer of bench_expert_mlp, on the same routing and weights.
+
+    python -m benchmarks.profile_expert_mlp [--shape Mixtral|Qwen3-30B-A3B] [--tokens T]
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moe_kernels import ops
+
+from .bench_expert_mlp import SHAPES, grouped_mm_layer
+
+
+def kernel_table(fn, steps=3):
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    lines = [f"  total {total:.3f} ms"] + [f"  {ms:8.3f} ms  x{n:<3d} {name[:110]}" for name, ms, n in rows[:14]]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_expert_mlp", description=__doc__)
+    p.add_argument("--shape", default="Mixtral", choices=[s[0] for s in SHAPES["cuda"]])
+    p.add_argument("--tokens", type=int, default=None)
+    a = p.parse_args(argv)
+    _, T, D, H, E, k = next(s for s in SHAPES["cuda"] if s[0] == a.shape)
+    T = a.tokens or T
+    dt = torch.bfloat16
+    x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+    r = ops.topk_route(torch.randn(T, E, device="cuda"), k)
+    w_up = (torch.randn(E, 2 * H, D, device="cuda", dtype=dt) / D**0.5).requires_grad_()
+    w_down = (torch.randn(E, D, H, device="cuda", dtype=dt) / H**0.5).requires_grad_()
+    w_up_t = w_up.detach().transpose(1, 2).contiguous().requires_grad_()
+    w_down_t = w_down.detach().transpose(1, 2).contiguous().requires_grad_()
+    g = torch.randn(T, D, device="cuda", dtype=dt)
+
+    def ours():
+        torch.autograd.grad(ops.moe_mlp(x, r.experts, r.weights, w_up, w_down), (x, w_up, w_down), g)
+
+    def peer():
+        torch.autograd.grad(grouped_mm_layer(x, r.experts, r.weights, w_up_t, w_down_t), (x, w_up_t, w_down_t), g)
+
+    print(f"{a.shape} T={T} D={D} H={H} E={E} k={k} bf16, forward+backward, per-kernel CUDA time")
+    print("ours:\n" + kernel_table(ours))
+    print("torch grouped_mm layer:\n" + kernel_table(peer))
+
+
+if __name__ == "__main__":
+    main()
