@@ -26,7 +26,7 @@ def main(argv=None):
 
     info = moe_kernels.backends()
     print(f"moe_kernels backends: native {info['native']}; triton {info['triton']}", file=sys.stderr)
-    cases = [c for c in CASES if not args.quick or c.get("quick")]
+    cases = [c for c in CASES if (not args.quick or c.get("quick")) and (args.device == "cuda" or not c.get("gpu"))]
     try:
         from tqdm import tqdm
         it = tqdm(cases, desc="benchmarks", file=sys.stderr)

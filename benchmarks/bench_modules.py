@@ -16,6 +16,13 @@ CASES = [
          module=dict(dim=128, num_experts=4, num_slots=64, expert_mult=2), batch=4, seq=256),
     dict(name="SoftMoE B2-N1024-D128-E8-S128", kind="soft",
          module=dict(dim=128, num_experts=8, num_slots=128, expert_mult=2), batch=2, seq=1024),
+    # GPU sizes (run with --device cuda only)
+    dict(name="SparseMoE T8192-D2048-H768-E128-k8", kind="sparse", gpu=True,
+         module=dict(dim=2048, hidden_dim=768, num_experts=128, top_k=8), tokens=8192),
+    dict(name="SparseMoE T8192-D4096-H14336-E8-k2", kind="sparse", gpu=True,
+         module=dict(dim=4096, hidden_dim=14336, num_experts=8, top_k=2), tokens=8192),
+    dict(name="SoftMoE B8-N1024-D1024-E32-S32", kind="soft", gpu=True,
+         module=dict(dim=1024, num_experts=32, num_slots=32, expert_mult=4), batch=8, seq=1024),
 ]
 
 

@@ -1,12 +1,13 @@
-"""Tune the tile configs of the expert MLP's two forward grouped GEMMs on this GPU and write them as the data
-files `moe_kernels/triton/configs/grouped_gemm-E{E}-N{N}-K{K}-{device}-{dtype}.json` ({rows M: config}; the
-launcher takes the entry of the nearest M).
+"""Tune the tile configs of the expert MLP's grouped GEMMs (forward, dX and dW) on this GPU and write them as the
+data files `moe_kernels/triton/configs/{grouped_gemm,grouped_gemm_tn}-E{E}-N{N}-K{K}-{device}-{dtype}.json`
+({rows: config}; the launcher takes the entry of the nearest number of rows).
 
     python -m moe_kernels.tools.tune_gemm [--model Mixtral Qwen3-30B-A3B ...] [--tokens 64 1024 8192]
                                           [--dtype bfloat16] [--out DIR]
 
-GEMM1 gathers token rows and applies the gated activation ([T*k, D] x [E, 2H, D] -> [T*k, H]); GEMM2 scales
-each row by its routing weight and scatters it ([T*k, H] x [E, D, H] -> [T*k, D]). Each candidate is timed
+Forward: "up" gathers token rows and applies the gated activation ([T*k, D] x [E, 2H, D] -> [T*k, H]); "down"
+scales each row by its routing weight and scatters it. Backward: the dX GEMMs with W untransposed, and the
+variable-K dW GEMMs (grouped_gemm_tn). Each candidate is timed
 with triton.testing.do_bench (median) on random routing; a candidate that fails to compile or run (shared
 memory, registers) is skipped. The default config's time is printed beside the best one.
 """
@@ -31,8 +32,16 @@ CANDIDATES = [
 ]
 
 
+TN_CANDIDATES = [
+    (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+]
+
+
 def _gemms(T, D, H, E, k, dtype):
-    """The two forward GEMMs of the expert MLP on random routing: {name: (fn, N, K)}."""
+    """The grouped GEMMs of the expert MLP's forward and backward on random routing:
+    {name: (fn, kernel, N, K, rows)}; kernel "grouped_gemm" (N: output width, K: reduction) or "grouped_gemm_tn"
+    (dw [E, N, K] over `rows` sorted rows)."""
     from ..triton import expert_mlp as em
     from ..triton import grouped_gemm as gg
 
@@ -44,24 +53,31 @@ def _gemms(T, D, H, E, k, dtype):
     w_up = torch.randn(E, 2 * H, D, device=dev, dtype=dtype) / D**0.5
     w_down = torch.randn(E, D, H, device=dev, dtype=dtype) / H**0.5
     h = torch.randn(T * k, H, device=dev, dtype=dtype)
+    h2 = torch.randn(T * k, 2 * H, device=dev, dtype=dtype)
+    g = torch.randn(T, D, device=dev, dtype=dtype)
+    N = T * k
+    G, TN = "grouped_gemm", "grouped_gemm_tn"
     return {
-        "up": (lambda: gg.grouped_gemm(x, w_up, offsets, gather=token, activation="silu", gated=True), 2 * H, D),
-        "down": (lambda: gg.grouped_gemm(h, w_down, offsets, row_scale=scale, scatter=order, num_out_rows=T * k),
-                 D, H),
+        "up": (lambda: gg.grouped_gemm(x, w_up, offsets, gather=token, activation="silu", gated=True), G, 2 * H, D, N),
+        "down": (lambda: gg.grouped_gemm(h, w_down, offsets, row_scale=scale, scatter=order, num_out_rows=N),
+                 G, D, H, N),
+        "dgrad-down": (lambda: gg.grouped_gemm(g, w_down, offsets, gather=token, trans_w=False,
+                                               out_dtype=torch.float32), G, H, D, N),
+        "dgrad-up": (lambda: gg.grouped_gemm(h2, w_up, offsets, trans_w=False), G, D, 2 * H, N),
+        "wgrad-down": (lambda: gg.grouped_gemm_tn(h, g, offsets, E, gather_dy=token, row_scale=scale), TN, D, H, N),
+        "wgrad-up": (lambda: gg.grouped_gemm_tn(x, h2, offsets, E, gather_x=token), TN, 2 * H, D, N),
     }
 
 
-def _time(fn, cfg):
+def _time(fn, cfg, env):
     import triton.testing
 
-    from ..triton.grouped_gemm import CONFIG_ENV
-
-    old = os.environ.get(CONFIG_ENV)
+    old = os.environ.get(env)
     try:
         if cfg is None:
-            os.environ.pop(CONFIG_ENV, None)
+            os.environ.pop(env, None)
         else:
-            os.environ[CONFIG_ENV] = ",".join(map(str, cfg))
+            os.environ[env] = ",".join(map(str, cfg))
         fn()
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
@@ -70,30 +86,32 @@ def _time(fn, cfg):
         return None
     finally:
         if old is None:
-            os.environ.pop(CONFIG_ENV, None)
+            os.environ.pop(env, None)
         else:
-            os.environ[CONFIG_ENV] = old
+            os.environ[env] = old
 
 
 def tune(models, tokens, dtype, out_dir):
-    from ..triton.grouped_gemm import config_file
+    from ..triton.grouped_gemm import CONFIG_ENV, TN_CONFIG_ENV, config_file
 
     device = torch.cuda.get_device_name()
     tables, report = {}, []
     for model in models:
         D, H, E, k = MODELS[model]
         for T in tokens:
-            for name, (fn, N, K) in _gemms(T, D, H, E, k, dtype).items():
-                default = _time(fn, None)
-                times = {cfg: _time(fn, cfg) for cfg in CANDIDATES}
+            for name, (fn, kernel, N, K, rows) in _gemms(T, D, H, E, k, dtype).items():
+                if name not in ("up", "down") and T < 1024:
+                    continue  # backward GEMMs: training batches only
+                env, cands = (CONFIG_ENV, CANDIDATES) if kernel == "grouped_gemm" else (TN_CONFIG_ENV, TN_CANDIDATES)
+                default = _time(fn, None, env)
+                times = {cfg: _time(fn, cfg, env) for cfg in cands}
                 times = {c: t for c, t in times.items() if t is not None}
                 best = min(times, key=times.get)
-                flops = 2 * T * k * N * K
+                flops = 2 * rows * N * K
                 report.append((model, T, name, best, times[best], default, flops / times[best] / 1e9))
                 print(f"{model} T={T} {name}: best {best} {times[best]:.3f} ms ({flops / times[best] / 1e9:.0f} "
                       f"TFLOP/s), default {default if default is None else f'{default:.3f} ms'}", flush=True)
-                path = config_file(E, N, K, device, dtype)
-                tables.setdefault(path, {})[T * k] = list(best)
+                tables.setdefault(config_file(E, N, K, device, dtype, kernel), {})[rows] = list(best)
     os.makedirs(out_dir, exist_ok=True)
     for path, table in tables.items():
         dest = os.path.join(out_dir, os.path.basename(path))

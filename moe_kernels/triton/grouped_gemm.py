@@ -189,8 +189,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 _log = logging.getLogger(__name__)
 
 
-def config_file(E, N, K, device_name, dtype):
-    return os.path.join(CONFIG_DIR, f"grouped_gemm-E{E}-N{N}-K{K}-{device_name.replace(' ', '_')}-"
+def config_file(E, N, K, device_name, dtype, kernel="grouped_gemm"):
+    """The tuned data file of `kernel` ("grouped_gemm", or "grouped_gemm_tn" with N = M of dw [E, M, K])."""
+    return os.path.join(CONFIG_DIR, f"{kernel}-E{E}-N{N}-K{K}-{device_name.replace(' ', '_')}-"
                                     f"{str(dtype).replace('torch.', '')}.json")
 
 
@@ -211,14 +212,14 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def _parse_pinned(pinned):
+def _parse_pinned(pinned, env=CONFIG_ENV):
     """'BM,BN,BK,warps,stages' -> a tuple; tiles must be powers of two of at least 16 (tl.dot's minimum)."""
     try:
         cfg = tuple(int(v) for v in pinned.split(","))
     except ValueError:
         cfg = ()
     if len(cfg) != 5 or any(b < 16 or b & (b - 1) for b in cfg[:3]) or cfg[3] not in (1, 2, 4, 8, 16) or cfg[4] < 1:
-        raise ValueError(f"{CONFIG_ENV} must be 'BM,BN,BK,warps,stages' with BM, BN, BK powers of two >= 16, "
+        raise ValueError(f"{env} must be 'BM,BN,BK,warps,stages' with BM, BN, BK powers of two >= 16, "
                          f"warps in 1..16 (a power of two) and stages >= 1; got {pinned!r}")
     return cfg
 
@@ -230,12 +231,17 @@ def gemm_config(rows, num_experts, dtype, gated, fp32_out=False, *, N=None, K=No
     if pinned:
         return _parse_pinned(pinned)
     name = gemm_config_name(rows, num_experts, dtype, gated, fp32_out)
+    return _tuned_or_default("grouped_gemm", rows, num_experts, N, K, device, dtype, GEMM_CONFIGS, name)
+
+
+def _tuned_or_default(kernel, rows, E, N, K, device, dtype, defaults, name):
+    """The tuned data file's entry of the nearest number of rows, else defaults[name] (logged once per shape)."""
     if N is not None and K is not None and device is not None:
-        tuned = _load_tuned(config_file(num_experts, N, K, _device_name(device), dtype))
+        tuned = _load_tuned(config_file(E, N, K, _device_name(device), dtype, kernel))
         if tuned:
             return tuned[min(tuned, key=lambda m: (abs(m - rows), m))]
-        _log_default((num_experts, N, K, _device_name(device), str(dtype)), name)
-    return GEMM_CONFIGS[name]
+        _log_default((kernel, E, N, K, _device_name(device), str(dtype)), name)
+    return defaults[name]
 
 
 def tuned_configs():
@@ -380,9 +386,22 @@ TN_CONFIGS = {
 }
 
 
+TN_CONFIG_ENV = "MOE_KERNELS_TN_CONFIG"
+
+
 def tn_config_name(M: int, K: int, dtype: torch.dtype) -> str:
     size = "large" if M >= 128 and K >= 128 else "small"
     return f"{size}{'32' if dtype == torch.float32 else '16'}"
+
+
+def tn_config(rows, num_experts, M, K, dtype, device=None):
+    """(BM, BN, BP, warps, stages) of dw [E, M, K] over `rows` sorted rows: pinned by MOE_KERNELS_TN_CONFIG, else
+    the tuned data file (configs/grouped_gemm_tn-E-N{M}-K-device-dtype.json), else the default."""
+    pinned = os.environ.get(TN_CONFIG_ENV)
+    if pinned:
+        return _parse_pinned(pinned, TN_CONFIG_ENV)
+    return _tuned_or_default("grouped_gemm_tn", rows, num_experts, M, K, device, dtype, TN_CONFIGS,
+                             tn_config_name(M, K, dtype))
 
 
 def _torch_grouped_gemm_tn(x, dy, offsets, E, gather_x, gather_dy, row_scale):
@@ -411,7 +430,8 @@ def grouped_gemm_tn(x, dy, offsets, num_experts, *, gather_x=None, gather_dy=Non
     dw = torch.empty(E, M, K, dtype=x.dtype, device=device)
     if E == 0 or M == 0 or K == 0:
         return dw
-    BM, BN, BP, warps, stages = TN_CONFIGS[tn_config_name(M, K, x.dtype)]
+    rows = (gather_x if gather_x is not None else gather_dy if gather_dy is not None else x).shape[0]
+    BM, BN, BP, warps, stages = tn_config(rows, E, M, K, x.dtype, device)
     offsets = offsets.to(device=device, dtype=torch.int32).contiguous()
     i32 = lambda t: offsets if t is None else t.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
     x = x.contiguous()
