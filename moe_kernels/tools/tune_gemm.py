@@ -32,6 +32,9 @@ CANDIDATES = [
 ]
 
 
+# the aot_check flags of each GEMM (moe_kernels/triton/grouped_gemm.py _FLAGS; the dW kernel's gather-scale set)
+FLAGS = {"up": "up", "down": "down", "dgrad-down": "dh", "dgrad-up": "dgrad", "wgrad-down": "gather-scale",
+         "wgrad-up": "gather-scale"}
 TN_CANDIDATES = [
     (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
     (128, 128, 32, 8, 4), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
@@ -69,6 +72,38 @@ def _gemms(T, D, H, E, k, dtype):
     }
 
 
+class _Spy:
+    """Stands in for a @triton.jit kernel in its module and keeps the compiled kernels that launches return."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launched = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            compiled = launch(*args, **kwargs)
+            self.launched.append(compiled)
+            return compiled
+        return run
+
+
+def _spills(fn):
+    """Bytes of registers spilled by the kernels that fn() launches (compiled by this machine's Triton)."""
+    from ..triton import grouped_gemm as gg
+
+    names = ("_grouped_gemm_kernel", "_grouped_gemm_tn_kernel")
+    spies = {n: _Spy(getattr(gg, n)) for n in names}
+    try:
+        for n, spy in spies.items():
+            setattr(gg, n, spy)
+        fn()
+    finally:
+        for n, spy in spies.items():
+            setattr(gg, n, spy.kernel)
+    return max((getattr(k, "n_spills", 0) or 0 for spy in spies.values() for k in spy.launched), default=0)
+
+
 def _time(fn, cfg, env):
     import triton.testing
 
@@ -78,7 +113,10 @@ def _time(fn, cfg, env):
             os.environ.pop(env, None)
         else:
             os.environ[env] = ",".join(map(str, cfg))
-        fn()
+        spilled = _spills(fn)
+        if spilled and cfg is not None:
+            print(f"    {cfg}: skipped (spills {spilled} B)")
+            return None
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
     except Exception as exc:  # noqa: BLE001 -- a config the chip cannot run is skipped, not fatal
@@ -111,12 +149,14 @@ def tune(models, tokens, dtype, out_dir):
                 report.append((model, T, name, best, times[best], default, flops / times[best] / 1e9))
                 print(f"{model} T={T} {name}: best {best} {times[best]:.3f} ms ({flops / times[best] / 1e9:.0f} "
                       f"TFLOP/s), default {default if default is None else f'{default:.3f} ms'}", flush=True)
-                tables.setdefault(config_file(E, N, K, device, dtype, kernel), {})[rows] = list(best)
+                table = tables.setdefault(config_file(E, N, K, device, dtype, kernel), {"_flags": FLAGS[name]})
+                table[rows] = list(best)
     os.makedirs(out_dir, exist_ok=True)
     for path, table in tables.items():
         dest = os.path.join(out_dir, os.path.basename(path))
         with open(dest, "w") as f:
-            json.dump({str(m): cfg for m, cfg in sorted(table.items())}, f, indent=1)
+            flags = table.pop("_flags")
+            json.dump({"_flags": flags, **{str(m): cfg for m, cfg in sorted(table.items())}}, f, indent=1)
         print("wrote", dest)
     return report
 

@@ -200,7 +200,14 @@ def _load_tuned(path):
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return {int(m): tuple(int(v) for v in cfg) for m, cfg in json.load(f).items()}
+        data = json.load(f)
+    return {int(m): tuple(int(v) for v in cfg) for m, cfg in data.items() if not m.startswith("_")}
+
+
+def _tuned_flags(path):
+    """The "_flags" entry of a tuned file: which of the expert MLP's GEMMs it was tuned on (aot_check's flags)."""
+    with open(path) as f:
+        return json.load(f).get("_flags")
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,15 +251,17 @@ def _tuned_or_default(kernel, rows, E, N, K, device, dtype, defaults, name):
     return defaults[name]
 
 
-def tuned_configs():
-    """Every config of every tuned data file (so that aot_check compiles them too)."""
+def tuned_configs(kernel="grouped_gemm"):
+    """(file name, dtype, config, flags or None) of every config of `kernel`'s tuned data files (aot_check
+    compiles them too, with the flags of the GEMM they were tuned on)."""
     if not os.path.isdir(CONFIG_DIR):
         return []
     out = []
     for fname in sorted(os.listdir(CONFIG_DIR)):
-        if fname.startswith("grouped_gemm-") and fname.endswith(".json"):
+        if fname.startswith(f"{kernel}-E") and fname.endswith(".json"):
+            path = os.path.join(CONFIG_DIR, fname)
             dtype = getattr(torch, fname.rsplit("-", 1)[1][:-len(".json")])
-            out.extend((fname, dtype, cfg) for cfg in sorted(set(_load_tuned(os.path.join(CONFIG_DIR, fname)).values())))
+            out.extend((fname, dtype, cfg, _tuned_flags(path)) for cfg in sorted(set(_load_tuned(path).values())))
     return out
 
 
@@ -604,14 +613,18 @@ def _aot_configs():
         for dtype in (torch.float16, torch.bfloat16):
             out.append(_gemm_entry(name, GEMM_CONFIGS[name], dtype, "dh", out_dtype=torch.float32))
     # configs of the tuned data files, with the expert MLP's forward flags
-    for fname, dtype, cfg in tuned_configs():
-        for flags in ("up", "down", "dgrad"):
-            out.append(_gemm_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype, flags))
+    for cfg, dtype, flags in sorted({(cfg, dtype, f) for _, dtype, cfg, f in tuned_configs()}, key=str):
+        for f in (flags,) if flags else ("up", "down", "dgrad"):
+            out.append(_gemm_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype, f,
+                                   out_dtype=torch.float32 if f == "dh" else None))
     out.append(_gemm_entry("mid32", GEMM_CONFIGS["mid32"], torch.float32, "up", tf32=True))
     out.append(_gemm_entry("mid32", GEMM_CONFIGS["mid32"], torch.float32, "fwd", tf32=True))
-    # grouped_gemm_tn
-    for name, (BM, BN, BP, warps, stages) in TN_CONFIGS.items():
-        dtypes = (torch.float32,) if name.endswith("32") else (torch.float16, torch.bfloat16)
+    # grouped_gemm_tn: the defaults, then the tuned data files' configs
+    tn = [(name, cfg, (torch.float32,) if name.endswith("32") else (torch.float16, torch.bfloat16))
+          for name, cfg in TN_CONFIGS.items()]
+    tn += [(f"tuned{'x'.join(map(str, cfg))}", cfg, (dtype,))
+           for cfg, dtype in sorted({(cfg, dtype) for _, dtype, cfg, _ in tuned_configs("grouped_gemm_tn")}, key=str)]
+    for name, (BM, BN, BP, warps, stages), dtypes in tn:
         for dtype in dtypes:
             ty = _TL_TYPE[dtype]
             for gx, gdy, scale in ((False, False, False), (True, True, True)):

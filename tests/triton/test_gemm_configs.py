@@ -80,3 +80,50 @@ def test_tuned_configs_are_compiled_by_aot_check(config_dir):
         json.dump({"4096": [128, 128, 64, 8, 4], "64": [16, 64, 64, 4, 4]}, f)
     names = {e["name"] for e in gg._aot_configs()}
     assert {"grouped_gemm-bf16-tuned128x128x64x8x4-up", "grouped_gemm-bf16-tuned16x64x64x4x4-down"} <= names
+
+
+def test_a_tuned_file_names_the_gemm_it_was_tuned_on(config_dir):
+    # "_flags" is not a row count: the loader skips it, aot_check compiles the file's configs with those flags only
+    with open(gg.config_file(8, 4096, 1024, "cpu", torch.bfloat16), "w") as f:
+        json.dump({"_flags": "dh", "4096": [128, 128, 64, 8, 3]}, f)
+    cpu = torch.device("cpu")
+    assert gg.gemm_config(4000, 8, torch.bfloat16, False, N=4096, K=1024, device=cpu) == (128, 128, 64, 8, 3)
+    tuned = [e for e in gg._aot_configs() if "tuned128x128x64x8x3" in e["name"]]
+    assert [e["name"] for e in tuned] == ["grouped_gemm-bf16-tuned128x128x64x8x3-dh-outfp32"]
+    assert tuned[0]["signature"]["out_ptr"] == "*fp32"
+
+
+def test_dw_kernel_configs_pinned_tuned_and_default(config_dir, monkeypatch):
+    dev = torch.device("cpu")
+    default = gg.TN_CONFIGS[gg.tn_config_name(48, 16, torch.float32)]
+    assert gg.tn_config(100, 3, 48, 16, torch.float32, dev) == default
+    with open(gg.config_file(3, 48, 16, "cpu", torch.float32, "grouped_gemm_tn"), "w") as f:
+        json.dump({"_flags": "gather-scale", "64": [32, 32, 16, 4, 2], "1024": [64, 32, 32, 4, 3]}, f)
+    gg._load_tuned.cache_clear()  # the lookup above cached the missing file
+    assert gg.tn_config(100, 3, 48, 16, torch.float32, dev) == (32, 32, 16, 4, 2)
+    assert gg.tn_config(900, 3, 48, 16, torch.float32, dev) == (64, 32, 32, 4, 3)
+    assert any(e["name"] == "grouped_gemm_tn-fp32-tuned32x32x16x4x2" for e in gg._aot_configs())
+    monkeypatch.setenv(gg.TN_CONFIG_ENV, "16,16,16,4,1")
+    assert gg.tn_config(100, 3, 48, 16, torch.float32, dev) == (16, 16, 16, 4, 1)
+    monkeypatch.setenv(gg.TN_CONFIG_ENV, "16,16,8,4,1")
+    with pytest.raises(ValueError, match=gg.TN_CONFIG_ENV):
+        gg.tn_config(100, 3, 48, 16, torch.float32, dev)
+
+
+def test_a_tuned_dw_config_is_launched_and_correct(config_dir):
+    E, K, M = 3, 24, 40
+    x, dy = torch.randn(30, K), torch.randn(30, M)
+    offsets = torch.tensor([0, 9, 9, 30], dtype=torch.int32)
+    with open(gg.config_file(E, M, K, gg._device_name(x.device), torch.float32, "grouped_gemm_tn"), "w") as f:
+        json.dump({"30": [16, 16, 16, 4, 1]}, f)
+    seen = []
+    real = gg.tn_config
+    gg.tn_config = lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1]
+    try:
+        dw = gg.grouped_gemm_tn(x, dy, offsets, E)
+    finally:
+        gg.tn_config = real
+    assert seen == [(16, 16, 16, 4, 1)]
+    ref64 = torch.stack([dy[a:b].double().t() @ x[a:b].double() for a, b in ((0, 9), (9, 9), (9, 30))])
+    same = torch.stack([dy[a:b].t() @ x[a:b] for a, b in ((0, 9), (9, 9), (9, 30))])
+    assert_earned_max(dw, ref64, same)
