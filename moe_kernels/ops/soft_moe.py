@@ -12,22 +12,23 @@ from . import _checks
 
 # --- dispatch -----------------------------------------------------------------------------------
 @torch.library.custom_op("moe_kernels::soft_dispatch", mutates_args=())
-def _soft_dispatch(x: Tensor, phi: Tensor, mask: Optional[Tensor]) -> Tensor:
-    return _backend.dispatch("soft_dispatch", x.device.type)(x, phi, mask)
+def _soft_dispatch(x: Tensor, phi: Tensor, mask: Optional[Tensor], slot_mask: Optional[Tensor]) -> Tensor:
+    return _backend.dispatch("soft_dispatch", x.device.type)(x, phi, mask, slot_mask)
 
 
 @_soft_dispatch.register_fake
-def _(x, phi, mask):
+def _(x, phi, mask, slot_mask):
     return x.new_empty(x.shape[0], phi.shape[-2], x.shape[2])
 
 
 @torch.library.custom_op("moe_kernels::soft_dispatch_backward", mutates_args=())
-def _soft_dispatch_backward(grad: Tensor, x: Tensor, phi: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _backend.dispatch("soft_dispatch_backward", x.device.type)(grad, x, phi, mask)
+def _soft_dispatch_backward(grad: Tensor, x: Tensor, phi: Tensor, mask: Optional[Tensor],
+                            slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _backend.dispatch("soft_dispatch_backward", x.device.type)(grad, x, phi, mask, slot_mask)
 
 
 @_soft_dispatch_backward.register_fake
-def _(grad, x, phi, mask):
+def _(grad, x, phi, mask, slot_mask):
     return torch.empty_like(x), torch.empty_like(phi)
 
 
@@ -36,9 +37,9 @@ def _dispatch_setup(ctx, inputs, output):
 
 
 def _dispatch_bwd(ctx, grad):
-    x, phi, mask = ctx.saved_tensors
-    grad_x, grad_phi = _soft_dispatch_backward(grad.contiguous(), x, phi, mask)
-    return grad_x, grad_phi, None
+    x, phi, mask, slot_mask = ctx.saved_tensors
+    grad_x, grad_phi = _soft_dispatch_backward(grad.contiguous(), x, phi, mask, slot_mask)
+    return grad_x, grad_phi, None, None
 
 
 _soft_dispatch.register_autograd(_dispatch_bwd, setup_context=_dispatch_setup)
@@ -48,30 +49,30 @@ _backend.register("soft_dispatch_backward", "reference", ref.soft_dispatch_backw
 
 # --- combine ------------------------------------------------------------------------------------
 @torch.library.custom_op("moe_kernels::soft_combine", mutates_args=())
-def _soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor]) -> Tensor:
-    return _backend.dispatch("soft_combine", x.device.type)(x, phi, y, mask)
+def _soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor], slot_mask: Optional[Tensor]) -> Tensor:
+    return _backend.dispatch("soft_combine", x.device.type)(x, phi, y, mask, slot_mask)
 
 
 @_soft_combine.register_fake
-def _(x, phi, y, mask):
+def _(x, phi, y, mask, slot_mask):
     return y.new_empty(x.shape[0], x.shape[1], y.shape[2])
 
 
 @torch.library.custom_op("moe_kernels::soft_combine_backward", mutates_args=())
-def _soft_combine_backward(grad: Tensor, x: Tensor, phi: Tensor, y: Tensor,
-                           mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return _backend.dispatch("soft_combine_backward", x.device.type)(grad, x, phi, y, mask)
+def _soft_combine_backward(grad: Tensor, x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor],
+                           slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _backend.dispatch("soft_combine_backward", x.device.type)(grad, x, phi, y, mask, slot_mask)
 
 
 @_soft_combine_backward.register_fake
-def _(grad, x, phi, y, mask):
+def _(grad, x, phi, y, mask, slot_mask):
     return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(y)
 
 
 def _combine_bwd(ctx, grad):
-    x, phi, y, mask = ctx.saved_tensors
-    grad_x, grad_phi, grad_y = _soft_combine_backward(grad.contiguous(), x, phi, y, mask)
-    return grad_x, grad_phi, grad_y, None
+    x, phi, y, mask, slot_mask = ctx.saved_tensors
+    grad_x, grad_phi, grad_y = _soft_combine_backward(grad.contiguous(), x, phi, y, mask, slot_mask)
+    return grad_x, grad_phi, grad_y, None, None
 
 
 _soft_combine.register_autograd(_combine_bwd, setup_context=_dispatch_setup)
@@ -80,7 +81,7 @@ _backend.register("soft_combine_backward", "reference", ref.soft_combine_backwar
 
 
 # --- public functions ---------------------------------------------------------------------------
-def _check(x, phi, mask):
+def _check(x, phi, mask, slot_mask):
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     B, N, D = x.shape
     _checks.tensor("phi", phi, ndim=(2, 3), dtypes=_checks.FLOAT_DTYPES)
@@ -88,21 +89,25 @@ def _check(x, phi, mask):
         raise ValueError(f"phi must be [S, D] or [B, S, D] for x [B, N, D] = {tuple(x.shape)}, got {tuple(phi.shape)}")
     if mask is not None:
         _checks.tensor("mask", mask, shape=(B, N), dtypes=(torch.bool,))
+    if slot_mask is not None:
+        _checks.tensor("slot_mask", slot_mask, shape=(B, phi.shape[-2]), dtypes=(torch.bool,))
     _checks.same_dtype(x=x, phi=phi)
-    _checks.same_device(x=x, phi=phi, mask=mask)
+    _checks.same_device(x=x, phi=phi, mask=mask, slot_mask=slot_mask)
 
 
-def soft_dispatch(x: Tensor, phi: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """x: [B, N, D] tokens, phi: [S, D] or [B, S, D] slot embeddings, mask: [B, N] bool (True = token) ->
-    slots [B, S, D]: slot s is the softmax-over-tokens weighted mean of x under logits x . phi_s."""
-    _check(x, phi, mask)
-    return _soft_dispatch(x, phi, mask)
+def soft_dispatch(x: Tensor, phi: Tensor, mask: Optional[Tensor] = None, slot_mask: Optional[Tensor] = None) -> Tensor:
+    """x: [B, N, D] tokens, phi: [S, D] or [B, S, D] slot embeddings, mask: [B, N] bool (True = token),
+    slot_mask: [B, S] bool (True = slot) -> slots [B, S, D]: slot s is the softmax-over-tokens weighted mean of x
+    under logits x . phi_s."""
+    _check(x, phi, mask, slot_mask)
+    return _soft_dispatch(x, phi, mask, slot_mask)
 
 
-def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = None,
+                 slot_mask: Optional[Tensor] = None) -> Tensor:
     """y: [B, S, D] slot outputs -> [B, N, D]: token n is the softmax-over-slots weighted mean of y under
     logits x_n . phi."""
-    _check(x, phi, mask)
+    _check(x, phi, mask, slot_mask)
     _checks.tensor("y", y, ndim=3, shape=(x.shape[0], phi.shape[-2], None), dtypes=_checks.FLOAT_DTYPES)
     _checks.same_dtype(x=x, y=y)
-    return _soft_combine(x, phi, y, mask)
+    return _soft_combine(x, phi, y, mask, slot_mask)

@@ -2,29 +2,41 @@
 
 logits[b, n, s] = x[b, n] . phi[b, s]. Dispatch: slots = softmax over tokens n of the logits, applied to x
 (queries = slots, keys = values = tokens). Combine: out = softmax over slots s, applied to the expert
-outputs y (queries = tokens, keys = slots). A token with mask False gets the logit -finfo.max in both
-(soft-moe-pytorch's semantics: it takes no part in dispatch; in combine it averages all slots).
+outputs y (queries = tokens, keys = slots). A token with mask False, or a slot with slot_mask False, gets
+the logit -finfo.max in both (soft-moe-pytorch's semantics: a masked token takes no part in dispatch and in
+combine averages the slots; a masked slot gets no weight in combine; a row whose logits are all masked is a
+uniform average).
 """
 import torch
 
 
-def _logits(x, phi, mask):
-    """x: [B, N, D], phi: [S, D] or [B, S, D], mask: [B, N] bool -> logits [B, N, S]."""
+def _logits(x, phi, mask, slot_mask=None):
+    """x: [B, N, D], phi: [S, D] or [B, S, D], mask: [B, N] bool, slot_mask: [B, S] bool -> logits [B, N, S]."""
     logits = torch.matmul(x, phi.transpose(-1, -2))
     if mask is not None:
         logits = logits.masked_fill(~mask.unsqueeze(-1), -torch.finfo(logits.dtype).max)
+    if slot_mask is not None:
+        logits = logits.masked_fill(~slot_mask.unsqueeze(1), -torch.finfo(logits.dtype).max)
     return logits
 
 
-def soft_dispatch(x, phi, mask=None):
+def _filled(mask, slot_mask):
+    """[B, N, S] bool where the logit was filled (its gradient is zero), or None."""
+    if mask is None and slot_mask is None:
+        return None
+    f = ~mask.unsqueeze(-1) if mask is not None else False
+    return f | ~slot_mask.unsqueeze(1) if slot_mask is not None else f
+
+
+def soft_dispatch(x, phi, mask=None, slot_mask=None):
     """-> slots [B, S, D] = softmax_n(logits)^T x."""
-    p = _logits(x, phi, mask).softmax(dim=1)
+    p = _logits(x, phi, mask, slot_mask).softmax(dim=1)
     return torch.matmul(p.transpose(1, 2), x)
 
 
-def soft_combine(x, phi, y, mask=None):
+def soft_combine(x, phi, y, mask=None, slot_mask=None):
     """y: [B, S, D] -> out [B, N, D] = softmax_s(logits) y."""
-    p = _logits(x, phi, mask).softmax(dim=2)
+    p = _logits(x, phi, mask, slot_mask).softmax(dim=2)
     return torch.matmul(p, y)
 
 
@@ -32,27 +44,29 @@ def _reduce_phi(g, phi):
     return g.sum(0) if phi.dim() == 2 else g
 
 
-def soft_dispatch_backward(grad, x, phi, mask=None):
+def soft_dispatch_backward(grad, x, phi, mask=None, slot_mask=None):
     """grad: [B, S, D] -> (grad_x [B, N, D], grad_phi like phi)."""
-    p = _logits(x, phi, mask).softmax(dim=1)                       # [B, N, S]
+    p = _logits(x, phi, mask, slot_mask).softmax(dim=1)            # [B, N, S]
     dp = torch.matmul(x, grad.transpose(1, 2))                     # [B, N, S]
     dl = p * (dp - (dp * p).sum(1, keepdim=True))                  # softmax over n
-    if mask is not None:
-        dl = dl.masked_fill(~mask.unsqueeze(-1), 0)
+    filled = _filled(mask, slot_mask)
+    if filled is not None:
+        dl = dl.masked_fill(filled, 0)
     phi_b = phi.expand(x.shape[0], *phi.shape[-2:])
     grad_x = torch.matmul(p, grad) + torch.matmul(dl, phi_b)
     grad_phi = _reduce_phi(torch.matmul(dl.transpose(1, 2), x), phi)
     return grad_x, grad_phi
 
 
-def soft_combine_backward(grad, x, phi, y, mask=None):
+def soft_combine_backward(grad, x, phi, y, mask=None, slot_mask=None):
     """grad: [B, N, D] -> (grad_x, grad_phi, grad_y)."""
-    p = _logits(x, phi, mask).softmax(dim=2)                       # [B, N, S]
+    p = _logits(x, phi, mask, slot_mask).softmax(dim=2)            # [B, N, S]
     grad_y = torch.matmul(p.transpose(1, 2), grad)
     dp = torch.matmul(grad, y.transpose(1, 2))                     # [B, N, S]
     dl = p * (dp - (dp * p).sum(2, keepdim=True))                  # softmax over s
-    if mask is not None:
-        dl = dl.masked_fill(~mask.unsqueeze(-1), 0)
+    filled = _filled(mask, slot_mask)
+    if filled is not None:
+        dl = dl.masked_fill(filled, 0)
     phi_b = phi.expand(x.shape[0], *phi.shape[-2:])
     grad_x = torch.matmul(dl, phi_b)
     grad_phi = _reduce_phi(torch.matmul(dl.transpose(1, 2), x), phi)

@@ -37,7 +37,7 @@ def _masked(logits, keep, dtype):
     return torch.where(keep, logits, torch.full_like(logits, -torch.finfo(dtype).max))
 
 
-def naive_soft_dispatch(x, phi, mask=None):
+def naive_soft_dispatch(x, phi, mask=None, slot_mask=None):
     """slots[b, s] = sum_n softmax_n(x[b, n] . phi_s)[n] * x[b, n], one slot at a time, float64."""
     dtype = x.dtype
     x, phi = x.double(), phi.double()
@@ -48,12 +48,15 @@ def naive_soft_dispatch(x, phi, mask=None):
         emb = _slot_embeddings(phi, b)
         for s in range(S):
             logits = x[b] @ emb[s]  # [N]: slot s against every token of row b
-            p = _softmax(_masked(logits, None if mask is None else mask[b], dtype))
+            keep = None if mask is None else mask[b]
+            if slot_mask is not None:
+                keep = slot_mask[b, s].expand(N) if keep is None else keep & slot_mask[b, s]
+            p = _softmax(_masked(logits, keep, dtype))
             out[b, s] = p @ x[b]
     return out
 
 
-def naive_soft_combine(x, phi, y, mask=None):
+def naive_soft_combine(x, phi, y, mask=None, slot_mask=None):
     """out[b, n] = sum_s softmax_s(x[b, n] . phi_s)[s] * y[b, s], one token at a time, float64."""
     dtype = x.dtype
     x, phi, y = x.double(), phi.double(), y.double()
@@ -65,6 +68,8 @@ def naive_soft_combine(x, phi, y, mask=None):
         for n in range(N):
             logits = emb @ x[b, n]  # [S]: token n of row b against every slot
             keep = None if mask is None else mask[b, n].expand(S)
+            if slot_mask is not None:
+                keep = slot_mask[b] if keep is None else keep & slot_mask[b]
             p = _softmax(_masked(logits, keep, dtype))
             out[b, n] = p @ y[b]
     return out
@@ -98,6 +103,15 @@ def make_mask(B, N, kind):
     if kind == "fullrow":
         mask[0] = False
     return mask
+
+
+def make_slot_mask(B, S):
+    """About 30% of the slots masked, row 0's first slot kept; if B > 1, row 1 has every slot masked."""
+    smask = torch.rand(B, S) > 0.3
+    smask[0, 0] = True
+    if B > 1:
+        smask[1] = False
+    return smask
 
 
 def make_inputs(B, N, D, S, phi_kind, mask_kind, dtype=F64):
@@ -216,6 +230,29 @@ def test_backward_matches_naive_autograd_and_reference(backend, phi_kind, mask_k
         assert_close64(g, s, f"combine grad of {name} vs reference backward")
 
 
+@pytest.mark.parametrize("mask_kind", ["nomask", "mask"])
+@pytest.mark.parametrize("phi_kind", PHI)
+def test_slot_mask_forward_and_backward_match_naive(backend, phi_kind, mask_kind):
+    # dynamic slots: masked slots get no weight in combine and dispatch nothing; row 1 has every slot masked
+    B, N, D, S = 3, 11, 7, 5
+    x, phi, y, mask = make_inputs(B, N, D, S, phi_kind, mask_kind)
+    smask = make_slot_mask(B, S)
+    leaves = [t.requires_grad_() for t in (x, phi, y)]
+    g_slots, g_out = torch.randn(B, S, D, dtype=F64), torch.randn(B, N, D, dtype=F64)
+    slots = soft_dispatch(x, phi, mask, smask)
+    assert_close64(slots, naive_soft_dispatch(x, phi, mask, smask), "dispatch vs naive loop")
+    out = soft_combine(x, phi, y, mask, smask)
+    assert_close64(out, naive_soft_combine(x, phi, y, mask, smask), "combine vs naive loop")
+    got = torch.autograd.grad(slots, leaves[:2], g_slots)
+    want = torch.autograd.grad(naive_soft_dispatch(x, phi, mask, smask), leaves[:2], g_slots)
+    for name, g, n in zip(("x", "phi"), got, want):
+        assert_close64(g, n, f"dispatch grad of {name} (slot mask) vs naive autograd")
+    got = torch.autograd.grad(out, leaves, g_out)
+    want = torch.autograd.grad(naive_soft_combine(x, phi, y, mask, smask), leaves, g_out)
+    for name, g, n in zip(("x", "phi", "y"), got, want):
+        assert_close64(g, n, f"combine grad of {name} (slot mask) vs naive autograd")
+
+
 # --- custom-op registration ---------------------------------------------------------------------------
 OPCHECK = [pytest.param(torch.float32, "phi2d", id="fp32-phi2d"), pytest.param(F64, "phi3d", id="fp64-phi3d")]
 
@@ -226,8 +263,9 @@ def test_opcheck_dispatch(backend, dtype, phi_kind, mask_kind):
     x, phi, _, mask = make_inputs(2, 6, 5, 3, phi_kind, mask_kind, dtype=dtype)
     grad = torch.randn(2, 3, 5, dtype=dtype)
     # the backward op has no autograd of its own (no double backward): its inputs do not require grad
-    torch.library.opcheck(torch.ops.moe_kernels.soft_dispatch_backward, (grad, x, phi, mask))
-    torch.library.opcheck(torch.ops.moe_kernels.soft_dispatch, (x.requires_grad_(), phi.requires_grad_(), mask))
+    smask = make_slot_mask(2, 3) if mask_kind == "mask" else None
+    torch.library.opcheck(torch.ops.moe_kernels.soft_dispatch_backward, (grad, x, phi, mask, smask))
+    torch.library.opcheck(torch.ops.moe_kernels.soft_dispatch, (x.requires_grad_(), phi.requires_grad_(), mask, smask))
 
 
 @pytest.mark.parametrize("mask_kind", ["nomask", "mask"])
@@ -235,9 +273,10 @@ def test_opcheck_dispatch(backend, dtype, phi_kind, mask_kind):
 def test_opcheck_combine(backend, dtype, phi_kind, mask_kind):
     x, phi, y, mask = make_inputs(2, 6, 5, 3, phi_kind, mask_kind, dtype=dtype)
     grad = torch.randn(2, 6, 5, dtype=dtype)
-    torch.library.opcheck(torch.ops.moe_kernels.soft_combine_backward, (grad, x, phi, y, mask))
+    smask = make_slot_mask(2, 3) if mask_kind == "mask" else None
+    torch.library.opcheck(torch.ops.moe_kernels.soft_combine_backward, (grad, x, phi, y, mask, smask))
     torch.library.opcheck(torch.ops.moe_kernels.soft_combine,
-                          (x.requires_grad_(), phi.requires_grad_(), y.requires_grad_(), mask))
+                          (x.requires_grad_(), phi.requires_grad_(), y.requires_grad_(), mask, smask))
 
 
 # --- determinism, strides ---------------------------------------------------------------------------
@@ -294,6 +333,10 @@ def _bad_cases():
         ("mask-transposed", lambda k: k.update(mask=k["mask"].t()), ValueError, r"^mask must have shape", both),
         ("mask-float", lambda k: k.update(mask=k["mask"].float()), TypeError, r"^mask must have dtype", both),
         ("mask-int", lambda k: k.update(mask=k["mask"].int()), TypeError, r"^mask must have dtype", both),
+        ("slot_mask-shape", lambda k: k.update(slot_mask=k["slot_mask"][:, :-1]), ValueError,
+         r"^slot_mask must have shape \(2, 4\)", both),
+        ("slot_mask-float", lambda k: k.update(slot_mask=k["slot_mask"].float()), TypeError,
+         r"^slot_mask must have dtype", both),
         ("y-wrong-S", lambda k: k.update(y=k["y"][:, :-1]), ValueError, r"^y must have shape \(2, 4, \*\)", combine),
         ("y-wrong-B", lambda k: k.update(y=k["y"][:1]), ValueError, r"^y must have shape", combine),
         ("y-rank2", lambda k: k.update(y=k["y"][0]), ValueError, r"^y must have 3 dimensions", combine),
@@ -306,7 +349,8 @@ CASES = [pytest.param(op, *c[1:4], id=f"{op}-{c[0]}") for c in _bad_cases() for 
 
 @pytest.mark.parametrize("op, change, exc, match", CASES)
 def test_bad_input_raises_naming_the_argument(backend, op, change, exc, match):
-    kwargs = dict(x=torch.randn(2, 6, 5), phi=torch.randn(4, 5), y=torch.randn(2, 4, 5), mask=torch.rand(2, 6) > 0.3)
+    kwargs = dict(x=torch.randn(2, 6, 5), phi=torch.randn(4, 5), y=torch.randn(2, 4, 5), mask=torch.rand(2, 6) > 0.3,
+                  slot_mask=torch.rand(2, 4) > 0.3)
     fn = soft_dispatch if op == "dispatch" else soft_combine
     if op == "dispatch":
         kwargs.pop("y")
