@@ -1,0 +1,363 @@
+"""transformers integration: `experts_implementation="moe_kernels"` for transformers 5.x MoE models, and the
+conversion of transformers v4-style sparse MoE blocks to `SparseMoE`.
+
+transformers 5.x runs the experts of its MoE models through an interface. An experts module decorated with
+`transformers.integrations.moe.use_experts_implementation` looks `config._experts_implementation` up in
+`ALL_EXPERTS_FUNCTIONS` (an `ExpertsInterface`; its classmethod `register(name, fn)` adds to every instance)
+and calls `fn(self, hidden_states [T, D], top_k_index [T, k], top_k_weights [T, k]) -> [T, D]`, where `self`
+holds
+  gate_up_proj [E, 2H, D] when `has_gate`, else up_proj [E, H, D]; down_proj [E, D, H]
+      (stored as [E, D, 2H|H] and [E, H, D] when `is_transposed`);
+  gate_up_proj_bias [E, 2H] (or up_proj_bias [E, H]) and down_proj_bias [E, D] when `has_bias`;
+  act_fn, and `_apply_gate(h)`: by default `gate, up = h.chunk(2, -1); act_fn(gate) * up` (gate first);
+  has_post_expert_norm: a norm applied to each expert's output before the routing weight.
+Expert ids outside [0, E) are the expert-parallel sentinel and contribute zero. A model accepts an
+experts_implementation only if it is "eager" or a key of ALL_EXPERTS_FUNCTIONS (checked when the model is
+built, loaded or switched), so `register()` runs before any of those.
+
+transformers is imported only when a function here needs it; importing moe_kernels never does.
+"""
+import re
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..nn.sparse import SparseMoE
+from ..ops.expert_mlp import check_experts_weights
+from ..reference.activations import ACTIVATIONS
+
+NAME = "moe_kernels"
+# the first transformers whose models accept any name registered in ALL_EXPERTS_FUNCTIONS (5.0-5.6 accept only
+# a fixed list: eager, grouped_mm, batched_mm, deepgemm)
+MIN_TRANSFORMERS = (5, 7)
+
+
+# --- transformers, imported on use --------------------------------------------------------------------------
+def _hf_moe():
+    """transformers.integrations.moe, or an ImportError saying what is missing."""
+    need = ".".join(map(str, MIN_TRANSFORMERS))
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"moe_kernels.integrations.transformers needs transformers>={need} (pip install "
+                          f"'transformers>={need},<6'), which is not installed") from exc
+    version = getattr(transformers, "__version__", "0")
+    try:
+        from transformers.integrations import moe
+        moe.ExpertsInterface
+        found = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    except (ImportError, AttributeError, ValueError) as exc:
+        found, error = (0,), exc
+    else:
+        error = None
+    if found < MIN_TRANSFORMERS:
+        raise ImportError(f"moe_kernels.integrations.transformers needs transformers>={need}, whose models accept an "
+                          "experts implementation registered in transformers.integrations.moe.ExpertsInterface; "
+                          f"found transformers {version}") from error
+    return moe
+
+
+def register() -> None:
+    """Adds "moe_kernels" (`experts_forward`) to transformers' experts implementations, so that
+    `from_pretrained(..., experts_implementation="moe_kernels")`, `Config(..., experts_implementation=...)` and
+    `model.set_experts_implementation("moe_kernels")` work. Idempotent."""
+    _hf_moe().ExpertsInterface.register(NAME, experts_forward)
+
+
+# --- activations --------------------------------------------------------------------------------------------
+_ACTIVATIONS: Optional[dict] = None  # activation module type or function -> our name; filled on first use
+
+
+def _activation_table() -> dict:
+    global _ACTIVATIONS
+    if _ACTIVATIONS is None:
+        table = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity",
+                 F.silu: "silu", F.gelu: "gelu", F.relu: "relu", torch.relu: "relu"}
+        try:
+            from transformers import activations as hf_act
+        except ImportError:
+            hf_act = None
+        # transformers' ACT2FN classes, by exact type: GELUActivation is erf GELU (both of its forms); GELUTanh,
+        # NewGELU, FastGELU (sqrt(2/pi) rounded to 10 digits) and AccurateGELU are the tanh approximation
+        for cls_name, name in (("SiLUActivation", "silu"), ("GELUActivation", "gelu"), ("GELUTanh", "gelu_tanh"),
+                               ("NewGELUActivation", "gelu_tanh"), ("FastGELUActivation", "gelu_tanh"),
+                               ("AccurateGELUActivation", "gelu_tanh"), ("LinearActivation", "identity")):
+            cls = getattr(hf_act, cls_name, None)
+            if cls is not None:
+                table[cls] = name
+        _ACTIVATIONS = table
+    return _ACTIVATIONS
+
+
+def experts_activation(act_fn) -> str:
+    """Our name (one of ACTIVATIONS) of an activation module or function: transformers' ACT2FN silu, swish, gelu,
+    gelu_python, gelu_new, gelu_fast, gelu_accurate, gelu_pytorch_tanh, gelu_python_tanh, relu, linear; torch's
+    nn.SiLU, nn.GELU, nn.ReLU, nn.Identity and their functions. ValueError for any other."""
+    if type(act_fn) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}[act_fn.approximate]
+    table = _activation_table()
+    key = type(act_fn) if isinstance(act_fn, nn.Module) else act_fn
+    try:
+        name = table.get(key)
+    except TypeError:  # an unhashable callable
+        name = None
+    if name is None:
+        raise ValueError(f"act_fn {act_fn!r} ({type(act_fn).__module__}.{type(act_fn).__qualname__}) has no "
+                         f"moe_kernels equivalent: moe_kernels runs {ACTIVATIONS} (transformers' silu, swish, gelu, "
+                         "gelu_python, gelu_new, gelu_fast, gelu_accurate, gelu_pytorch_tanh, gelu_python_tanh, relu, "
+                         "linear)")
+    return name
+
+
+# --- transformers 5.x: the experts function -----------------------------------------------------------------
+def _default_gate(gate_fn) -> bool:
+    """Whether an experts module's `_apply_gate` is transformers' default, act_fn(gate) * up with the gate first
+    (by name: transformers re-imports itself on some paths, so identity is not stable)."""
+    fn = getattr(gate_fn, "__func__", None)
+    return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) == (
+        "transformers.integrations.moe", "_default_apply_gate")
+
+
+def experts_arguments(experts: nn.Module):
+    """A transformers experts module -> (gate_up_proj [E, 2H|H, D], down_proj [E, D, H] (views of its weights),
+    the keyword arguments of `ops.moe_mlp`). ValueError for what ops.moe_mlp does not compute."""
+    where = type(experts).__name__
+    if getattr(experts, "has_post_expert_norm", False):
+        raise ValueError(f"{where}: experts with a post-expert norm (has_post_expert_norm=True) are not supported "
+                         "by the 'moe_kernels' experts implementation")
+    gated, has_bias = getattr(experts, "has_gate", True), getattr(experts, "has_bias", False)
+    if gated:
+        gate_fn = getattr(experts, "_apply_gate", None)
+        if gate_fn is not None and not _default_gate(gate_fn):
+            raise ValueError(f"{where} defines its own _apply_gate (GPT-OSS's clamped SwiGLU, say); the 'moe_kernels' "
+                             "experts implementation computes act_fn(gate) * up with the gate rows first only")
+        up = experts.gate_up_proj
+        up_bias = experts.gate_up_proj_bias if has_bias else None
+    else:
+        up = experts.up_proj
+        up_bias = experts.up_proj_bias if has_bias else None
+    down, down_bias = experts.down_proj, (experts.down_proj_bias if has_bias else None)
+    if getattr(experts, "is_transposed", False):
+        up, down = up.transpose(1, 2), down.transpose(1, 2)
+    act_fn = getattr(experts, "act_fn", None)
+    if act_fn is None:
+        raise ValueError(f"{where} has no act_fn")
+    try:
+        activation = experts_activation(act_fn)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return up, down, dict(activation=activation, gated=gated, gate_up_bias=up_bias, down_bias=down_bias)
+
+
+def check_experts(experts: nn.Module) -> None:
+    """Raises (ValueError / TypeError naming the module, the argument and the shapes) unless `experts_forward`
+    can run this experts module."""
+    up, down, kw = experts_arguments(experts)
+    try:
+        check_experts_weights(up, down, kw["gated"], kw["gate_up_bias"], kw["down_bias"])
+    except (TypeError, ValueError) as exc:
+        layout = " (transposed from its is_transposed layout)" if getattr(experts, "is_transposed", False) else ""
+        raise type(exc)(f"{type(experts).__name__}: {exc}{layout}") from None
+
+
+def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts contract on `ops.moe_mlp`: hidden_states [T, D], top_k_index [T, k] int (ids outside
+    [0, E) contribute zero), top_k_weights [T, k] -> [T, D] in hidden_states' dtype. hidden_states are cast to the
+    weights' dtype first, as transformers' grouped_mm does under autocast. No host syncs here."""
+    up, down, kw = experts_arguments(self)
+    out = ops.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down, **kw)
+    return out.to(hidden_states.dtype)
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether `module` dispatches through transformers' experts interface (`@use_experts_implementation`)."""
+    return (all(hasattr(module, a) for a in ("has_gate", "is_transposed", "down_proj", "config"))
+            and hasattr(module.config, "_experts_implementation"))
+
+
+# --- transformers v4-style sparse MoE blocks ----------------------------------------------------------------
+class SparseMoEBlock(SparseMoE):
+    """A transformers v4 sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) on the fused ops, in v4's
+    calling convention: hidden_states [..., D] -> (out [..., D], router_logits [T, E]).
+
+    Routing as v4: softmax over all E experts in fp32, top-k, renormalised when `renormalize` (v4's
+    norm_topk_prob; Mixtral always). In training with jitter_noise > 0 (Mixtral), the input is first scaled by
+    uniform noise in [1 - jitter, 1 + jitter]. An optional shared expert (Qwen2-MoE) adds
+    sigmoid(shared_expert_gate(x)) * shared_expert(x). The model computes its load-balancing loss from the
+    returned router logits, so `aux_loss` stays None.
+    """
+
+    def __init__(self, dim, hidden_dim, num_experts, top_k, *, activation="silu", renormalize=True, bias=False,
+                 router_bias=False, jitter_noise=0.0, shared_expert=None, shared_expert_gate=None, device=None,
+                 dtype=None):
+        super().__init__(dim, hidden_dim, num_experts, top_k, activation=activation, renormalize=renormalize,
+                         bias=bias, router_bias=router_bias, aux_loss_coef=0.0, device=device, dtype=dtype)
+        if (shared_expert is None) != (shared_expert_gate is None):
+            raise ValueError("shared_expert and shared_expert_gate go together: got "
+                             f"{type(shared_expert).__name__} and {type(shared_expert_gate).__name__}")
+        self.jitter_noise = float(jitter_noise)
+        self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
+
+    def forward(self, hidden_states: torch.Tensor):
+        if hidden_states.dim() < 1 or hidden_states.shape[-1] != self.dim:
+            raise ValueError(f"hidden_states must be [..., D] with D = {self.dim}, got {tuple(hidden_states.shape)}")
+        shape = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        x = hidden_states.reshape(-1, self.dim)
+        router_logits = self.router(x)
+        r = ops.topk_route(router_logits, self.top_k, renormalize=self.renormalize)
+        out = ops.moe_mlp(x, r.experts, r.weights, self.experts.gate_up_proj, self.experts.down_proj,
+                          **self.experts.kwargs())
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        self.aux_loss = None
+        return out.view(shape), router_logits
+
+    def extra_repr(self):
+        return super().extra_repr() + f", jitter_noise={self.jitter_noise}"
+
+
+_V4_EXPERT_LAYERS = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))  # (gate, up, down)
+# attributes of v4 blocks whose routing is not softmax-top-k (PhiMoE's sparsemixer, DeepSeek's groups and bias)
+_V4_OTHER_ROUTING = ("router_jitter_noise", "input_jitter_noise", "e_score_correction_bias", "routed_scaling_factor",
+                     "n_group", "topk_group", "moe_statics")
+
+
+def _v4_block(block: nn.Module):
+    """(spec, None) for a v4 sparse MoE block this module runs, (None, why) for a look-alike it cannot run,
+    (None, None) for anything else. Recognised by structure: a `gate` and an `experts` nn.ModuleList."""
+    experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)
+    if not isinstance(experts, nn.ModuleList) or len(experts) == 0 or gate is None:
+        return None, None
+    E = len(experts)
+    if not isinstance(gate, nn.Linear) or gate.out_features != E:
+        return None, f"its gate {type(gate).__name__} is not an nn.Linear with out_features = {E} experts"
+    D = gate.in_features
+    other = [a for a in _V4_OTHER_ROUTING if hasattr(block, a)]
+    if other:
+        return None, f"it has {other}: routing other than softmax top-k"
+    extra = set(dict(block.named_children())) - {"gate", "experts", "shared_expert", "shared_expert_gate"}
+    if extra:
+        return None, f"it has submodules {sorted(extra)} besides gate, experts and a shared expert"
+    shared, shared_gate = getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None)
+    gate_ok = isinstance(shared_gate, nn.Linear) and shared_gate.weight.shape == (1, D)
+    if (shared is None) != (shared_gate is None) or (shared_gate is not None and not gate_ok):
+        return None, "a shared expert needs both shared_expert and shared_expert_gate = nn.Linear(D, 1)"
+    names = next((n for n in _V4_EXPERT_LAYERS if all(isinstance(getattr(experts[0], a, None), nn.Linear) for a in n)),
+                 None)
+    if names is None:
+        return None, "its experts have neither w1/w2/w3 nor gate_proj/up_proj/down_proj nn.Linear layers"
+    H = getattr(experts[0], names[0]).out_features
+    has_bias = getattr(experts[0], names[0]).bias is not None
+    activation = None
+    for i, mlp in enumerate(experts):
+        layers = [getattr(mlp, a, None) for a in names]
+        shapes = ((H, D), (H, D), (D, H))
+        if not all(isinstance(lin, nn.Linear) and lin.weight.shape == s for lin, s in zip(layers, shapes)):
+            return None, (f"expert {i}: {'/'.join(names)} must be nn.Linear with weights {shapes} "
+                          f"(D = {D} of the gate, H = {H} of expert 0)")
+        if any((lin.bias is not None) != has_bias for lin in layers):
+            return None, f"expert {i}: its linear layers must all have a bias or all have none, like expert 0's"
+        if set(dict(mlp.named_children())) - set(names) - {"act_fn"}:
+            return None, f"expert {i} has submodules besides {'/'.join(names)} and act_fn"
+        try:
+            act = experts_activation(getattr(mlp, "act_fn", None))
+        except ValueError as exc:
+            return None, f"expert {i}: {exc}"
+        if activation not in (None, act):
+            return None, f"expert {i} has activation {act!r}, expert 0 {activation!r}"
+        activation = act
+    top_k = getattr(block, "top_k", getattr(block, "num_experts_per_tok", None))
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        return None, f"its top_k (or num_experts_per_tok) must be an int in [1, {E}], got {top_k!r}"
+    renormalize = getattr(block, "norm_topk_prob", None)
+    if renormalize is None:
+        if names[0] != "w1":
+            return None, "it has no norm_topk_prob, so whether the top-k weights are renormalised is unknown"
+        renormalize = True  # Mixtral
+    return dict(dim=D, hidden_dim=H, num_experts=E, top_k=top_k, activation=activation,
+                renormalize=bool(renormalize), bias=has_bias, router_bias=gate.bias is not None,
+                jitter_noise=float(getattr(block, "jitter_noise", 0.0)), layers=names, shared_expert=shared,
+                shared_expert_gate=shared_gate), None
+
+
+def convert_block(block: nn.Module) -> SparseMoEBlock:
+    """A v4 sparse MoE block -> a SparseMoEBlock computing the same, holding its weights: gate_up_proj[e] =
+    cat(w1, w3) (gate_proj, up_proj) [2H, D], down_proj[e] = w2 (down_proj) [D, H]; the router reuses the
+    gate's parameters and the shared expert is moved over as it is. ValueError saying why for a block it
+    cannot run."""
+    spec, why = _v4_block(block)
+    if spec is None:
+        raise ValueError(f"{type(block).__name__} is not a v4 sparse MoE block moe_kernels can run: "
+                         f"{why or 'it has no gate and experts nn.ModuleList'}")
+    gate_name, up_name, down_name = spec.pop("layers")
+    experts = block.experts
+    w = getattr(experts[0], gate_name).weight
+    new = SparseMoEBlock(**spec, device="meta", dtype=w.dtype)
+
+    def stacked(layer, attr):
+        return torch.stack([getattr(getattr(mlp, layer), attr).detach() for mlp in experts])
+
+    def param(data, *layers):
+        trainable = any(getattr(mlp, n).weight.requires_grad for mlp in experts for n in layers)
+        return nn.Parameter(data, requires_grad=trainable)
+
+    with torch.no_grad():
+        new.experts.gate_up_proj = param(torch.cat([stacked(gate_name, "weight"), stacked(up_name, "weight")], 1),
+                                         gate_name, up_name)
+        new.experts.down_proj = param(stacked(down_name, "weight"), down_name)
+        if spec["bias"]:
+            new.experts.gate_up_bias = param(torch.cat([stacked(gate_name, "bias"), stacked(up_name, "bias")], 1),
+                                             gate_name, up_name)
+            new.experts.down_bias = param(stacked(down_name, "bias"), down_name)
+    new.router.weight = block.gate.weight
+    if block.gate.bias is not None:
+        new.router.bias = block.gate.bias
+    left = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"convert_block left {left} unset")
+    return new.train(block.training)
+
+
+def convert_transformers(model: nn.Module) -> int:
+    """Runs the sparse MoE layers of a transformers model on moe_kernels, in place; returns how many layers now do.
+
+    transformers 5.x experts modules (`@use_experts_implementation`): each is checked (`check_experts`: activation,
+    gate, layout, weights; nothing is switched if one fails), then the model runs experts_implementation=
+    "moe_kernels" (`register()`, then `set_experts_implementation` on a PreTrainedModel, else on the configs of the
+    experts found). `model.set_experts_implementation("eager")` switches back.
+    v4-style sparse MoE blocks (see `convert_block`) are replaced by SparseMoEBlocks; a block that looks like one
+    but cannot run here stays as it is, with a warning saying why.
+    """
+    if _v4_block(model)[0] is not None:
+        raise ValueError(f"model is itself a v4 sparse MoE block ({type(model).__name__}): convert_block(model) "
+                         "returns its replacement")
+    experts = [m for m in model.modules() if is_experts_module(m)]
+    if experts:
+        register()
+        for m in experts:
+            check_experts(m)
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation(NAME)
+        for m in experts:
+            if m.config._experts_implementation != NAME:
+                m.config._experts_implementation = NAME
+    count = len(experts)
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            spec, why = _v4_block(child)
+            if spec is not None:
+                setattr(parent, name, convert_block(child))
+                count += 1
+            elif why is not None:
+                path = f"{parent_name}.{name}" if parent_name else name
+                warnings.warn(f"convert_transformers: {path} ({type(child).__name__}) stays as it is: {why}",
+                              stacklevel=2)
+    return count
