@@ -1,7 +1,7 @@
 """MoE modules running on the ops layer."""
 from .dense import DenseMoE
-from .experts import Experts
+from .experts import Experts, LinearExperts
 from .soft import RMSNorm, SoftMoE
 from .sparse import SparseMoE
 
-__all__ = ["DenseMoE", "Experts", "RMSNorm", "SoftMoE", "SparseMoE"]
+__all__ = ["DenseMoE", "Experts", "LinearExperts", "RMSNorm", "SoftMoE", "SparseMoE"]
