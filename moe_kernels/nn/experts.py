@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks
 from ..ops.expert_mlp import check_experts_weights
 from ..reference.activations import check_activation
 
@@ -28,6 +29,13 @@ def _uniform_(t: Optional[Tensor], fan_in: int) -> None:
     if t is not None:
         bound = 1 / math.sqrt(fan_in)
         nn.init.uniform_(t, -bound, bound)
+
+
+def _take(module: nn.Module, **tensors: Optional[Tensor]) -> None:
+    """Sets the given tensors (not None) as the module's parameters, wrapping plain tensors in nn.Parameter."""
+    for name, t in tensors.items():
+        if t is not None:
+            setattr(module, name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
 
 
 def reindexed(t: Tensor, keep: Sequence[int], fresh: Optional[Tensor] = None) -> Tensor:
@@ -98,9 +106,7 @@ class Experts(_ExpertBank):
                              f"{'a tensor' if down_bias is not None else None}")
         m = cls(D, H, E, out_dim=O, activation=activation, gated=gated, bias=gate_up_bias is not None,
                 device="meta", dtype=gate_up_proj.dtype)
-        for name, t in zip(cls.PARAMS, (gate_up_proj, down_proj, gate_up_bias, down_bias)):
-            if t is not None:
-                setattr(m, name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
+        _take(m, gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias)
         return m
 
     def reset_parameters(self):
@@ -141,6 +147,17 @@ class LinearExperts(_ExpertBank):
         self.weight = nn.Parameter(torch.empty(num_experts, out_dim, dim, **f))
         self.bias = nn.Parameter(torch.empty(num_experts, out_dim, **f)) if bias else None
         self.reset_parameters()
+
+    @classmethod
+    def from_weights(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "LinearExperts":
+        """LinearExperts holding weight [E, O, D] and bias [E, O] (or None) as its parameters."""
+        _checks.tensor("weight", weight, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+        E, O, D = weight.shape
+        if bias is not None:
+            _checks.tensor("bias", bias, shape=(E, O))
+        m = cls(D, E, out_dim=O, bias=bias is not None, device="meta", dtype=weight.dtype)
+        _take(m, weight=weight, bias=bias)
+        return m
 
     def reset_parameters(self):
         _uniform_(self.weight, self.dim)
