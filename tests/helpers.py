@@ -120,6 +120,15 @@ def reordered_sum_atol(ref64, dtype, n):
     return torch.finfo(dtype).eps * n**0.5 * ref64.abs().max().item() if ref64.numel() else 0.0
 
 
+def assert_grads_close64(out, want, leaves, names):
+    """The gradients of out and of its oracle want (float64) w.r.t. leaves agree, for a random output gradient."""
+    grad_out = torch.randn_like(want)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    ref = torch.autograd.grad(want, leaves, grad_out)
+    for name, g, r in zip(names, got, ref):
+        assert_close64(g, r, f"grad of {name}")
+
+
 def assert_close64(actual, expected, name="output"):
     """float64 against float64: only rounding differences are allowed."""
     assert actual.dtype == F64 and expected.dtype == F64, (actual.dtype, expected.dtype)

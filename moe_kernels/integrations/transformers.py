@@ -361,3 +361,22 @@ def convert_transformers(model: nn.Module) -> int:
                 warnings.warn(f"convert_transformers: {path} ({type(child).__name__}) stays as it is: {why}",
                               stacklevel=2)
     return count
+
+
+# --- moe_kernels.convert(): the recognisers of this integration (registered when convert() imports it) -------------
+def _switch_experts(experts: nn.Module) -> nn.Module:
+    """A transformers experts module -> itself, running experts_implementation="moe_kernels" (its config's)."""
+    register()
+    check_experts(experts)
+    experts.config._experts_implementation = NAME
+    return experts
+
+
+def _register_converters() -> None:
+    from ..convert import register_converter
+
+    register_converter("transformers experts", is_experts_module, _switch_experts)
+    register_converter("transformers v4 sparse MoE block", lambda m: _v4_block(m)[0] is not None, convert_block)
+
+
+_register_converters()

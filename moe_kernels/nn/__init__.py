@@ -1,7 +1,8 @@
 """MoE modules running on the ops layer."""
 from .dense import DenseMoE
-from .experts import Experts
+from .experts import Experts, LinearExperts
+from .hybrid import HybridMoE
 from .soft import RMSNorm, SoftMoE
 from .sparse import SparseMoE
 
-__all__ = ["DenseMoE", "Experts", "RMSNorm", "SoftMoE", "SparseMoE"]
+__all__ = ["DenseMoE", "Experts", "HybridMoE", "LinearExperts", "RMSNorm", "SoftMoE", "SparseMoE"]

@@ -1,44 +1,182 @@
-"""Expert weights in the transformers v5 layout, shared by the MoE modules."""
+"""Expert weights in the transformers v5 layout, shared by the MoE modules.
+
+Two banks of E experts, each stored as stacked tensors (never a ModuleList), so a layer runs all of them as a
+few GEMMs:
+- Experts: MLPs, gate_up_proj [E, 2H|H, D] and down_proj [E, O, H] (+ optional biases);
+- LinearExperts: one affine map each, weight [E, O, D] (+ optional bias [E, O]) (Shazeer et al. 2017).
+Both can `mix` tokens with a dense gate [T, E], and be resized (`reindex_`) keeping the chosen experts' weights.
+"""
 import math
+from typing import Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .. import ops
+from ..ops import _checks
+from ..ops.expert_mlp import check_experts_weights
 from ..reference.activations import check_activation
 
 
-class Experts(nn.Module):
-    """E expert MLPs: gate_up_proj [E, 2H, D] (gate rows first; [E, H, D] when not gated), down_proj [E, D, H],
-    optional gate_up_bias [E, 2H|H] and down_bias [E, D]. Initialised like nn.Linear, expert by expert."""
+def _positive_ints(**values):
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
 
-    def __init__(self, dim, hidden_dim, num_experts, *, activation="silu", gated=True, bias=False, device=None,
-                 dtype=None):
+
+def _uniform_(t: Optional[Tensor], fan_in: int) -> None:
+    """nn.Linear's default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases."""
+    if t is not None:
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(t, -bound, bound)
+
+
+def _take(module: nn.Module, **tensors: Optional[Tensor]) -> None:
+    """Sets the given tensors (not None) as the module's parameters, wrapping plain tensors in nn.Parameter."""
+    for name, t in tensors.items():
+        if t is not None:
+            setattr(module, name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
+
+
+def reindexed(t: Tensor, keep: Sequence[int], fresh: Optional[Tensor] = None) -> Tensor:
+    """The rows `keep` of t, then the rows of `fresh` (None: none), as a new tensor (a new Parameter with the same
+    requires_grad when t is one). Resizes any per-expert tensor: weights, router rows, biases, buffers."""
+    rows = t.detach()[torch.as_tensor(list(keep), dtype=torch.long, device=t.device)]
+    if fresh is not None:
+        rows = torch.cat([rows, fresh.detach().to(device=t.device, dtype=t.dtype)])
+    rows = rows.contiguous()
+    return nn.Parameter(rows, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else rows
+
+
+class _ExpertBank(nn.Module):
+    """What both banks share: per-expert parameters stacked along dim 0 (named in PARAMS), resizing."""
+
+    PARAMS: tuple = ()
+
+    def _fresh(self, n: int) -> "_ExpertBank":
+        """n new experts of the same shapes, initialised as the constructor would."""
+        raise NotImplementedError
+
+    def reindex_(self, keep: Sequence[int], add: int = 0) -> "_ExpertBank":
+        """Keeps the experts `keep` (in that order), then appends `add` freshly initialised ones. The parameters
+        are new tensors: an optimizer holding the old ones must be rebuilt."""
+        if len(keep) + add < 1:
+            raise ValueError(f"at least one expert must remain, got keep={list(keep)} and add={add}")
+        fresh = self._fresh(add) if add else None
+        for name in self.PARAMS:
+            old = getattr(self, name)
+            if old is not None:
+                setattr(self, name, reindexed(old, keep, getattr(fresh, name) if fresh is not None else None))
+        self.num_experts = len(keep) + add
+        return self
+
+
+class Experts(_ExpertBank):
+    """E expert MLPs: gate_up_proj [E, 2H, D] (gate rows first; [E, H, D] when not gated), down_proj [E, O, H]
+    (O = out_dim, D by default), optional gate_up_bias [E, 2H|H] and down_bias [E, O]. Initialised like
+    nn.Linear, expert by expert."""
+
+    PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+
+    def __init__(self, dim, hidden_dim, num_experts, *, out_dim=None, activation="silu", gated=True, bias=False,
+                 device=None, dtype=None):
         super().__init__()
         check_activation(activation)
-        for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
+        out_dim = dim if out_dim is None else out_dim
+        _positive_ints(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, out_dim=out_dim)
+        self.dim, self.hidden_dim, self.out_dim, self.num_experts = dim, hidden_dim, out_dim, num_experts
         self.activation, self.gated = activation, gated
         f = dict(device=device, dtype=dtype)
         up = 2 * hidden_dim if gated else hidden_dim
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, up, dim, **f))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **f))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, out_dim, hidden_dim, **f))
         self.gate_up_bias = nn.Parameter(torch.empty(num_experts, up, **f)) if bias else None
-        self.down_bias = nn.Parameter(torch.empty(num_experts, dim, **f)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(num_experts, out_dim, **f)) if bias else None
         self.reset_parameters()
 
+    @classmethod
+    def from_weights(cls, gate_up_proj: Tensor, down_proj: Tensor, gate_up_bias: Optional[Tensor] = None,
+                     down_bias: Optional[Tensor] = None, *, activation="silu", gated=True) -> "Experts":
+        """Experts holding the given tensors (gate_up_proj [E, 2H|H, D], down_proj [E, O, H], biases [E, 2H|H]
+        and [E, O]) as its parameters, without initialising any others."""
+        E, H, D, O = check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
+        if (gate_up_bias is None) != (down_bias is None):
+            raise ValueError("gate_up_bias and down_bias must both be given or both be None, got "
+                             f"{'a tensor' if gate_up_bias is not None else None} and "
+                             f"{'a tensor' if down_bias is not None else None}")
+        m = cls(D, H, E, out_dim=O, activation=activation, gated=gated, bias=gate_up_bias is not None,
+                device="meta", dtype=gate_up_proj.dtype)
+        _take(m, gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias)
+        return m
+
     def reset_parameters(self):
-        for w, b, fan_in in ((self.gate_up_proj, self.gate_up_bias, self.dim), (self.down_proj, self.down_bias, self.hidden_dim)):
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            if b is not None:
-                nn.init.uniform_(b, -bound, bound)
+        for w, b, fan_in in ((self.gate_up_proj, self.gate_up_bias, self.dim),
+                             (self.down_proj, self.down_bias, self.hidden_dim)):
+            _uniform_(w, fan_in)
+            _uniform_(b, fan_in)
+
+    def _fresh(self, n):
+        return Experts(self.dim, self.hidden_dim, n, out_dim=self.out_dim, activation=self.activation,
+                       gated=self.gated, bias=self.gate_up_bias is not None, dtype=self.gate_up_proj.dtype)
 
     def kwargs(self):
         return dict(activation=self.activation, gated=self.gated, gate_up_bias=self.gate_up_bias,
                     down_bias=self.down_bias)
 
+    def mix(self, x: Tensor, gates: Tensor) -> Tensor:
+        """x: [T, D], gates: [T, E] -> [T, O] = sum_e gates[:, e] * expert_e(x) (two dense GEMMs)."""
+        return ops.dense_moe(x, gates, self.gate_up_proj, self.down_proj, **self.kwargs())
+
     def extra_repr(self):
-        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"activation={self.activation!r}, gated={self.gated}, bias={self.gate_up_bias is not None}")
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, out_dim={self.out_dim}, "
+                f"num_experts={self.num_experts}, activation={self.activation!r}, gated={self.gated}, "
+                f"bias={self.gate_up_bias is not None}")
+
+
+class LinearExperts(_ExpertBank):
+    """E affine experts x -> W_e x + b_e: weight [E, O, D], optional bias [E, O]. Initialised like nn.Linear."""
+
+    PARAMS = ("weight", "bias")
+
+    def __init__(self, dim, num_experts, *, out_dim=None, bias=True, device=None, dtype=None):
+        super().__init__()
+        out_dim = dim if out_dim is None else out_dim
+        _positive_ints(dim=dim, num_experts=num_experts, out_dim=out_dim)
+        self.dim, self.out_dim, self.num_experts = dim, out_dim, num_experts
+        f = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_dim, dim, **f))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_dim, **f)) if bias else None
+        self.reset_parameters()
+
+    @classmethod
+    def from_weights(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "LinearExperts":
+        """LinearExperts holding weight [E, O, D] and bias [E, O] (or None) as its parameters."""
+        _checks.tensor("weight", weight, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+        E, O, D = weight.shape
+        if bias is not None:
+            _checks.tensor("bias", bias, shape=(E, O))
+        m = cls(D, E, out_dim=O, bias=bias is not None, device="meta", dtype=weight.dtype)
+        _take(m, weight=weight, bias=bias)
+        return m
+
+    def reset_parameters(self):
+        _uniform_(self.weight, self.dim)
+        _uniform_(self.bias, self.dim)
+
+    def _fresh(self, n):
+        return LinearExperts(self.dim, n, out_dim=self.out_dim, bias=self.bias is not None, dtype=self.weight.dtype)
+
+    def mix(self, x: Tensor, gates: Tensor) -> Tensor:
+        """x: [T, D], gates: [T, E] -> [T, O] = sum_e gates[:, e] * (W_e x + b_e): one GEMM over all experts
+        ([T, D] x [D, E*O]), then each token's [E] x [E, O] combination as one batched matmul."""
+        T, E, O = x.shape[0], self.num_experts, self.out_dim
+        if gates.shape != (T, E):
+            raise ValueError(f"gates must be [T, E] = {(T, E)} for x {tuple(x.shape)}, got {tuple(gates.shape)}")
+        g = gates.to(x.dtype)
+        h = (x @ self.weight.reshape(E * O, self.dim).t()).view(T, E, O)
+        out = torch.bmm(g.unsqueeze(1), h).squeeze(1)
+        return out + g @ self.bias if self.bias is not None else out
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, out_dim={self.out_dim}, num_experts={self.num_experts}, "
+                f"bias={self.bias is not None}")

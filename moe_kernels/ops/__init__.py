@@ -4,8 +4,8 @@ from .dense import dense_moe
 from .expert_mlp import moe_mlp
 from .grouped_gemm import grouped_mm
 from .permutation import Sorted, permute, sort_by_expert, unpermute
-from .routing import Routing, load_balancing_loss, router_z_loss, topk_route
+from .routing import Routing, entropy_loss, load_balancing_loss, router_z_loss, topk_route
 from .soft_moe import soft_combine, soft_dispatch
 
-__all__ = ["Routing", "Sorted", "dense_moe", "grouped_mm", "load_balancing_loss", "moe_mlp", "permute",
-           "router_z_loss", "soft_combine", "soft_dispatch", "sort_by_expert", "topk_route", "unpermute"]
+__all__ = ["Routing", "Sorted", "dense_moe", "entropy_loss", "grouped_mm", "load_balancing_loss", "moe_mlp",
+           "permute", "router_z_loss", "soft_combine", "soft_dispatch", "sort_by_expert", "topk_route", "unpermute"]

@@ -3,7 +3,7 @@ gate, computed as two dense GEMMs over the concatenated experts:
 
     h = x @ W_up_cat^T + b_up     [T, E*2H]      (W_up_cat = gate_up_proj viewed as [E*2H, D])
     z = gates (x) 1_H * glu(h)    [T, E*H]
-    out = z @ W_down_cat^T + gates @ b_down      (W_down_cat = down_proj permuted to [D, E*H])
+    out = z @ W_down_cat^T + gates @ b_down      (W_down_cat = down_proj permuted to [O, E*H])
 
 Spec: moe_kernels.reference.dense (a loop over experts). Every backend runs this form: it is dense matmul.
 """
@@ -21,13 +21,14 @@ from .expert_mlp import check_experts_weights
 def _forward(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, *, keep=False):
     T, D = x.shape
     E, H2, _ = gate_up_proj.shape
+    O = down_proj.shape[1]
     h = x @ gate_up_proj.reshape(E * H2, D).t()
     if gate_up_bias is not None:
         h = h + gate_up_bias.reshape(-1)
     h = h.view(T, E, H2)
     a = glu(h, activation, gated)                                    # [T, E, H]
     z = a * gates.to(x.dtype).unsqueeze(-1)
-    w_down = down_proj.permute(1, 0, 2).reshape(D, -1)               # [D, E*H]
+    w_down = down_proj.permute(1, 0, 2).reshape(O, -1)               # [O, E*H]
     out = z.reshape(T, w_down.shape[1]) @ w_down.t()
     if down_bias is not None:
         out = out + gates.to(x.dtype) @ down_bias
@@ -41,14 +42,15 @@ def _dense_moe_impl(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, 
 def _dense_moe_backward_impl(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated):
     T, D = x.shape
     E, H2, _ = gate_up_proj.shape
+    O = down_proj.shape[1]
     _, h, a = _forward(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, keep=True)
     g = gates.to(x.dtype)
     H = a.shape[-1]
-    w_down = down_proj.permute(1, 0, 2).reshape(D, E * H)
+    w_down = down_proj.permute(1, 0, 2).reshape(O, E * H)
     grad_z = (grad @ w_down).view(T, E, H)                           # [T, E, H]
     grad_gates = (grad_z * a).sum(-1)
     z = a * g.unsqueeze(-1)
-    grad_down = (grad.t() @ z.reshape(T, E * H)).view(D, E, H).permute(1, 0, 2).contiguous()
+    grad_down = (grad.t() @ z.reshape(T, E * H)).view(O, E, H).permute(1, 0, 2).contiguous()
     grad_down_bias = g.t() @ grad if down_bias is not None else x.new_empty(0)
     if down_bias is not None:
         grad_gates = grad_gates + grad @ down_bias.t()
@@ -104,8 +106,9 @@ _backend.register("dense_moe_backward", "reference", _dense_moe_backward_impl)
 
 def dense_moe(x: Tensor, gates: Tensor, gate_up_proj: Tensor, down_proj: Tensor, *, activation: str = "silu",
               gated: bool = True, gate_up_bias: Optional[Tensor] = None, down_bias: Optional[Tensor] = None) -> Tensor:
-    """x: [T, D], gates: [T, E] -> [T, D] = sum_e gates[:, e] * down_e(glu(gate_up_e x))."""
-    E, H, D = check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
+    """x: [T, D], gates: [T, E], gate_up_proj: [E, 2H|H, D], down_proj: [E, O, H] -> [T, O] =
+    sum_e gates[:, e] * down_e(glu(gate_up_e x))."""
+    E, H, D, _ = check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
     _checks.tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("gates", gates, shape=(x.shape[0], E), dtypes=_checks.FLOAT_DTYPES)
     if x.shape[1] != D:

@@ -120,6 +120,12 @@ def load_balancing_loss(routing: Routing) -> Tensor:
     return ref.load_balancing_loss(routing.counts, routing.prob_sum, routing.lse.shape[0])
 
 
+def entropy_loss(routing: Routing) -> Tensor:
+    """sum_e mean_t p_te * log(mean_t p_te + 1e-10): the negative entropy of the mean routing distribution
+    (AdvancedMoELayer's load-balancing loss; -log E when balanced)."""
+    return ref.entropy_loss(routing.prob_sum, routing.lse.shape[0])
+
+
 def router_z_loss(routing: Routing) -> Tensor:
     """mean_t logsumexp(logits_t)^2 (ST-MoE)."""
     return ref.router_z_loss(routing.lse)

@@ -9,7 +9,7 @@ from .activations import glu
 
 def dense_moe(x, gates, gate_up_proj, down_proj, *, activation="silu", gated=True, gate_up_bias=None,
               down_bias=None):
-    """x: [T, D], gates: [T, E], gate_up_proj: [E, 2H|H, D], down_proj: [E, D, H] -> [T, D]."""
+    """x: [T, D], gates: [T, E], gate_up_proj: [E, 2H|H, D], down_proj: [E, O, H] -> [T, O]."""
     out = torch.zeros(x.shape[0], down_proj.shape[1], dtype=x.dtype, device=x.device)
     for e in range(gate_up_proj.shape[0]):
         h = x @ gate_up_proj[e].t()

@@ -13,7 +13,7 @@ from .permutation import permute, permute_backward, sort_by_expert, unpermute, u
 def moe_mlp(x, experts, weights, gate_up_proj, down_proj, *, activation="silu", gated=True, gate_up_bias=None,
             down_bias=None, capacity=None):
     """x: [T, D], experts/weights: [T, k], gate_up_proj: [E, 2H, D] (gate rows first; [E, H, D] when not
-    gated), down_proj: [E, D, H] -> [T, D] in x's dtype. Ids outside [0, E) contribute zero."""
+    gated), down_proj: [E, O, H] -> [T, O] in x's dtype. Ids outside [0, E) contribute zero."""
     T, k = experts.shape
     E = gate_up_proj.shape[0]
     kept = sort_by_expert(experts, E, capacity)[1] >= 0  # [T, k]

@@ -95,6 +95,13 @@ def load_balancing_loss(counts, prob_sum, num_tokens):
     return E * (counts.to(prob_sum.dtype) / T * (prob_sum / T)).sum()
 
 
+def entropy_loss(prob_sum, num_tokens, eps=1e-10):
+    """sum_e mean_p_e * log(mean_p_e + eps), mean_p = prob_sum / T: the negative entropy of the mean routing
+    distribution (AdvancedMoELayer of the MoE guide); lowest, -log E, when every expert gets the same share."""
+    mean_p = prob_sum / max(num_tokens, 1)
+    return (mean_p * torch.log(mean_p + eps)).sum()
+
+
 def router_z_loss(lse):
     """ST-MoE router z-loss mean_t logsumexp(logits_t)^2."""
     return (lse * lse).mean() if lse.numel() else lse.sum()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moe_kernels import DenseMoE
+from moe_kernels.nn import LinearExperts
 
 from ..helpers import assert_earned
 
@@ -26,6 +27,9 @@ ACT = {
 
 def loop_expert(m, e, xt):
     ex = m.experts
+    if isinstance(ex, LinearExperts):  # one affine map per expert
+        y = ex.weight[e] @ xt
+        return y + ex.bias[e] if ex.bias is not None else y
     h = ex.gate_up_proj[e] @ xt
     if ex.gate_up_bias is not None:
         h = h + ex.gate_up_bias[e]
@@ -38,6 +42,8 @@ def loop_expert(m, e, xt):
 
 
 def loop_dense(m, x, gates=None):
+    """x [..., D] -> [..., O]. gates [..., E]: the caller's gates, or the test's own router output (already a
+    distribution when m.score is None); None: the module's router on each token, then its score."""
     shape = x.shape
     xs = x.reshape(-1, m.dim)
     gs = None if gates is None else gates.reshape(-1, m.num_experts)
@@ -45,12 +51,15 @@ def loop_dense(m, x, gates=None):
     for t in range(xs.shape[0]):
         if gs is None:
             z = m.router(xs[t:t + 1])[0]
-            g = torch.exp(z - z.max())
-            g = g / g.sum()
+            if m.score == "softmax":
+                g = torch.exp(z - z.max())
+                g = g / g.sum()
+            else:
+                g = 1 / (1 + torch.exp(-z)) if m.score == "sigmoid" else z
         else:
             g = gs[t]
         outs.append(sum(g[e] * loop_expert(m, e, xs[t]) for e in range(m.num_experts)))
-    return torch.stack(outs).reshape(shape)
+    return torch.stack(outs).reshape(*shape[:-1], m.out_dim)
 
 
 def assert_close(actual, expected, name="output"):
@@ -73,6 +82,14 @@ CASES = [
     pytest.param(dict(activation="gelu", bias=True), (9, 16), id="geglu-bias"),
     pytest.param(dict(activation="gelu_tanh", gated=False), (9, 16), id="gelu-tanh-nongated"),
     pytest.param(dict(activation="identity"), (9, 16), id="bilinear"),
+    # expert outputs of another width (the MoE guide's MoELayer: ReLU MLPs with biases, output_size != input_size)
+    pytest.param(dict(out_dim=5, activation="relu", gated=False, bias=True), (2, 6, 16), id="out_dim-5-relu-bias"),
+    pytest.param(dict(dim=8, out_dim=19, E=3), (7, 8), id="out_dim-19>D"),
+    # linear experts (Shazeer et al. 2017: one Linear(D, O) each), with and without bias
+    pytest.param(dict(hidden=None, out_dim=3, bias=True), (2, 5, 16), id="linear-experts-O3-bias"),
+    pytest.param(dict(hidden=None, E=5), (9, 16), id="linear-experts-nobias"),
+    # sigmoid gates (independent per expert)
+    pytest.param(dict(score="sigmoid", bias=True), (9, 16), id="sigmoid-gates"),
 ]
 
 
@@ -81,7 +98,7 @@ def test_forward_matches_loop(cfg, shape, backend):
     m = make(**cfg)
     x = torch.randn(shape, dtype=F64)
     out = m(x)
-    assert out.shape == x.shape
+    assert out.shape == (*x.shape[:-1], m.out_dim)
     assert_close(out, loop_dense(m, x))
 
 
@@ -127,17 +144,64 @@ def test_custom_router_module(backend):
     pytest.param(dict(), id="silu"),
     pytest.param(dict(activation="relu", gated=False, bias=True), id="relu-nongated-bias"),
     pytest.param(dict(dim=13, hidden=7, E=5, activation="gelu", bias=True), id="odd-geglu-bias"),
+    pytest.param(dict(out_dim=5, activation="relu", gated=False, bias=True), id="out_dim-5"),
+    pytest.param(dict(hidden=None, out_dim=3, bias=True), id="linear-experts"),
+    pytest.param(dict(score="sigmoid"), id="sigmoid-gates"),
 ])
 def test_gradients_match_loop(cfg, backend):
     m = make(**cfg)
     x = torch.randn(2, 6, m.dim, dtype=F64, requires_grad=True)
-    g = torch.randn(2, 6, m.dim, dtype=F64)
+    g = torch.randn(2, 6, m.out_dim, dtype=F64)
     named = list(m.named_parameters())
     wrt = [x] + [p for _, p in named]
     got = torch.autograd.grad((m(x) * g).sum(), wrt)
     want = torch.autograd.grad((loop_dense(m, x) * g).sum(), wrt)
     for name, a, b in zip(["x"] + [n for n, _ in named], got, want):
         assert_close(a, b, name=f"grad {name}")
+
+
+class LSTMGate(nn.Module):
+    """A gating network over sequences, [B, S, D] -> gates [B, S, E] already softmaxed (the LSTMMoE of the
+    seeds' notebook): the router must see x in its own shape, and score=None takes its output as the gates."""
+
+    def __init__(self, dim, hidden, num_experts):
+        super().__init__()
+        self.lstm = nn.LSTM(dim, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, num_experts)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(self.lstm(x)[0]), dim=-1)
+
+
+@pytest.mark.parametrize("hidden", [pytest.param(None, id="linear-experts"), pytest.param(12, id="mlp-experts")])
+def test_sequence_router_gives_the_gates(hidden, backend):
+    gate = LSTMGate(16, 7, 4).to(F64)
+    m = make(hidden=hidden, E=4, out_dim=6, router=gate, score=None, bias=True)
+    x = torch.randn(3, 5, 16, dtype=F64, requires_grad=True)
+    out = m(x)
+    gates = torch.cat([gate(x[b:b + 1]) for b in range(3)])  # sequence by sequence
+    ref = loop_dense(m, x, gates)
+    assert_close(out, ref)
+    g = torch.randn_like(out)
+    named = list(m.named_parameters())
+    wrt = [x] + [p for _, p in named]
+    got = torch.autograd.grad((out * g).sum(), wrt)
+    want = torch.autograd.grad((ref * g).sum(), wrt)
+    for name, a, b in zip(["x"] + [n for n, _ in named], got, want):
+        assert_close(a, b, name=f"grad {name}")
+    assert got[[n for n, _ in named].index("router.lstm.weight_ih_l0") + 1].abs().max() > 0
+
+
+def test_router_output_shape_error():
+    m = make(E=4, router=nn.Linear(16, 5).to(F64))
+    want = r"router \(Linear\) must map x \(2, 3, 16\) to \[\.\.\., E\] = \(2, 3, 4\)"
+    with pytest.raises(ValueError, match=want):
+        m(torch.randn(2, 3, 16, dtype=F64))
+
+
+def test_bad_score():
+    with pytest.raises(ValueError, match="score must be one of"):
+        DenseMoE(16, 12, 4, score="relu")
 
 
 @pytest.mark.parametrize("shape", [(8, 16), (2, 3, 16)], ids=["TD", "BSD"])

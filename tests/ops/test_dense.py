@@ -14,7 +14,8 @@ import torch
 from moe_kernels import reference as ref
 from moe_kernels.ops import dense_moe
 from moe_kernels.reference.activations import ACTIVATIONS
-from tests.helpers import assert_close64, assert_earned_dtype, naive_glu, poison_, torch_glu
+from tests.helpers import (assert_close64, assert_grads_close64, assert_earned_dtype, naive_glu,
+                           poison_, torch_glu)
 
 F64 = torch.float64
 
@@ -55,14 +56,16 @@ def same_dtype_dense_moe(x, gates, gate_up, down, gate_up_bias=None, down_bias=N
 
 
 # --- inputs -----------------------------------------------------------------------------------------
-def make_inputs(T, D, H, E, *, gated=True, with_bias=True, dtype=F64, gates_dtype=None):
-    """Projections scaled by 1/sqrt(fan-in) as in a real layer; gates a softmax over all experts."""
+def make_inputs(T, D, H, E, *, gated=True, with_bias=True, dtype=F64, gates_dtype=None, out_dim=None):
+    """Projections scaled by 1/sqrt(fan-in) as in a real layer; gates a softmax over all experts. out_dim: the
+    output width O of down_proj [E, O, H] (D by default)."""
+    O = D if out_dim is None else out_dim
     x = torch.randn(T, D, dtype=F64)
     gates = torch.randn(T, E, dtype=F64).softmax(-1)
     gate_up = torch.randn(E, 2 * H if gated else H, D, dtype=F64) / math.sqrt(D)
-    down = torch.randn(E, D, H, dtype=F64) / math.sqrt(H)
+    down = torch.randn(E, O, H, dtype=F64) / math.sqrt(H)
     gate_up_bias = torch.randn(E, 2 * H if gated else H, dtype=F64) if with_bias else None
-    down_bias = torch.randn(E, D, dtype=F64) if with_bias else None
+    down_bias = torch.randn(E, O, dtype=F64) if with_bias else None
     cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
     return (cast(x), gates.to(gates_dtype or dtype), cast(gate_up), cast(down), cast(gate_up_bias), cast(down_bias))
 
@@ -110,6 +113,19 @@ def test_forward_every_activation(backend, activation, gated):
     out = call(inputs, **kw)
     assert_close64(out, naive_dense_moe(*inputs, **kw), "vs naive loop")
     assert_close64(out, spec(inputs, **kw), "vs reference")
+
+
+@pytest.mark.parametrize("out_dim", [pytest.param(3, id="O3<D"), pytest.param(11, id="O11>D")])
+def test_output_width_differs_from_input_width(backend, out_dim):
+    # down_proj [E, O, H] with O != D (a layer whose experts change the width): forward and every gradient
+    inputs = make_inputs(13, 7, 5, 4, gated=False, out_dim=out_dim)
+    leaves = [t.requires_grad_() for t in inputs]
+    kw = dict(activation="relu", gated=False)
+    out = call(inputs, **kw)
+    assert out.shape == (13, out_dim)
+    want = naive_dense_moe(*inputs, **kw)
+    assert_close64(out, want, "vs naive loop")
+    assert_grads_close64(out, want, leaves, ("x", "gates", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias"))
 
 
 def test_forward_float32_gates_with_float64_experts(backend):
@@ -259,7 +275,7 @@ def _bad_cases():
         ("gates-E-mismatch", lambda k: k.update(gates=k["gates"][:, :-1]), ValueError, r"^gates must have shape"),
         ("gates-int", lambda k: k.update(gates=k["gates"].long()), TypeError, r"^gates must have dtype"),
         ("down-H-mismatch", lambda k: k.update(down_proj=k["down_proj"][..., :-1]), ValueError,
-         r"gate_up_proj and down_proj must be \[E, 2H, D\] and \[E, D, H\]"),
+         r"gate_up_proj and down_proj must be \[E, 2H, D\] and \[E, O, H\]"),
         ("down-E-mismatch", lambda k: k.update(down_proj=k["down_proj"][:-1]), ValueError, r"gate_up_proj and down_proj"),
         ("gate_up-odd-rows", lambda k: k.update(gate_up_proj=k["gate_up_proj"][:, :-1]), ValueError,
          r"gate_up_proj and down_proj"),

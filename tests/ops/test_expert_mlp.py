@@ -15,7 +15,8 @@ import torch
 from moe_kernels import reference as ref
 from moe_kernels.ops import moe_mlp
 from moe_kernels.reference.activations import ACTIVATIONS
-from tests.helpers import assert_close64, assert_earned_dtype, naive_glu, poison_, rand_experts, torch_glu
+from tests.helpers import (assert_close64, assert_grads_close64, assert_earned_dtype, naive_glu,
+                           poison_, rand_experts, torch_glu)
 
 F64 = torch.float64
 
@@ -111,13 +112,16 @@ def make_routing(T, k, E, layout, id_dtype):
     return experts.to(id_dtype)
 
 
-def make_inputs(T, D, H, E, k, layout, *, gated=True, with_bias=True, dtype=F64, id_dtype=torch.int64):
-    """Projections scaled by 1/sqrt(fan-in) as in a real layer; routing weights positive, like a softmax's."""
+def make_inputs(T, D, H, E, k, layout, *, gated=True, with_bias=True, dtype=F64, id_dtype=torch.int64,
+                out_dim=None):
+    """Projections scaled by 1/sqrt(fan-in) as in a real layer; routing weights positive, like a softmax's.
+    out_dim: the output width O of down_proj [E, O, H] (D by default)."""
+    O = D if out_dim is None else out_dim
     x = torch.randn(T, D, dtype=F64)
     gate_up = torch.randn(E, 2 * H if gated else H, D, dtype=F64) / math.sqrt(D)
-    down = torch.randn(E, D, H, dtype=F64) / math.sqrt(H)
+    down = torch.randn(E, O, H, dtype=F64) / math.sqrt(H)
     gate_up_bias = torch.randn(E, 2 * H if gated else H, dtype=F64) if with_bias else None
-    down_bias = torch.randn(E, D, dtype=F64) if with_bias else None
+    down_bias = torch.randn(E, O, dtype=F64) if with_bias else None
     weights = torch.rand(T, k, dtype=F64) + 0.05
     cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
     experts = make_routing(T, k, E, layout, id_dtype)
@@ -181,6 +185,21 @@ def test_forward_every_activation(backend, activation, gated):
     out = call(inputs, **kw)
     assert_close64(out, naive_moe_mlp(*inputs, **kw), "vs naive loop")
     assert_close64(out, spec(inputs, **kw), "vs reference")
+
+
+@pytest.mark.parametrize("out_dim", [pytest.param(3, id="O3<D"), pytest.param(11, id="O11>D")])
+def test_output_width_differs_from_input_width(backend, out_dim):
+    # down_proj [E, O, H] with O != D, and a capacity that drops pairs: forward and every gradient
+    inputs = make_inputs(21, 7, 5, 4, 2, "random", gated=False, out_dim=out_dim)
+    leaves = [inputs[0], *inputs[2:]]
+    for t in leaves:
+        t.requires_grad_()
+    kw = dict(activation="relu", gated=False, capacity=8)
+    out = call(inputs, **kw)
+    assert out.shape == (21, out_dim)
+    want = naive_moe_mlp(*inputs, **kw)
+    assert_close64(out, want, "vs naive loop")
+    assert_grads_close64(out, want, leaves, ("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias"))
 
 
 def test_sentinels_and_dropped_pairs_contribute_exactly_nothing(backend):
@@ -326,10 +345,11 @@ def _bad_cases():
         ("weights-shape", lambda k: k.update(weights=k["weights"][:, :1]), ValueError, r"^weights must have shape"),
         ("weights-int", lambda k: k.update(weights=k["weights"].long()), TypeError, r"^weights must have dtype"),
         ("down-H-mismatch", lambda k: k.update(down_proj=k["down_proj"][..., :-1]), ValueError,
-         r"gate_up_proj and down_proj must be \[E, 2H, D\] and \[E, D, H\]"),
+         r"gate_up_proj and down_proj must be \[E, 2H, D\] and \[E, O, H\]"),
         ("down-E-mismatch", lambda k: k.update(down_proj=k["down_proj"][:-1]), ValueError, r"gate_up_proj and down_proj"),
-        ("down-D-mismatch", lambda k: k.update(down_proj=k["down_proj"][:, :-1]), ValueError,
-         r"gate_up_proj and down_proj"),
+        # an output width O != D is allowed, but down_bias [E, O] must follow it
+        ("down-O-vs-down_bias", lambda k: k.update(down_proj=k["down_proj"][:, :-1]), ValueError,
+         r"^down_bias must have shape \(3, 5\)"),
         ("gate_up-odd-rows", lambda k: k.update(gate_up_proj=k["gate_up_proj"][:, :-1]), ValueError,
          r"gate_up_proj and down_proj"),
         ("gate_up-rank2", lambda k: k.update(gate_up_proj=k["gate_up_proj"][0]), ValueError,

@@ -246,11 +246,30 @@ def test_router_z_loss(backend):
     assert ops.router_z_loss(r).item() == pytest.approx(expected, rel=RTOL)
 
 
+def test_entropy_loss(backend):
+    # sum_e mean_p_e * log(mean_p_e + 1e-10) over the softmax probabilities (the MoE guide's AdvancedMoELayer),
+    # and its gradient through the logits
+    T, E = 23, 7
+    logits = (rand_logits(T, E) * 2).requires_grad_()
+    loss = ops.entropy_loss(ops.topk_route(logits, 2))
+    rows = logits.detach().softmax(-1).tolist()
+    mean_p = [math.fsum(rows[t][e] for t in range(T)) / T for e in range(E)]
+    expected = math.fsum(p * math.log(p + 1e-10) for p in mean_p)
+    assert loss.dtype == torch.float64 and loss.dim() == 0
+    assert loss.item() == pytest.approx(expected, rel=RTOL)
+    assert -math.log(E) <= loss.item() < 0  # the negative entropy of a distribution over E experts
+    (got,) = torch.autograd.grad(loss, logits)
+    mp = logits.softmax(-1).mean(0)
+    (want,) = torch.autograd.grad((mp * torch.log(mp + 1e-10)).sum(), logits)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
 def test_losses_no_tokens(backend):
-    # T=0: both losses are a finite zero, not 0/0
+    # T=0: every loss is a finite zero, not 0/0
     r = ops.topk_route(torch.randn(0, 8, dtype=torch.float64), 2)
     assert ops.load_balancing_loss(r).item() == 0.0
     assert ops.router_z_loss(r).item() == 0.0
+    assert ops.entropy_loss(r).item() == 0.0
 
 
 # --- gradients ------------------------------------------------------------------------------------

@@ -46,16 +46,17 @@ CASES = [
 ]
 
 
-def _inputs(T, D, H, E, k, gated, bias, make, dtype):
+def _inputs(T, D, H, E, k, gated, bias, make, dtype, out_dim=None):
     up = 2 * H if gated else H
+    O = D if out_dim is None else out_dim  # the output width of down_proj [E, O, H]
     return dict(
         x=torch.randn(T, D, dtype=dtype),
         experts=make(T, k, E),
         weights=torch.rand(T, k, dtype=torch.float32) + 0.1,
         gate_up_proj=torch.randn(E, up, D, dtype=dtype) / D**0.5,
-        down_proj=torch.randn(E, D, H, dtype=dtype) / H**0.5,
+        down_proj=torch.randn(E, O, H, dtype=dtype) / H**0.5,
         gate_up_bias=torch.randn(E, up, dtype=dtype) if bias else None,
-        down_bias=torch.randn(E, D, dtype=dtype) if bias else None,
+        down_bias=torch.randn(E, O, dtype=dtype) if bias else None,
     )
 
 
@@ -94,6 +95,24 @@ def test_forward_and_gradients_match_reference(T, D, H, E, k, activation, gated,
     # the kernels sum in another order than torch (tiled K loops; the routing-weight gradient is dH . H over H
     # where torch's is dOut . Y over D): chained reductions over D and H
     ulp = lambda ref: reordered_sum_atol(ref, dtype, D + H)  # noqa: E731
+    assert_earned_max(out, out64, same, atol=ulp(out64))
+    for name in grads:
+        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=ulp(grads64[name]), name=f"grad {name}")
+
+
+@pytest.mark.parametrize("out_dim", [pytest.param(5, id="O5<D"), pytest.param(24, id="O24>D")])
+def test_output_width_differs_from_input_width(out_dim):
+    # down_proj [E, O, H] with O != D: GEMM2 writes O columns, the backward reads O-wide gradients
+    T, D, H, E, k = 19, 16, 12, 5, 2
+    inputs = _inputs(T, D, H, E, k, False, True, rand_experts, torch.float32, out_dim=out_dim)
+    grad = torch.randn(T, out_dim)
+    kw = dict(activation="relu", gated=False, capacity=7)
+    out, grads = _run("triton", inputs, grad, **kw)
+    assert out.shape == (T, out_dim)
+    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    out64, grads64 = _run("reference", as64, grad.to(F64), **kw)
+    same, grads_same = _run("reference", inputs, grad, **kw)
+    ulp = lambda ref: reordered_sum_atol(ref, torch.float32, D + H + out_dim)  # noqa: E731
     assert_earned_max(out, out64, same, atol=ulp(out64))
     for name in grads:
         assert_earned_max(grads[name], grads64[name], grads_same[name], atol=ulp(grads64[name]), name=f"grad {name}")
