@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .. import triton as _triton
 from ..reference import soft_moe as ref
 from . import _checks
 
@@ -105,6 +106,14 @@ def _ref_combine_backward(grad, x, phi, y, out, lse, mask, slot_mask):
 _soft_combine.register_autograd(_combine_bwd, setup_context=_save_inputs_and_outputs)
 _backend.register("soft_combine", "reference", ref.soft_combine_forward)
 _backend.register("soft_combine_backward", "reference", _ref_combine_backward)
+
+if _triton.AVAILABLE:
+    from ..triton import soft_moe as _tri
+
+    _backend.register("soft_dispatch", "triton", _tri.soft_dispatch)
+    _backend.register("soft_dispatch_backward", "triton", _tri.soft_dispatch_backward)
+    _backend.register("soft_combine", "triton", _tri.soft_combine)
+    _backend.register("soft_combine_backward", "triton", _tri.soft_combine_backward)
 
 
 # --- public functions ---------------------------------------------------------------------------
