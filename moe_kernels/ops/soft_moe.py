@@ -1,83 +1,119 @@
 """Soft-MoE slot ops: moe_kernels::soft_dispatch and moe_kernels::soft_combine (+ backwards).
-Spec: moe_kernels.reference.soft_moe."""
+Spec: moe_kernels.reference.soft_moe.
+
+The forward ops return (out, lse): lse is the logsumexp of each query row's masked logits (dispatch: per slot over
+tokens [B, S]; combine: per token over slots [B, N]; fp32, float64 for float64 inputs). The autograd saves out and
+lse, and the backward ops take them, so a flash-style backend recomputes the softmax weights from lse instead of
+a second reduction over the logits. lse is not differentiable (its gradient is ignored); the public functions
+return out only. Backend contract (moe_kernels._backend): "soft_dispatch" fn(x, phi, mask, slot_mask) -> (out,
+lse); "soft_dispatch_backward" fn(grad, x, phi, out, lse, mask, slot_mask) -> (grad_x, grad_phi); likewise
+"soft_combine" fn(x, phi, y, mask, slot_mask) -> (out, lse) and "soft_combine_backward" fn(grad, x, phi, y, out,
+lse, mask, slot_mask) -> (grad_x, grad_phi, grad_y). A backend may ignore out and lse in its backward.
+"""
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
+from .. import triton as _triton
 from ..reference import soft_moe as ref
 from . import _checks
 
 
+def _lse_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 # --- dispatch -----------------------------------------------------------------------------------
 @torch.library.custom_op("moe_kernels::soft_dispatch", mutates_args=())
-def _soft_dispatch(x: Tensor, phi: Tensor, mask: Optional[Tensor], slot_mask: Optional[Tensor]) -> Tensor:
+def _soft_dispatch(x: Tensor, phi: Tensor, mask: Optional[Tensor],
+                   slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _backend.dispatch("soft_dispatch", x.device.type)(x, phi, mask, slot_mask)
 
 
 @_soft_dispatch.register_fake
 def _(x, phi, mask, slot_mask):
-    return x.new_empty(x.shape[0], phi.shape[-2], x.shape[2])
+    B, S = x.shape[0], phi.shape[-2]
+    return x.new_empty(B, S, x.shape[2]), x.new_empty(B, S, dtype=_lse_dtype(x))
 
 
 @torch.library.custom_op("moe_kernels::soft_dispatch_backward", mutates_args=())
-def _soft_dispatch_backward(grad: Tensor, x: Tensor, phi: Tensor, mask: Optional[Tensor],
+def _soft_dispatch_backward(grad: Tensor, x: Tensor, phi: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                             slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _backend.dispatch("soft_dispatch_backward", x.device.type)(grad, x, phi, mask, slot_mask)
+    return _backend.dispatch("soft_dispatch_backward", x.device.type)(grad, x, phi, out, lse, mask, slot_mask)
 
 
 @_soft_dispatch_backward.register_fake
-def _(grad, x, phi, mask, slot_mask):
+def _(grad, x, phi, out, lse, mask, slot_mask):
     return torch.empty_like(x), torch.empty_like(phi)
 
 
-def _dispatch_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _save_inputs_and_outputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _dispatch_bwd(ctx, grad):
-    x, phi, mask, slot_mask = ctx.saved_tensors
-    grad_x, grad_phi = _soft_dispatch_backward(grad.contiguous(), x, phi, mask, slot_mask)
+def _dispatch_bwd(ctx, grad, grad_lse):
+    x, phi, mask, slot_mask, out, lse = ctx.saved_tensors
+    grad_x, grad_phi = _soft_dispatch_backward(grad.contiguous(), x, phi, out, lse, mask, slot_mask)
     return grad_x, grad_phi, None, None
 
 
-_soft_dispatch.register_autograd(_dispatch_bwd, setup_context=_dispatch_setup)
-_backend.register("soft_dispatch", "reference", ref.soft_dispatch)
-_backend.register("soft_dispatch_backward", "reference", ref.soft_dispatch_backward)
+def _ref_dispatch_backward(grad, x, phi, out, lse, mask, slot_mask):
+    return ref.soft_dispatch_backward(grad, x, phi, mask, slot_mask)
+
+
+_soft_dispatch.register_autograd(_dispatch_bwd, setup_context=_save_inputs_and_outputs)
+_backend.register("soft_dispatch", "reference", ref.soft_dispatch_forward)
+_backend.register("soft_dispatch_backward", "reference", _ref_dispatch_backward)
 
 
 # --- combine ------------------------------------------------------------------------------------
 @torch.library.custom_op("moe_kernels::soft_combine", mutates_args=())
-def _soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor], slot_mask: Optional[Tensor]) -> Tensor:
+def _soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor],
+                  slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _backend.dispatch("soft_combine", x.device.type)(x, phi, y, mask, slot_mask)
 
 
 @_soft_combine.register_fake
 def _(x, phi, y, mask, slot_mask):
-    return y.new_empty(x.shape[0], x.shape[1], y.shape[2])
+    B, N = x.shape[:2]
+    return y.new_empty(B, N, y.shape[2]), x.new_empty(B, N, dtype=_lse_dtype(x))
 
 
 @torch.library.custom_op("moe_kernels::soft_combine_backward", mutates_args=())
-def _soft_combine_backward(grad: Tensor, x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor],
-                           slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return _backend.dispatch("soft_combine_backward", x.device.type)(grad, x, phi, y, mask, slot_mask)
+def _soft_combine_backward(grad: Tensor, x: Tensor, phi: Tensor, y: Tensor, out: Tensor, lse: Tensor,
+                           mask: Optional[Tensor], slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _backend.dispatch("soft_combine_backward", x.device.type)(grad, x, phi, y, out, lse, mask, slot_mask)
 
 
 @_soft_combine_backward.register_fake
-def _(grad, x, phi, y, mask, slot_mask):
+def _(grad, x, phi, y, out, lse, mask, slot_mask):
     return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(y)
 
 
-def _combine_bwd(ctx, grad):
-    x, phi, y, mask, slot_mask = ctx.saved_tensors
-    grad_x, grad_phi, grad_y = _soft_combine_backward(grad.contiguous(), x, phi, y, mask, slot_mask)
+def _combine_bwd(ctx, grad, grad_lse):
+    x, phi, y, mask, slot_mask, out, lse = ctx.saved_tensors
+    grad_x, grad_phi, grad_y = _soft_combine_backward(grad.contiguous(), x, phi, y, out, lse, mask, slot_mask)
     return grad_x, grad_phi, grad_y, None, None
 
 
-_soft_combine.register_autograd(_combine_bwd, setup_context=_dispatch_setup)
-_backend.register("soft_combine", "reference", ref.soft_combine)
-_backend.register("soft_combine_backward", "reference", ref.soft_combine_backward)
+def _ref_combine_backward(grad, x, phi, y, out, lse, mask, slot_mask):
+    return ref.soft_combine_backward(grad, x, phi, y, mask, slot_mask)
+
+
+_soft_combine.register_autograd(_combine_bwd, setup_context=_save_inputs_and_outputs)
+_backend.register("soft_combine", "reference", ref.soft_combine_forward)
+_backend.register("soft_combine_backward", "reference", _ref_combine_backward)
+
+if _triton.AVAILABLE:
+    from ..triton import soft_moe as _tri
+
+    _backend.register("soft_dispatch", "triton", _tri.soft_dispatch)
+    _backend.register("soft_dispatch_backward", "triton", _tri.soft_dispatch_backward)
+    _backend.register("soft_combine", "triton", _tri.soft_combine)
+    _backend.register("soft_combine_backward", "triton", _tri.soft_combine_backward)
 
 
 # --- public functions ---------------------------------------------------------------------------
@@ -100,7 +136,7 @@ def soft_dispatch(x: Tensor, phi: Tensor, mask: Optional[Tensor] = None, slot_ma
     slot_mask: [B, S] bool (True = slot) -> slots [B, S, D]: slot s is the softmax-over-tokens weighted mean of x
     under logits x . phi_s."""
     _check(x, phi, mask, slot_mask)
-    return _soft_dispatch(x, phi, mask, slot_mask)
+    return _soft_dispatch(x, phi, mask, slot_mask)[0]
 
 
 def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = None,
@@ -110,4 +146,4 @@ def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = Non
     _check(x, phi, mask, slot_mask)
     _checks.tensor("y", y, ndim=3, shape=(x.shape[0], phi.shape[-2], None), dtypes=_checks.FLOAT_DTYPES)
     _checks.same_dtype(x=x, y=y)
-    return _soft_combine(x, phi, y, mask, slot_mask)
+    return _soft_combine(x, phi, y, mask, slot_mask)[0]

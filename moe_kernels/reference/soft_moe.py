@@ -40,6 +40,24 @@ def soft_combine(x, phi, y, mask=None, slot_mask=None):
     return torch.matmul(p, y)
 
 
+def _lse(logits, dim):
+    """logsumexp in at least fp32 (float64 stays float64)."""
+    return (logits if logits.dtype == torch.float64 else logits.float()).logsumexp(dim)
+
+
+def soft_dispatch_forward(x, phi, mask=None, slot_mask=None):
+    """-> (slots [B, S, D], lse [B, S]): soft_dispatch and the logsumexp over tokens of each slot's logits (fp32,
+    float64 for float64), the statistic a flash-style backward recomputes the weights from."""
+    logits = _logits(x, phi, mask, slot_mask)
+    return torch.matmul(logits.softmax(dim=1).transpose(1, 2), x), _lse(logits, 1)
+
+
+def soft_combine_forward(x, phi, y, mask=None, slot_mask=None):
+    """-> (out [B, N, D], lse [B, N]): soft_combine and the logsumexp over slots of each token's logits."""
+    logits = _logits(x, phi, mask, slot_mask)
+    return torch.matmul(logits.softmax(dim=2), y), _lse(logits, 2)
+
+
 def _reduce_phi(g, phi):
     return g.sum(0) if phi.dim() == 2 else g
 

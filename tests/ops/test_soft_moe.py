@@ -264,7 +264,9 @@ def test_opcheck_dispatch(backend, dtype, phi_kind, mask_kind):
     grad = torch.randn(2, 3, 5, dtype=dtype)
     # the backward op has no autograd of its own (no double backward): its inputs do not require grad
     smask = make_slot_mask(2, 3) if mask_kind == "mask" else None
-    torch.library.opcheck(torch.ops.moe_kernels.soft_dispatch_backward, (grad, x, phi, mask, smask))
+    out, lse = torch.ops.moe_kernels.soft_dispatch(x, phi, mask, smask)  # the backward takes the saved out, lse
+    assert lse.shape == (2, 3) and lse.dtype == (F64 if dtype == F64 else torch.float32)
+    torch.library.opcheck(torch.ops.moe_kernels.soft_dispatch_backward, (grad, x, phi, out, lse, mask, smask))
     torch.library.opcheck(torch.ops.moe_kernels.soft_dispatch, (x.requires_grad_(), phi.requires_grad_(), mask, smask))
 
 
@@ -274,7 +276,9 @@ def test_opcheck_combine(backend, dtype, phi_kind, mask_kind):
     x, phi, y, mask = make_inputs(2, 6, 5, 3, phi_kind, mask_kind, dtype=dtype)
     grad = torch.randn(2, 6, 5, dtype=dtype)
     smask = make_slot_mask(2, 3) if mask_kind == "mask" else None
-    torch.library.opcheck(torch.ops.moe_kernels.soft_combine_backward, (grad, x, phi, y, mask, smask))
+    out, lse = torch.ops.moe_kernels.soft_combine(x, phi, y, mask, smask)
+    assert lse.shape == (2, 6) and lse.dtype == (F64 if dtype == F64 else torch.float32)
+    torch.library.opcheck(torch.ops.moe_kernels.soft_combine_backward, (grad, x, phi, y, out, lse, mask, smask))
     torch.library.opcheck(torch.ops.moe_kernels.soft_combine,
                           (x.requires_grad_(), phi.requires_grad_(), y.requires_grad_(), mask, smask))
 
