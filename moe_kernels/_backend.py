@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import os
 import threading
+from typing import Optional
 
 BACKENDS = ("auto", "reference", "native", "triton")
 
@@ -75,6 +76,28 @@ def use_backend(name: str):
         yield
     finally:
         _local.backend = prev
+
+
+def current() -> Optional[str]:
+    """The backend this thread's `use_backend` block chose, or None (then MOE_KERNELS_BACKEND / auto)."""
+    return getattr(_local, "backend", None)
+
+
+def register_autograd(op, backward, setup_context):
+    """op.register_autograd(backward, setup_context=...), with the backward run under the forward's `use_backend`
+    choice: autograd runs the backward of CUDA tensors on its own worker thread, which a thread-local choice
+    would not reach (and so does the recomputation of torch.utils.checkpoint)."""
+    def setup(ctx, inputs, output):
+        ctx.moe_kernels_backend = current()
+        setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        name = ctx.moe_kernels_backend
+        if name is None or name == current():
+            return backward(ctx, *grads)
+        with use_backend(name):
+            return backward(ctx, *grads)
+    op.register_autograd(run_backward, setup_context=setup)
 
 
 def backends() -> dict:

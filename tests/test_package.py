@@ -232,3 +232,31 @@ def test_hidden_native_ops_run_on_reference(hidden_native, no_env_backend):
     assert torch.equal(out, there["out"])
     for a, b in zip(grads, there["grads"]):
         assert torch.equal(a, b)
+
+
+def test_backward_runs_on_the_backend_of_its_forward(no_env_backend):
+    # autograd may run a backward on another thread (it does for CUDA tensors): the forward's use_backend
+    # choice travels with the graph. Here the backward is called from another thread explicitly.
+    import threading
+
+    seen = []
+    real = _backend.dispatch
+
+    def spy(op, device_type):
+        seen.append((op, _backend.resolve(op, device_type)))
+        return real(op, device_type)
+
+    pytest.importorskip("triton")
+    x = torch.randn(6, 4, requires_grad=True)
+    with moe_kernels.use_backend("triton"):  # not what auto picks for CPU tensors
+        _backend.dispatch = spy
+        try:
+            y = moe_kernels.ops.grouped_mm(x, torch.randn(2, 3, 4), torch.tensor([0, 2, 6], dtype=torch.int32))
+            t = threading.Thread(target=lambda: y.sum().backward())
+            with moe_kernels.use_backend("auto"):
+                t.start()
+                t.join()
+        finally:
+            _backend.dispatch = real
+    assert x.grad is not None
+    assert ("grouped_mm_backward", "triton") in seen, seen

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import ops
+from .. import _backend, ops
 from ..ops import _checks
 from ..ops.routing import check_routing
 from .dense import router_output
@@ -146,12 +146,20 @@ class SparseMoE(nn.Module):
         weights = r.weights if self.scale_by_gate else torch.ones_like(r.weights)
         capacity = self.capacity(flat.shape[0])
         if self.checkpoint_experts and self.training and torch.is_grad_enabled():
-            out = checkpoint(self._experts_forward, flat, r.experts, weights, capacity, use_reentrant=False)
+            # the recomputation runs in autograd's thread: under the backend this forward chose
+            out = checkpoint(self._experts_under, _backend.current(), flat, r.experts, weights, capacity,
+                             use_reentrant=False)
         else:
             out = self._experts_forward(flat, r.experts, weights, capacity)
         self._record_stats(r, capacity)
         self.aux_loss = self._aux_loss(r) if self.training else None
         return out.view(*lead, self.out_dim)
+
+    def _experts_under(self, backend, *args):
+        if backend is None or backend == _backend.current():
+            return self._experts_forward(*args)
+        with _backend.use_backend(backend):
+            return self._experts_forward(*args)
 
     def _aux_loss(self, r: ops.Routing) -> Optional[torch.Tensor]:
         terms = []

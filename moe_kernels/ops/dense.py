@@ -99,7 +99,7 @@ def _backward(ctx, grad):
     return gx, gg, gu, gd, gub if up_b is not None else None, gdb if down_b is not None else None, None, None
 
 
-_dense_moe.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_autograd(_dense_moe, _backward, _setup_context)
 _backend.register("dense_moe", "reference", _dense_moe_impl)
 _backend.register("dense_moe_backward", "reference", _dense_moe_backward_impl)
 

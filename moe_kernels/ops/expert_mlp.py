@@ -74,7 +74,7 @@ def _fused_backward(ctx, grad, *_):
             None, None, None, None)
 
 
-_moe_mlp_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+_backend.register_autograd(_moe_mlp_fused, _fused_backward, _fused_setup)
 _backend.register("moe_mlp_fused", "reference", ref.moe_mlp_fused)
 _backend.register("moe_mlp_fused_backward", "reference", ref.moe_mlp_fused_backward)
 if _triton.AVAILABLE:

@@ -46,7 +46,7 @@ def _backward(ctx, grad):
     return grad_a, grad_w, None, grad_b if bias is not None else None, None, None
 
 
-_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_autograd(_grouped_mm, _backward, _setup_context)
 _backend.register("grouped_mm", "reference", ref.grouped_mm)
 _backend.register("grouped_mm_backward", "reference", ref.grouped_mm_backward)
 if _triton.AVAILABLE:

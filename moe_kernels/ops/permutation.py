@@ -63,7 +63,7 @@ def _permute_bwd(ctx, grad):
     return _permute_backward(grad.contiguous(), inverse), None, None
 
 
-_permute.register_autograd(_permute_bwd, setup_context=_permute_setup)
+_backend.register_autograd(_permute, _permute_bwd, _permute_setup)
 _backend.register("permute", "reference", ref.permute)
 _backend.register("permute_backward", "reference", ref.permute_backward)
 
@@ -100,7 +100,7 @@ def _unpermute_bwd(ctx, grad):
     return grad_y, None, grad_w if weights is not None else None
 
 
-_unpermute.register_autograd(_unpermute_bwd, setup_context=_unpermute_setup)
+_backend.register_autograd(_unpermute, _unpermute_bwd, _unpermute_setup)
 _backend.register("unpermute", "reference", ref.unpermute)
 _backend.register("unpermute_backward", "reference", ref.unpermute_backward)
 

@@ -64,7 +64,7 @@ def _backward(ctx, grad_weights, grad_experts, grad_counts, grad_prob_sum, grad_
     return grad, None, None, None, None, None, None, None
 
 
-_topk_route.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_autograd(_topk_route, _backward, _setup_context)
 
 
 # --- public functions ---------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def _ref_dispatch_backward(grad, x, phi, out, lse, mask, slot_mask):
     return ref.soft_dispatch_backward(grad, x, phi, mask, slot_mask)
 
 
-_soft_dispatch.register_autograd(_dispatch_bwd, setup_context=_save_inputs_and_outputs)
+_backend.register_autograd(_soft_dispatch, _dispatch_bwd, _save_inputs_and_outputs)
 _backend.register("soft_dispatch", "reference", ref.soft_dispatch_forward)
 _backend.register("soft_dispatch_backward", "reference", _ref_dispatch_backward)
 
@@ -103,7 +103,7 @@ def _ref_combine_backward(grad, x, phi, y, out, lse, mask, slot_mask):
     return ref.soft_combine_backward(grad, x, phi, y, mask, slot_mask)
 
 
-_soft_combine.register_autograd(_combine_bwd, setup_context=_save_inputs_and_outputs)
+_backend.register_autograd(_soft_combine, _combine_bwd, _save_inputs_and_outputs)
 _backend.register("soft_combine", "reference", ref.soft_combine_forward)
 _backend.register("soft_combine_backward", "reference", _ref_combine_backward)
 
