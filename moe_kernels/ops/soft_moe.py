@@ -111,3 +111,18 @@ def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = Non
     _checks.tensor("y", y, ndim=3, shape=(x.shape[0], phi.shape[-2], None), dtypes=_checks.FLOAT_DTYPES)
     _checks.same_dtype(x=x, y=y)
     return _soft_combine(x, phi, y, mask, slot_mask)
+
+
+# --- native backend (csrc/soft_moe.cpp) ---------------------------------------------------------
+# The C++ ops make the [B, N, S] logits at most NATIVE_CHUNK elements at a time (a problem that fits is one chunk).
+NATIVE_CHUNK = 1 << 20
+
+
+def _native(name):
+    def run(*args):
+        return getattr(torch.ops.moe_kernels_C, name)(*args, NATIVE_CHUNK)
+    return run
+
+
+for _name in ("soft_dispatch", "soft_dispatch_backward", "soft_combine", "soft_combine_backward"):
+    _backend.register(_name, "native", _native(_name))
