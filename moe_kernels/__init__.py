@@ -2,7 +2,8 @@
 from . import ops, reference
 from ._backend import backends, use_backend
 from . import nn
-from .nn import DenseMoE, SoftMoE, SparseMoE
+from .nn import DenseMoE, DynamicSlotsSoftMoE, SoftMoE, SparseMoE
 
 __version__ = "0.1.0"
-__all__ = ["DenseMoE", "SoftMoE", "SparseMoE", "backends", "nn", "ops", "reference", "use_backend"]
+__all__ = ["DenseMoE", "DynamicSlotsSoftMoE", "SoftMoE", "SparseMoE", "backends", "nn", "ops", "reference",
+           "use_backend"]
