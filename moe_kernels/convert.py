@@ -39,7 +39,7 @@ _CONVERTERS: list = []
 # library (its import name) -> the integration module that registers its recognisers when imported
 INTEGRATIONS = {
     "transformers": "moe_kernels.integrations.transformers",
-    "soft_moe_pytorch": "moe_kernels.integrations.soft_moe",
+    "soft_moe_pytorch": "moe_kernels.integrations.soft_moe_pytorch",
 }
 
 

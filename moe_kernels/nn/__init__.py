@@ -2,7 +2,8 @@
 from .dense import DenseMoE
 from .experts import Experts, LinearExperts
 from .hybrid import HybridMoE
-from .soft import RMSNorm, SoftMoE
+from .soft import DynamicSlotsSoftMoE, RMSNorm, SoftMoE
 from .sparse import SparseMoE
 
-__all__ = ["DenseMoE", "Experts", "HybridMoE", "LinearExperts", "RMSNorm", "SoftMoE", "SparseMoE"]
+__all__ = ["DenseMoE", "DynamicSlotsSoftMoE", "Experts", "HybridMoE", "LinearExperts", "RMSNorm", "SoftMoE",
+           "SparseMoE"]

@@ -147,3 +147,29 @@ def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = Non
     _checks.tensor("y", y, ndim=3, shape=(x.shape[0], phi.shape[-2], None), dtypes=_checks.FLOAT_DTYPES)
     _checks.same_dtype(x=x, y=y)
     return _soft_combine(x, phi, y, mask, slot_mask)[0]
+
+
+# --- native backend (csrc/soft_moe.cpp) ---------------------------------------------------------
+# The C++ ops make the [B, N, S] logits at most NATIVE_CHUNK elements at a time (a problem that fits is one chunk).
+# Their forwards return (out, lse); their backwards recompute the softmax chunk by chunk (out and lse unused).
+NATIVE_CHUNK = 1 << 20
+
+
+def _native_forward(name):
+    def run(*args):
+        return getattr(torch.ops.moe_kernels_C, name)(*args, NATIVE_CHUNK)
+    return run
+
+
+def _native_dispatch_backward(grad, x, phi, out, lse, mask, slot_mask):
+    return torch.ops.moe_kernels_C.soft_dispatch_backward(grad, x, phi, mask, slot_mask, NATIVE_CHUNK)
+
+
+def _native_combine_backward(grad, x, phi, y, out, lse, mask, slot_mask):
+    return torch.ops.moe_kernels_C.soft_combine_backward(grad, x, phi, y, mask, slot_mask, NATIVE_CHUNK)
+
+
+_backend.register("soft_dispatch", "native", _native_forward("soft_dispatch"))
+_backend.register("soft_combine", "native", _native_forward("soft_combine"))
+_backend.register("soft_dispatch_backward", "native", _native_dispatch_backward)
+_backend.register("soft_combine_backward", "native", _native_combine_backward)

@@ -1,10 +1,10 @@
-"""torch.compile(module, fullgraph=True) of SparseMoE, DenseMoE and SoftMoE: one graph (fullgraph raises on any
+"""torch.compile(module, fullgraph=True) of SparseMoE, DenseMoE, SoftMoE and DynamicSlotsSoftMoE: one graph (fullgraph raises on any
 graph break), forward and backward equal eager. float64 inputs: the compiled and eager runs differ only by the
 summation order inductor may pick around the custom ops (~1e-16 relative), so 1e-12 catches any real error."""
 import pytest
 import torch
 
-from moe_kernels import DenseMoE, SoftMoE, SparseMoE
+from moe_kernels import DenseMoE, DynamicSlotsSoftMoE, SoftMoE, SparseMoE
 
 from ..conftest import cpu_backends
 
@@ -18,6 +18,8 @@ MODULES = {
                   capacity_factor=1.0, z_loss_coef=1e-3), (13, 16)),
     "dense": lambda: (DenseMoE(16, 12, 5), (3, 7, 16)),
     "soft": lambda: (SoftMoE(16, num_experts=4, num_slots=3, expert_mult=2), (2, 9, 16)),
+    # 9 tokens padded to 12: the padding mask and the slot mask are made inside the graph
+    "dynamic-slots": lambda: (DynamicSlotsSoftMoE(16, num_experts=4, expert_mult=2, geglu=True), (2, 9, 16)),
 }
 
 

@@ -5,15 +5,19 @@ Oracles: explicit per-slot (dispatch) and per-token (combine) softmax loops writ
 moe_kernels.reference.soft_* (the spec). Masked tokens get the logit -finfo(dtype).max: they take no part in
 dispatch unless their whole row is masked (then every token weighs the same), and in combine they average
 all slots. Lower precision passes on the earned tolerance against an einsum formulation in the same dtype.
-Also: gradcheck, opcheck, determinism, strides, bad input.
+Also: gradcheck, opcheck, determinism, strides, bad input; the native backend's chunking (small chunk settings
+through every way of cutting a problem, and its peak memory on a long sequence).
 """
 import math
 
 import pytest
 import torch
 
+import moe_kernels
+from moe_kernels import _backend
 from moe_kernels import reference as ref
 from moe_kernels.ops import soft_combine, soft_dispatch
+from moe_kernels.ops import soft_moe as soft_moe_ops
 from tests.helpers import assert_close64, assert_earned_dtype, poison_
 
 F64 = torch.float64
@@ -75,11 +79,13 @@ def naive_soft_combine(x, phi, y, mask=None, slot_mask=None):
     return out
 
 
-def same_dtype_logits(x, phi, mask):
+def same_dtype_logits(x, phi, mask, slot_mask=None):
     phi_b = phi.expand(x.shape[0], *phi.shape[-2:])
     logits = torch.einsum("bnd,bsd->bns", x, phi_b)
     if mask is not None:
         logits = logits.masked_fill(~mask[..., None], -torch.finfo(x.dtype).max)
+    if slot_mask is not None:
+        logits = logits.masked_fill(~slot_mask[:, None, :], -torch.finfo(x.dtype).max)
     return logits
 
 
@@ -320,6 +326,138 @@ def test_non_contiguous_inputs(backend, phi_kind):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"result {i}: {m}")
 
 
+# --- the native backend's chunks ----------------------------------------------------------------------
+# csrc/soft_moe.cpp makes the logits at most ops.soft_moe.NATIVE_CHUNK at a time: Bb batch rows by C tokens by all S
+# slots. Lowering the setting forces a small problem through each way of cutting it; B, N, S = 3, 11, 5.
+CHUNKS = [
+    pytest.param(1, id="C1"),                # one token at a time (fewer logits than one token's slots)
+    pytest.param(4 * 5, id="C4"),            # 4 tokens of one row: 4, 4, 3 (a ragged last chunk)
+    pytest.param(10 * 5, id="C10"),          # 10 tokens, then 1
+    pytest.param(2 * 11 * 5, id="Bb2"),      # whole rows, two at a time: 2 rows, then 1
+    pytest.param(3 * 11 * 5, id="one-chunk"),
+]
+
+
+@pytest.fixture
+def native_chunk(monkeypatch):
+    """Runs the ops on the native backend with the chunk setting given to the returned function."""
+    if not _backend.NATIVE:
+        pytest.skip(f"moe_kernels._C is not built ({_backend._native_error})")
+    with moe_kernels.use_backend("native"):
+        yield lambda chunk: monkeypatch.setattr(soft_moe_ops, "NATIVE_CHUNK", chunk)
+
+
+def chunk_edge_mask(B, N):
+    """Row 0 fully masked; row 1 real only after its first 6 tokens (the running maximum starts on masked
+    chunks); row 2 real only in its first 4 tokens (masked chunks come after real ones); rows past 2 random."""
+    mask = torch.rand(B, N) > 0.3
+    mask[0] = False
+    mask[1, :6] = False
+    mask[1, 6] = True
+    mask[2, 4:] = False
+    mask[2, 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("slot_masked", [False, True], ids=["no-slot-mask", "slot-mask"])
+@pytest.mark.parametrize("phi_kind", PHI)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_native_chunks_match_naive(native_chunk, chunk, phi_kind, slot_masked):
+    B, N, D, S = 3, 11, 6, 5
+    native_chunk(chunk)
+    x, phi, y, _ = make_inputs(B, N, D, S, phi_kind, "nomask")
+    mask = chunk_edge_mask(B, N)
+    smask = make_slot_mask(B, S) if slot_masked else None
+    leaves = [t.requires_grad_() for t in (x, phi, y)]
+    g_slots, g_out = torch.randn(B, S, D, dtype=F64), torch.randn(B, N, D, dtype=F64)
+    slots = soft_dispatch(x, phi, mask, smask)
+    out = soft_combine(x, phi, y, mask, smask)
+    assert_close64(slots, naive_soft_dispatch(x, phi, mask, smask), "dispatch vs naive loop")
+    assert_close64(out, naive_soft_combine(x, phi, y, mask, smask), "combine vs naive loop")
+    if not slot_masked:  # the fully masked row 0: every token weighs the same in every slot
+        assert_close64(slots[0], x[0].mean(0).expand(S, D), "fully masked row")
+    for name, fast, naive, grad, wrt in (
+            ("dispatch", slots, naive_soft_dispatch(x, phi, mask, smask), g_slots, leaves[:2]),
+            ("combine", out, naive_soft_combine(x, phi, y, mask, smask), g_out, leaves)):
+        got = torch.autograd.grad(fast, wrt, grad)
+        want = torch.autograd.grad(naive, wrt, grad)
+        for arg, a, b in zip(("x", "phi", "y"), got, want):
+            assert_close64(a, b, f"{name} grad of {arg} vs naive autograd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [pytest.param(16 * 7, id="C7"), pytest.param(16 * 67, id="one-row")])
+def test_native_chunks_low_precision_earned(native_chunk, chunk, dtype):
+    # the running maximum and sums of dispatch's online softmax stay in float32 across chunks
+    native_chunk(chunk)
+    x, phi, y, mask = make_inputs(4, 67, 31, 16, "phi2d", "fullrow", dtype=dtype)
+    out = soft_dispatch(x, phi, mask)
+    assert_earned_dtype(out, naive_soft_dispatch(x, phi, mask), same_dtype_soft_dispatch(x, phi, mask))
+    out = soft_combine(x, phi, y, mask)
+    assert_earned_dtype(out, naive_soft_combine(x, phi, y, mask), same_dtype_soft_combine(x, phi, y, mask))
+
+
+@pytest.mark.parametrize("B, N, S", [pytest.param(2, 0, 3, id="no-tokens"), pytest.param(2, 4, 0, id="no-slots"),
+                                     pytest.param(0, 4, 3, id="no-rows")])
+def test_empty_sizes(backend, B, N, S):
+    # softmaxes over nothing: every output and gradient is an empty sum (zero), as the reference gives
+    x = torch.randn(B, N, 5, dtype=F64, requires_grad=True)
+    phi = torch.randn(S, 5, dtype=F64, requires_grad=True)
+    y = torch.randn(B, S, 5, dtype=F64, requires_grad=True)
+    slots, out = soft_dispatch(x, phi), soft_combine(x, phi, y)
+    assert slots.shape == (B, S, 5) and out.shape == (B, N, 5)
+    grads = torch.autograd.grad(slots.sum() + out.sum(), (x, phi, y), allow_unused=True)
+    for t in (slots, out, *grads):
+        assert torch.count_nonzero(t) == 0
+
+
+def peak_bytes(fn):
+    """The most bytes that fn held allocated at once while it ran: the CPU allocator's events, in time order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def soft_forward_backward(N, S, D=64):
+    """Dispatch and combine, forward and backward, on fp32 inputs made outside the measured call."""
+    x = torch.randn(1, N, D, requires_grad=True)
+    phi = (torch.randn(S, D) / math.sqrt(D)).requires_grad_()
+    y = torch.randn(1, S, D, requires_grad=True)
+    mask = make_mask(1, N, "mask")
+    g_slots, g_out = torch.randn(1, S, D), torch.randn(1, N, D)
+
+    def run():
+        slots, out = soft_dispatch(x, phi, mask), soft_combine(x, phi, y, mask)
+        torch.autograd.grad((slots * g_slots).sum() + (out * g_out).sum(), (x, phi, y))
+
+    return run
+
+
+@pytest.mark.slow
+def test_native_memory_is_not_quadratic():
+    if not _backend.NATIVE:
+        pytest.skip(f"moe_kernels._C is not built ({_backend._native_error})")
+    # the measure sees logits when they are made: the reference holds several [N, S] at N = S = 1024
+    with moe_kernels.use_backend("reference"):
+        assert peak_bytes(soft_forward_backward(1024, 1024)) > 2 * 1024 * 1024 * 4
+    # B = 1, N = S = 8192, D = 64: one [N, S] fp32 tensor is 256 MiB; the native path holds chunks of it, one set
+    # per thread at work (2 here: 42 MiB seen in all)
+    N = S = 8192
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with moe_kernels.use_backend("native"):
+            peak = peak_bytes(soft_forward_backward(N, S))
+    finally:
+        torch.set_num_threads(threads)
+    assert peak < N * S * 4 / 4, f"native soft dispatch+combine forward+backward peaked at {peak / 2**20:.1f} MiB"
+
+
 # --- bad input --------------------------------------------------------------------------------------
 def _bad_cases():
     """(id, change to the good keyword arguments, exception, message pattern naming the argument, which ops)."""
@@ -362,3 +500,17 @@ def test_bad_input_raises_naming_the_argument(backend, op, change, exc, match):
     change(kwargs)
     with pytest.raises(exc, match=match):
         fn(**kwargs)
+
+
+@pytest.mark.parametrize("phi_kind", PHI)
+def test_forward_ops_logsumexp_matches_the_reference(backend, phi_kind):
+    # the forward ops' second output: each query row's logsumexp of its masked logits (what a flash-style
+    # backward recomputes the softmax from), whatever backend computed it; fully masked token row and slot row
+    B, N, D, S = 3, 11, 7, 5
+    x, phi, y, mask = make_inputs(B, N, D, S, phi_kind, "fullrow")
+    smask = make_slot_mask(B, S)
+    _, lse_d = torch.ops.moe_kernels.soft_dispatch(x, phi, mask, smask)
+    _, lse_c = torch.ops.moe_kernels.soft_combine(x, phi, y, mask, smask)
+    logits = same_dtype_logits(x, phi, mask, smask)                     # [B, N, S], float64
+    torch.testing.assert_close(lse_d, torch.logsumexp(logits, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse_c, torch.logsumexp(logits, 2), rtol=1e-12, atol=1e-12)
