@@ -4,6 +4,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 F64 = torch.float64
 
@@ -35,6 +36,18 @@ def assert_earned_max(fast, ref64, same_dtype, atol=1e-6, name="output"):
     err = (fast.double() - ref64).abs()[ok].max()
     bound = 2 * (same_dtype.double() - ref64).abs()[ok].max() + atol
     assert err <= bound, f"{name}: max error {err.item():.3g} exceeds the earned {bound.item():.3g}"
+
+
+class float64_everywhere(TorchFunctionMode):
+    """Within it, a float32 that code asks torch for becomes float64 (dtype arguments, `.float()`): a model
+    converted with `.double()` is then a float64 oracle all the way through, where library code would upcast to
+    float32 (transformers' RMSNorm, attention and router softmax) and so round the reference to fp32."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float:
+            return args[0].double()
+        up = lambda a: F64 if a is torch.float32 else a  # noqa: E731
+        return func(*map(up, args), **{k: up(v) for k, v in (kwargs or {}).items()})
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

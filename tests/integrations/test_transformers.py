@@ -28,7 +28,7 @@ import moe_kernels  # noqa: E402
 from moe_kernels.integrations.transformers import (NAME, SparseMoEBlock, check_experts, convert_block,  # noqa: E402
                                                    convert_transformers, experts_activation, experts_forward, register)
 
-from ..helpers import assert_close64, assert_earned_dtype, assert_earned_max, naive_act, rand_experts  # noqa: E402
+from ..helpers import assert_close64, assert_earned_dtype, float64_everywhere, naive_act, rand_experts  # noqa: E402
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[2]
@@ -94,20 +94,35 @@ def count_moe_mlp_calls(monkeypatch):
 
 
 def assert_model_results_earned(fused, eager, ids, cotangent):
-    """Logits and every parameter gradient of the fp32 `fused` model within twice the error of the fp32 `eager`
-    model, both measured against the eager model run in float64 (tensor-wide maxima, tests/helpers), plus
-    1e-6 of the tensor's largest element. The float64 model keeps transformers' fp32 casts (RMSNorm, router
-    softmax), so its error is fp32-sized there, which both fp32 models share."""
+    """Logits and every parameter gradient of the fp32 `fused` model against the eager model run in float64
+    throughout (its fp32 upcasts made float64 too), held to twice the error of the fp32 `eager` model, model-wide:
+    max over tensors of max|fused - ref64| / max|ref64| <= 2 * (the same for eager) + 1e-6. Model-wide, because
+    per tensor the maximum over a handful of elements (an 8-wide q_norm weight) is noise: fp32 runs that differ
+    only in summation order land up to ~2.3x apart there, but within 1.7x model-wide (300 seeded runs of every
+    family and backend); a wrong weight, gate or gradient is off by O(1) in its tensor, far beyond both."""
     results = [logits_and_grads(m, ids, cotangent) for m in (fused, eager)]
-    results.append(logits_and_grads(copy.deepcopy(eager).double(), ids, cotangent.double()))
+    with float64_everywhere():
+        results.append(logits_and_grads(copy.deepcopy(eager).double(), ids, cotangent.double()))
     (logits, grads), (logits32, grads32), (logits64, grads64) = results
-    assert logits.dtype == torch.float32
-    pairs = [("logits", logits, logits32, logits64)] + [(f"grad of {n}", grads[n], grads32[n], grads64[n])
-                                                       for n in grads64]
+    assert logits.dtype == torch.float32 and logits64.dtype == F64
     assert grads.keys() == grads32.keys() == grads64.keys()
-    for name, got, same, ref in pairs:
-        assert got is not None and ref is not None, name
-        assert_earned_max(got, ref, same, atol=1e-6 * ref.abs().max().item(), name=name)
+    grads, grads32, grads64 = ({"logits": lg, **g} for lg, g in zip((logits, logits32, logits64),
+                                                                    (grads, grads32, grads64)))
+
+    def rel_errors(results):
+        errs = {}
+        for name, ref in grads64.items():
+            got = results[name]
+            assert got is not None and ref is not None, name
+            assert torch.equal(got.isnan(), ref.isnan()), f"{name}: NaN where the reference has none, or the reverse"
+            errs[name] = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        return errs
+
+    errs, errs32 = rel_errors(grads), rel_errors(grads32)
+    worst = max(errs, key=errs.get)
+    bound = 2 * max(errs32.values()) + 1e-6
+    assert errs[worst] <= bound, (f"{worst}: relative error {errs[worst]:.3g} exceeds the earned {bound:.3g} "
+                                  f"(fp32 eager's worst: {max(errs32.values()):.3g})")
 
 
 # --- registration and transformers' validation ---------------------------------------------------------------
