@@ -1,0 +1,55 @@
+// The grouped-GEMM building blocks that the grouped_mm ops (grouped_gemm.cpp) and the fused expert MLP
+// (expert_mlp.cpp) share: the compute dtype, the group bounds, the expert scheduler, the GEMM calls and the
+// activation epilogues.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <vector>
+
+namespace moe_kernels {
+
+enum class Activation { silu, gelu, gelu_tanh, relu, identity };
+
+// "silu" | "gelu" | "gelu_tanh" | "relu" | "identity"; anything else is an error naming `op`.
+Activation parse_activation(c10::string_view name, const char* op);
+
+// The dtype the GEMMs and epilogues run in: float64 for float64 data, float32 for everything else (CPU BLAS has
+// no fast 16-bit GEMM without AVX512-BF16/AMX, so 16-bit operands are widened slice by slice).
+at::ScalarType compute_dtype(at::ScalarType t);
+
+// t in its compute dtype: t itself when it already is, else a widened copy.
+at::Tensor to_compute(const at::Tensor& t);
+
+// Rows idx [rows] (int32 or int64) of src [T, D] in src's compute dtype: a gather fused with the widening of
+// 16-bit data, one pass. idx values are checked against T.
+at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx);
+
+// offsets [E+1] int32 read on the host, checked: 0 <= offsets[0] <= ... <= offsets[E] <= rows.
+std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows, const char* op);
+
+// Runs body(e, lo, hi) once for every expert e with rows [lo, hi) non-empty. Experts whose cost alone exceeds
+// one thread's share run one at a time with multi-threaded GEMMs; the rest are spread over the threads (longest
+// first onto the least loaded thread), each running single-threaded GEMMs, when that spreads evenly, and run
+// one at a time otherwise. The cost of an expert is rows + fixed_cost_rows. The schedule depends only on the
+// group sizes and the thread count, so reruns are bit-identical. body runs below autograd.
+void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
+                    const std::function<void(int64_t e, int64_t lo, int64_t hi)>& body);
+
+// out = a @ w^T (+ bias), in the compute dtype; out may be a row slice of a larger tensor.
+void gemm_bias_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
+at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
+
+// dst = a @ b: straight into dst when it has a's dtype, else computed in a's dtype and narrowed into dst.
+void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b);
+
+// The expert MLP's activation on a pre-activation h [rows, M]: act(gate) * up with gate = h[:, :M/2] and
+// up = h[:, M/2:] when gated, act(h) otherwise.
+at::Tensor gated_act(const at::Tensor& h, Activation act, bool gated);
+void gated_act_into(const at::Tensor& dst, const at::Tensor& h, Activation act, bool gated);
+
+// Gradient of glu w.r.t. h [rows, M], given the gradient of its output.
+at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, Activation act, bool gated);
+
+}  // namespace moe_kernels
