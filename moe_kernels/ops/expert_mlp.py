@@ -70,6 +70,8 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_backward(ctx, grad, *_):
+    if grad is None:  # no gradient reached the output (grads are not materialised): nothing flows back
+        return (None,) * 11
     x, weights, up, down, up_b, down_b, h_pre, order, inverse, offsets = ctx.saved_tensors
     gx, gw, gu, gd, gub, gdb = _moe_mlp_fused_backward(grad.contiguous(), x, weights, up, down, up_b, down_b, h_pre,
                                                        order, inverse, offsets, *ctx.args)
