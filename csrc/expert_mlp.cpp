@@ -89,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
   auto h_pre = save_for_backward ? at::empty({N, m.H2}, m.x.options()) : at::empty({0}, m.x.options());
   if (save_for_backward) h_pre.narrow(0, kept, N - kept).zero_();
   const bool pre_in_place = save_for_backward && m.x.scalar_type() == ct;
-  auto y = at::empty({N, m.D}, m.x.options().dtype(ct));  // expert-ordered, unweighted expert outputs
+  const Scratch y_scratch({N, m.D}, m.x.options().dtype(ct));
+  const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     const auto xe = gather_rows(m.x, token.slice(0, lo, hi));
     at::Tensor pre;
@@ -149,14 +150,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (m.gate_up_bias.defined()) grad_up_b[e].zero_();
     if (m.down_bias.defined()) grad_down_b[e].zero_();
   }
-  auto dx = at::empty({N, m.D}, m.x.options().dtype(ct));  // expert-ordered rows of dX, summed per token below
+  const Scratch dx_scratch({N, m.D}, m.x.options().dtype(ct));
+  const at::Tensor& dx = dx_scratch.tensor();  // expert-ordered rows of dX, summed per token below
   auto dw = at::empty({kept}, m.x.options().dtype(ct));    // routing-weight gradient of each expert-ordered row
 
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     const auto tok = token.slice(0, lo, hi);
     const auto s = scale.slice(0, lo, hi);
     const auto pre = to_compute(h_pre.slice(0, lo, hi));
-    const auto h = gated_act(pre, m.act, m.gated);
+    const auto a = act_of_gate(pre, m.act, m.gated);
+    const auto h = m.gated ? a * pre.narrow(1, m.H, m.H) : a;
     auto g = gather_rows(grad, tok);  // dOut rows of this expert's tokens
     auto dh = at::mm(g, to_compute(m.down[e]));         // [rows, H], before the routing weight
     // y = w * (h @ W_down^T + b), so dL/dw = dH . h + dOut . b
@@ -166,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     g.mul_(s);
     mm_into(grad_down[e], g.t(), h);
     if (m.down_bias.defined()) grad_down_b[e].copy_(g.sum(0));
-    const auto dpre = gated_act_backward(dh.mul_(s), pre, m.act, m.gated);
+    const auto dpre = gated_act_backward(dh.mul_(s), pre, a, m.act, m.gated);
     mm_into(grad_up[e], dpre.t(), gather_rows(m.x, tok));
     if (m.gate_up_bias.defined()) grad_up_b[e].copy_(dpre.sum(0));
     mm_into(dx.slice(0, lo, hi), dpre, to_compute(m.gate_up[e]));

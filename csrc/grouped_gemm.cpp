@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <type_traits>
 
@@ -200,6 +201,10 @@ void act_backward_out(const at::Tensor& dst_c, const at::Tensor& grad, const at:
 
 }  // namespace
 
+at::Tensor act_of_gate(const at::Tensor& h, Activation a, bool gated) {
+  return act(gated ? h.narrow(1, 0, h.size(1) / 2) : h, a);
+}
+
 at::Tensor gated_act(const at::Tensor& h, Activation a, bool gated) {
   if (!gated) return act(h, a);
   const int64_t half = h.size(1) / 2;
@@ -216,18 +221,58 @@ void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, 
   }
 }
 
-at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, Activation a, bool gated) {
+at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& act_gate, Activation a,
+                              bool gated) {
   auto out = at::empty_like(h);
   if (!gated) {
     act_backward_out(out, grad, h, a);
     return out;
   }
   const int64_t half = h.size(1) / 2;
-  const auto gate = h.narrow(1, 0, half), up = h.narrow(1, half, half);
   auto d_gate = out.narrow(1, 0, half), d_up = out.narrow(1, half, half);
-  act_backward_out(d_gate, grad * up, gate, a);
-  at::mul_out(d_up, grad, act(gate, a));
+  act_backward_out(d_gate, grad * h.narrow(1, half, half), h.narrow(1, 0, half), a);
+  at::mul_out(d_up, grad, act_gate);
   return out;
+}
+
+namespace {
+
+struct KeptScratch {
+  std::mutex mutex;
+  at::Tensor buffer;  // bytes
+  bool in_use = false;
+};
+
+// Never destroyed: no destructor runs at exit, when torch's allocator may already be gone.
+KeptScratch& kept_scratch() {
+  static auto* kept = new KeptScratch();
+  return *kept;
+}
+
+}  // namespace
+
+Scratch::Scratch(at::IntArrayRef shape, const at::TensorOptions& options) {
+  const int64_t bytes = c10::multiply_integers(shape) * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes > 0 && bytes <= kMaxBytes) {
+    auto& kept = kept_scratch();
+    std::lock_guard<std::mutex> lock(kept.mutex);
+    if (!kept.in_use) {
+      if (!kept.buffer.defined() || kept.buffer.numel() < bytes) {
+        kept.buffer = at::empty({bytes}, options.dtype(at::kByte));
+      }
+      tensor_ = kept.buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(shape);
+      kept.in_use = kept_ = true;
+    }
+  }
+  if (!kept_) tensor_ = at::empty(shape, options);
+}
+
+Scratch::~Scratch() {
+  if (!kept_) return;
+  tensor_.reset();
+  auto& kept = kept_scratch();
+  std::lock_guard<std::mutex> lock(kept.mutex);
+  kept.in_use = false;
 }
 
 namespace {
@@ -316,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
     const auto w = to_compute(g.w[e]);
     auto dh = to_compute(grad.slice(0, lo, hi));
     if (recompute) {
-      const auto b = g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor();
-      dh = gated_act_backward(dh, gemm_bias(a, w, b), g.act, g.gated);
+      const auto pre = gemm_bias(a, w, g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor());
+      dh = gated_act_backward(dh, pre, act_of_gate(pre, g.act, g.gated), g.act, g.gated);
     }
     mm_into(grad_a.slice(0, lo, hi), dh, w);
     mm_into(grad_w[e], dh.t(), a);

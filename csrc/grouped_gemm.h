@@ -22,6 +22,24 @@ at::ScalarType compute_dtype(at::ScalarType t);
 // t in its compute dtype: t itself when it already is, else a widened copy.
 at::Tensor to_compute(const at::Tensor& t);
 
+// A tensor for data that lives only within one call (the expert-ordered [T*k, D] buffers of the expert MLP).
+// Its memory is kept for the next call (one buffer, up to kMaxBytes): a fresh buffer of that size costs a page
+// fault per 4 KiB touched, a tenth of a forward pass on a small CPU. A second call while the kept buffer is in use,
+// or a larger request, gets a fresh allocation. The tensor must not outlive the Scratch.
+class Scratch {
+ public:
+  static constexpr int64_t kMaxBytes = int64_t(1) << 30;
+  Scratch(at::IntArrayRef shape, const at::TensorOptions& options);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  const at::Tensor& tensor() const { return tensor_; }
+
+ private:
+  at::Tensor tensor_;
+  bool kept_ = false;
+};
+
 // Rows idx [rows] (int32 or int64) of src [T, D] in src's compute dtype: a gather fused with the widening of
 // 16-bit data, one pass. idx values are checked against T.
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx);
@@ -45,11 +63,13 @@ at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
 void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b);
 
 // The expert MLP's activation on a pre-activation h [rows, M]: act(gate) * up with gate = h[:, :M/2] and
-// up = h[:, M/2:] when gated, act(h) otherwise.
+// up = h[:, M/2:] when gated, act(h) otherwise. act_of_gate is its act(gate) factor (act(h) when not gated).
 at::Tensor gated_act(const at::Tensor& h, Activation act, bool gated);
 void gated_act_into(const at::Tensor& dst, const at::Tensor& h, Activation act, bool gated);
+at::Tensor act_of_gate(const at::Tensor& h, Activation act, bool gated);
 
-// Gradient of glu w.r.t. h [rows, M], given the gradient of its output.
-at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, Activation act, bool gated);
+// Gradient of gated_act w.r.t. h [rows, M], given the gradient of its output and act_of_gate(h).
+at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& act_gate, Activation act,
+                              bool gated);
 
 }  // namespace moe_kernels
