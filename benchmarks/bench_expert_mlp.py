@@ -188,19 +188,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]  # other work on the machine: the ratios hold, the absolute times do not
     rows = run(args.device, dtype, args.quick, args.shapes.split(",") if args.shapes else None)
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     device = common.device_name(args.device)
     table = format_table(rows, args.device)
-    header = f"{device}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    header = (f"{device}, {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}, {load}")
     print(f"expert MLP on {header}\n\n{table}")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"expert_mlp-{device}-{datetime.date.today().isoformat()}")
     with open(stem + ".json", "w") as f:
-        json.dump({"device": device, "dtype": str(dtype), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        json.dump({"device": device, "dtype": str(dtype), "torch": torch.__version__, "load": load, "rows": rows}, f,
+                  indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(f"# expert MLP: {header}\n\n`% limit`: our FLOP rate over a dense matmul's of the same FLOPs (copy bandwidth "
-                f"of the active experts' weights for decode), measured in the same run; `ours faster by`: this "
-                f"provider's time over ours.\n\n{table}\n")
+        f.write(f"# expert MLP: {header}\n\n`% limit`: our FLOP rate over a dense matmul's of the same FLOPs "
+                f"(copy bandwidth of the active experts' weights for decode), measured in the same run; "
+                f"`ours faster by`: this provider's time over ours.\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ MlpArgs mlp_args(const char* op, const at::Tensor& x, const at::Tensor& gate_up,
   }
   if (down_bias.has_value()) {
     TORCH_CHECK(down_bias->sizes() == at::IntArrayRef({E, D}) && down_bias->scalar_type() == x.scalar_type(), op,
-                ": down_bias must be [E, ", D, "] in x's dtype, got ", down_bias->sizes(), " ", down_bias->scalar_type());
+                ": down_bias must be [E, ", D, "] in x's dtype, got ", down_bias->sizes(), " ",
+                down_bias->scalar_type());
     m.down_bias = down_bias->contiguous();
   }
   return m;

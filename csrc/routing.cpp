@@ -303,9 +303,9 @@ at::Tensor topk_route_backward(const std::optional<at::Tensor>& grad_weights,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_backward", [&] {
     route_backward_all<scalar_t>(gw.defined() ? gw.const_data_ptr<double>() : nullptr,
                                  gp.defined() ? gp.const_data_ptr<double>() : nullptr,
-                                 gl.defined() ? gl.const_data_ptr<double>() : nullptr, logits.const_data_ptr<scalar_t>(),
-                                 experts.const_data_ptr<int64_t>(), T, E, k, score == "sigmoid", renormalize, scale,
-                                 grad.mutable_data_ptr<scalar_t>());
+                                 gl.defined() ? gl.const_data_ptr<double>() : nullptr,
+                                 logits.const_data_ptr<scalar_t>(), experts.const_data_ptr<int64_t>(), T, E, k,
+                                 score == "sigmoid", renormalize, scale, grad.mutable_data_ptr<scalar_t>());
   });
   return grad;
 }
