@@ -99,10 +99,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
       pre = h_pre.slice(0, lo, hi);
       gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
     } else {
-      pre = gemm_bias(xe, to_compute(m.gate_up[e]), bias_row(m.gate_up_bias, e));
+      pre = gemm_bias(xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
       if (save_for_backward) h_pre.slice(0, lo, hi).copy_(pre);
     }
-    gemm_bias_out(y.slice(0, lo, hi), gated_act(pre, m.act, m.gated), to_compute(m.down[e]), bias_row(m.down_bias, e));
+    gemm_bias_out(y.slice(0, lo, hi), gated_act(pre, m.act, m.gated), m.down[e], bias_row(m.down_bias, e));
   });
   auto out = unpermute_to(y, inverse, weights, m.x.scalar_type());
   return {out, h_pre, order, inverse, offsets};

@@ -55,7 +55,11 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows, const
 void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
                     const std::function<void(int64_t e, int64_t lo, int64_t hi)>& body);
 
-// out = a @ w^T (+ bias), in the compute dtype; out may be a row slice of a larger tensor.
+// out = a @ w^T (+ bias): a [rows, K], out [rows, M] (a row slice of a larger tensor is fine) and bias [M] in
+// the compute dtype; w [M, K] in its storage dtype. Up to kStreamRows rows (decode), one pass streams w's rows
+// in their own dtype (a GEMM there is bound by reading w, and BLAS packs w first); else ATen's matmul on w
+// widened to the compute dtype.
+constexpr int64_t kStreamRows = 4;
 void gemm_bias_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
 at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
 

@@ -212,6 +212,19 @@ def test_forward_low_precision_earned(backend, gated, weights_fp32, dtype):
     assert_earned_dtype(out, naive_moe_mlp(*inputs, **kw), same_dtype_moe_mlp(*inputs, **kw))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("gated", GATED)
+def test_forward_decode_low_precision_earned(backend, gated, dtype):
+    # decode: 4 tokens over 32 experts, a row or two per expert (groups this small stream the weights in their own
+    # dtype on the native backend); D = 1000 gives T*D = 4000 outputs, a stable tensor-wide maximum error. Taken
+    # over the tensor in every dtype: GEMM1 sums D = 1000 products in an order of its own, so elementwise a correct
+    # result fails wherever the baseline happens to round almost exactly
+    inputs = make_inputs(4, 1000, 15, 32, 4, "random", gated=gated, dtype=dtype)
+    out = call(inputs, gated=gated)
+    assert out.dtype == dtype
+    assert_earned_max(out, naive_moe_mlp(*inputs, gated=gated), same_dtype_moe_mlp(*inputs, gated=gated))
+
+
 # --- backward ---------------------------------------------------------------------------------------
 def grad_inputs(gated, with_bias):
     """Small float64 leaves: T=6, k=2, E=3 with sentinels -1 and E and a capacity that drops a pair."""
