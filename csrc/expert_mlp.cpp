@@ -10,12 +10,17 @@
 // dOut . b_down (no [T*k, D] expert output is kept), dW_down = (w * dOut)^T act(h), dH_pre through the
 // activation, dW_up = dH_pre^T x[token], dX rows = dH_pre @ W_up into an expert-ordered buffer that each token
 // then sums. Only the pre-activation [T*k, 2H] is saved; the activation is recomputed from it.
-// Experts run through for_each_group (grouped_gemm.h): spread over the threads when they are many and small.
+// Experts run through for_each_group (grouped_gemm.h): spread over the threads when they are many and small; an
+// expert of a few rows (decode) runs its forward on raw pointers, streaming its weights.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "grouped_gemm.h"
 #include "permutation.h"
+
+#include <type_traits>
+#include <vector>
 
 namespace moe_kernels {
 namespace {
@@ -69,6 +74,45 @@ void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t
 
 at::Tensor bias_row(const at::Tensor& bias, int64_t e) { return bias.defined() ? to_compute(bias[e]) : at::Tensor(); }
 
+// Row e of a bias [E, n] widened, or empty without a bias.
+template <typename x_t, typename acc_t>
+std::vector<acc_t> widened_row(const at::Tensor& bias, int64_t e, int64_t n) {
+  if (!bias.defined()) return {};
+  const x_t* row = bias.const_data_ptr<x_t>() + e * n;
+  return std::vector<acc_t>(row, row + n);
+}
+
+// The forward of an expert with at most kStreamRows rows (decode), on raw pointers: its tokens' rows of x
+// gathered and widened, GEMM1 streaming gate_up[e] (+ bias, into the saved pre-activation), the activation, GEMM2
+// streaming down[e] (+ bias) into its rows of y. The tensor path costs tens of ATen calls per expert, which is
+// most of the time of a group of a row or two.
+template <typename x_t, typename acc_t>
+void few_rows_forward(const MlpArgs& m, int64_t e, int64_t lo, int64_t hi, const int32_t* token, x_t* h_pre,
+                      acc_t* y) {
+  const int64_t rows = hi - lo, D = m.D, H2 = m.H2, H = m.H;
+  std::vector<acc_t> xe(rows * D), pre(rows * H2), h(rows * H);
+  const x_t* x = m.x.const_data_ptr<x_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const x_t* src = x + static_cast<int64_t>(token[lo + r]) * D;
+    for (int64_t d = 0; d < D; ++d) xe[r * D + d] = static_cast<acc_t>(src[d]);
+  }
+  const auto b_up = widened_row<x_t, acc_t>(m.gate_up_bias, e, H2);
+  const auto b_down = widened_row<x_t, acc_t>(m.down_bias, e, D);
+  stream_rows(xe.data(), rows, D, m.gate_up.const_data_ptr<x_t>() + e * H2 * D, H2,
+              b_up.empty() ? nullptr : b_up.data(), pre.data());
+  if (h_pre != nullptr) {
+    for (int64_t i = 0; i < rows * H2; ++i) h_pre[lo * H2 + i] = static_cast<x_t>(pre[i]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t a = activate(pre[r * H2 + j], m.act);
+      h[r * H + j] = m.gated ? a * pre[r * H2 + H + j] : a;
+    }
+  }
+  stream_rows(h.data(), rows, H, m.down.const_data_ptr<x_t>() + e * D * H, D, b_down.empty() ? nullptr : b_down.data(),
+              y + lo * D);
+}
+
 // -> (out [T, D], pre-activation [T*k, H2] in x's dtype (rows of pairs not kept zero; [0] unless saved),
 //     order, inverse, offsets)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_forward(
@@ -93,6 +137,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
   const Scratch y_scratch({N, m.D}, m.x.options().dtype(ct));
   const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
+    if (hi - lo <= kStreamRows) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.x.scalar_type(), "moe_mlp_forward_few_rows", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        few_rows_forward<scalar_t, acc_t>(m, e, lo, hi, token.const_data_ptr<int32_t>(),
+                                          save_for_backward ? h_pre.mutable_data_ptr<scalar_t>() : nullptr,
+                                          y.mutable_data_ptr<acc_t>());
+      });
+      return;
+    }
     const auto xe = gather_rows(m.x, token.slice(0, lo, hi));
     at::Tensor pre;
     if (pre_in_place) {

@@ -152,36 +152,6 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
   });
 }
 
-namespace {
-
-// out[r, m] = sum_k a[r, k] * w[m, k] (+ bias[m]) for a few rows r: each row of w is read once, from memory, in
-// its own dtype, and used for every row of a while in L1. Each dot product keeps 32 partial sums (as many
-// independent accumulators as a BLAS kernel, so its rounding error is a BLAS kernel's), combined pairwise: a
-// fixed order, the same bits on every run.
-template <typename w_t, typename acc_t>
-void stream_rows_kernel(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias,
-                        acc_t* out) {
-  constexpr int64_t kLanes = 32;
-  for (int64_t m = 0; m < M; ++m) {
-    const w_t* wm = w + m * K;
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* ar = a + r * K;
-      acc_t part[kLanes] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= K; k += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) part[l] += ar[k + l] * static_cast<acc_t>(wm[k + l]);
-      }
-      for (int64_t l = 0; k < K; ++k, ++l) part[l] += ar[k] * static_cast<acc_t>(wm[k]);
-      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-        for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
-      }
-      out[r * M + m] = bias != nullptr ? part[0] + bias[m] : part[0];
-    }
-  }
-}
-
-}  // namespace
-
 void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tensor& w_in, const at::Tensor& bias) {
   auto& out = const_cast<at::Tensor&>(out_c);
   if (a.size(0) > kStreamRows || !out.is_contiguous()) {
@@ -200,9 +170,8 @@ void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tenso
     using w_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gemm_bias_out_acc", [&] {
       using acc_t = scalar_t;
-      stream_rows_kernel<w_t, acc_t>(ac.const_data_ptr<acc_t>(), rows, K, w.const_data_ptr<w_t>(), M,
-                                     bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
-                                     out.mutable_data_ptr<acc_t>());
+      stream_rows<w_t, acc_t>(ac.const_data_ptr<acc_t>(), rows, K, w.const_data_ptr<w_t>(), M,
+                              bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<acc_t>());
     });
   });
 }

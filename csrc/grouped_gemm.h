@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <functional>
 #include <vector>
 
@@ -55,11 +56,55 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows, const
 void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
                     const std::function<void(int64_t e, int64_t lo, int64_t hi)>& body);
 
-// out = a @ w^T (+ bias): a [rows, K], out [rows, M] (a row slice of a larger tensor is fine) and bias [M] in
-// the compute dtype; w [M, K] in its storage dtype. Up to kStreamRows rows (decode), one pass streams w's rows
-// in their own dtype (a GEMM there is bound by reading w, and BLAS packs w first); else ATen's matmul on w
-// widened to the compute dtype.
+// Groups of up to kStreamRows rows (decode) stream their weights: a GEMM there is bound by reading w, and BLAS
+// would first pack w (and 16-bit w would first be widened).
 constexpr int64_t kStreamRows = 4;
+
+// out[r, m] = sum_k a[r, k] * w[m, k] (+ bias[m]) for a few rows r: each row of w is read once, from memory, in
+// its own dtype, and used for every row of a while in L1. Each dot product keeps 32 partial sums (as many
+// independent accumulators as a BLAS kernel, so its rounding error is a BLAS kernel's), combined pairwise: a
+// fixed order, the same bits on every run.
+template <typename w_t, typename acc_t>
+void stream_rows(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias, acc_t* out) {
+  constexpr int64_t kLanes = 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const w_t* wm = w + m * K;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* ar = a + r * K;
+      acc_t part[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) part[l] += ar[k + l] * static_cast<acc_t>(wm[k + l]);
+      }
+      for (int64_t l = 0; k < K; ++k, ++l) part[l] += ar[k] * static_cast<acc_t>(wm[k]);
+      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+        for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
+      }
+      out[r * M + m] = bias != nullptr ? part[0] + bias[m] : part[0];
+    }
+  }
+}
+
+// One value through an activation, for the few-row paths (tensors go through ATen's kernels): the formulas of
+// torch's silu, gelu (erf and tanh forms) and relu (NaN stays NaN).
+template <typename T>
+T activate(T v, Activation a) {
+  switch (a) {
+    case Activation::silu: return v / (T(1) + std::exp(-v));
+    case Activation::gelu: return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
+    case Activation::gelu_tanh: {
+      const T inner = T(M_2_SQRTPI * M_SQRT1_2) * (v + T(0.044715) * v * v * v);
+      return T(0.5) * v * (T(1) + std::tanh(inner));
+    }
+    case Activation::relu: return std::isnan(v) || v > T(0) ? v : T(0);
+    case Activation::identity: return v;
+  }
+  return v;
+}
+
+// out = a @ w^T (+ bias): a [rows, K], out [rows, M] (a row slice of a larger tensor is fine) and bias [M] in
+// the compute dtype; w [M, K] in its storage dtype. Up to kStreamRows rows, stream_rows; else ATen's matmul on w
+// widened to the compute dtype.
 void gemm_bias_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
 at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
 
