@@ -1,5 +1,6 @@
-// Counting sort of the T*k (token, slot) pairs by expert: index-only, stable, deterministic.
+// Permutation of the (token, slot) pairs into expert order and back, on CPU.
 //
+// sort_by_expert: counting sort of the T*k (token, slot) pairs by expert: index-only, stable, deterministic.
 // experts [T, k] (int32 or int64) -> order [N], inverse [T, k], offsets [E+1]   (N = T*k, all int32)
 //   order:   flat indices t*k+j grouped by expert, ascending flat index within an expert; rows that are
 //            not kept (id outside [0, E), or beyond `capacity`) follow after offsets[E], in flat order.
@@ -7,11 +8,20 @@
 //   offsets: exclusive scan of the kept counts per expert.
 // capacity < 0: no limit. With a limit, the kept rows of an expert are chosen in priority order:
 // all first choices (slot 0) before second choices, token order within a slot.
+//
+// permute: x [T, D] -> [N, D], row p = x[order[p] / k] (zero for a pair not kept): a row gather, any dtype.
+// unpermute: y [N, D] -> [T, D], out[t] = sum_j w[t, j] * y[inverse[t, j]]: each token sums its own kept rows
+// in slot order (float32 accumulation, float64 for float64), parallel over tokens, no atomics.
+// permute_backward is unpermute without weights; unpermute_backward writes each kept row's gradient once
+// (rows not kept are zero) and the weight gradients as dot products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "permutation.h"
+
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace moe_kernels {
@@ -73,6 +83,56 @@ void sort_impl(const id_t* ids, int64_t T, int64_t k, int64_t E, int64_t capacit
   });
 }
 
+// Grain of the per-token loops: about 16k elements of work per chunk.
+int64_t token_grain(int64_t k, int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * D)); }
+
+void check_pairs(const char* op, const at::Tensor& order, const at::Tensor& inverse) {
+  TORCH_CHECK(inverse.dim() == 2 && inverse.scalar_type() == at::kInt, op,
+              ": inverse must be [T, k] int32, got ", inverse.sizes(), " ", inverse.scalar_type());
+  if (order.defined()) {
+    TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kInt && order.size(0) == inverse.numel(), op,
+                ": order must be [T*k] int32 with T*k = ", inverse.numel(), " (inverse ", inverse.sizes(), "), got ",
+                order.sizes(), " ", order.scalar_type());
+  }
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& t, int64_t rows, const char* rows_name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows, op, ": ", name, " must be [", rows_name, " = ", rows,
+              ", D], got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+              t.scalar_type());
+}
+
+// out[t] = sum over kept j of w[t, j] * y[inverse[t, j]]; acc_t: the accumulation type, w already in acc_t.
+template <typename in_t, typename out_t, typename acc_t>
+void unpermute_kernel(const in_t* y, const int32_t* inverse, const acc_t* w, int64_t T, int64_t k, int64_t D,
+                      int64_t N, out_t* out) {
+  at::parallel_for(0, T, token_grain(k, D), [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = inverse[t * k + j];
+        if (p < 0) continue;  // not kept: contributes nothing (no multiply by zero: a NaN there stays there)
+        TORCH_CHECK(p < N, "unpermute: inverse[", t, ", ", j, "] = ", p, " is not a row of y (", N, " rows)");
+        const in_t* row = y + p * D;
+        if (w != nullptr) {
+          const acc_t a = w[t * k + j];
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]) * a;
+        } else {
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
+        }
+      }
+      out_t* o = out + t * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(acc[d]);
+    }
+  });
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& experts, int64_t num_experts,
                                                               int64_t capacity) {
   TORCH_CHECK(experts.dim() == 2, "sort_by_expert: experts must be [T, k], got ", experts.sizes());
@@ -96,12 +156,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& 
   return {order, inverse, offsets};
 }
 
+at::Tensor unpermute_to(const at::Tensor& y_in, const at::Tensor& inverse_in, const at::Tensor& weights,
+                        at::ScalarType out_dtype) {
+  const auto y = y_in.contiguous();
+  const auto inverse = inverse_in.contiguous();
+  const int64_t T = inverse.size(0), k = inverse.size(1), N = y.size(0), D = y.size(1);
+  const auto acc = acc_type(y.scalar_type());
+  at::Tensor w;
+  if (weights.defined()) {
+    TORCH_CHECK(weights.sizes() == inverse.sizes(), "unpermute: weights must be [T, k] = ", inverse.sizes(),
+                ", got ", weights.sizes());
+    w = weights.to(acc).contiguous();
+  }
+  auto out = at::empty({T, D}, y.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "unpermute_out", [&] {
+      using out_t = scalar_t;
+      if (acc == at::kDouble) {
+        unpermute_kernel<in_t, out_t, double>(y.const_data_ptr<in_t>(), inverse.const_data_ptr<int32_t>(),
+                                              w.defined() ? w.const_data_ptr<double>() : nullptr, T, k, D, N,
+                                              out.mutable_data_ptr<out_t>());
+      } else {
+        unpermute_kernel<in_t, out_t, float>(y.const_data_ptr<in_t>(), inverse.const_data_ptr<int32_t>(),
+                                             w.defined() ? w.const_data_ptr<float>() : nullptr, T, k, D, N,
+                                             out.mutable_data_ptr<out_t>());
+      }
+    });
+  });
+  return out;
+}
+
+namespace {
+
+at::Tensor permute(const at::Tensor& x_in, const at::Tensor& order_in, const at::Tensor& inverse_in) {
+  check_pairs("permute", order_in, inverse_in);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == inverse_in.size(0), "permute: x must be [T, D] with T = ",
+              inverse_in.size(0), " (inverse ", inverse_in.sizes(), "), got ", x_in.sizes());
+  const auto x = x_in.contiguous();
+  const auto order = order_in.contiguous();
+  const auto inverse = inverse_in.contiguous();
+  const int64_t k = inverse.size(1), N = order.size(0), D = x.size(1);
+  auto out = at::empty({N, D}, x.options());
+  if (N == 0 || D == 0) return out;
+  const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  const int32_t* ord = order.const_data_ptr<int32_t>();
+  const int32_t* inv = inverse.const_data_ptr<int32_t>();
+  at::parallel_for(0, N, token_grain(1, D), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t i = ord[p];
+      TORCH_CHECK(i >= 0 && i < N, "permute: order[", p, "] = ", i, " is not a pair index in [0, ", N, ")");
+      if (inv[i] >= 0) {
+        std::memcpy(dst + p * row_bytes, src + (i / k) * row_bytes, row_bytes);
+      } else {
+        std::memset(dst + p * row_bytes, 0, row_bytes);  // +0.0 in every floating dtype
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor permute_backward(const at::Tensor& grad, const at::Tensor& inverse) {
+  check_pairs("permute_backward", at::Tensor(), inverse);
+  check_rows("permute_backward", "grad", grad, inverse.numel(), "T*k");
+  return unpermute_to(grad, inverse, at::Tensor(), grad.scalar_type());
+}
+
+at::Tensor unpermute(const at::Tensor& y, const at::Tensor& inverse, const std::optional<at::Tensor>& weights) {
+  check_pairs("unpermute", at::Tensor(), inverse);
+  check_rows("unpermute", "y", y, inverse.numel(), "T*k");
+  return unpermute_to(y, inverse, weights.value_or(at::Tensor()), y.scalar_type());
+}
+
+// -> (grad_y [N, D] in y's dtype, grad_weights [T, k] in the weights' dtype, or [0] without weights).
+// grad_y[inverse[t, j]] = w[t, j] * grad[t]; rows no pair keeps are zero. grad_w[t, j] = y[inverse[t, j]] . grad[t]
+// (float64 dot products), zero for a pair not kept.
+template <typename scalar_t, typename acc_t>
+void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* y, const int32_t* inverse, const acc_t* w,
+                               int64_t T, int64_t k, int64_t D, int64_t n_kept, scalar_t* grad_y, double* grad_w) {
+  at::parallel_for(0, T, token_grain(k, D), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const scalar_t* g = grad + t * D;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = inverse[t * k + j];
+        if (p < 0) {
+          if (grad_w != nullptr) grad_w[t * k + j] = 0;
+          continue;
+        }
+        TORCH_CHECK(p < n_kept, "unpermute_backward: inverse[", t, ", ", j, "] = ", p,
+                    " is past the kept rows [0, ", n_kept, "): not an inverse from sort_by_expert");
+        scalar_t* gy = grad_y + p * D;
+        if (w != nullptr) {
+          const acc_t a = w[t * k + j];
+          for (int64_t d = 0; d < D; ++d) gy[d] = static_cast<scalar_t>(static_cast<acc_t>(g[d]) * a);
+          const scalar_t* row = y + p * D;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(row[d]) * static_cast<double>(g[d]);
+          grad_w[t * k + j] = dot;
+        } else {
+          std::copy(g, g + D, gy);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_in, const at::Tensor& y_in,
+                                                      const at::Tensor& inverse_in,
+                                                      const std::optional<at::Tensor>& weights) {
+  check_pairs("unpermute_backward", at::Tensor(), inverse_in);
+  check_rows("unpermute_backward", "y", y_in, inverse_in.numel(), "T*k");
+  check_rows("unpermute_backward", "grad", grad_in, inverse_in.size(0), "T");
+  TORCH_CHECK(grad_in.size(1) == y_in.size(1), "unpermute_backward: grad ", grad_in.sizes(), " and y ",
+              y_in.sizes(), " must share D");
+  const auto y = y_in.contiguous();
+  const auto grad = grad_in.to(y.scalar_type()).contiguous();
+  const auto inverse = inverse_in.contiguous();
+  const int64_t T = inverse.size(0), k = inverse.size(1), N = y.size(0), D = y.size(1);
+  const int64_t n_kept = (inverse >= 0).sum().item<int64_t>();
+  auto grad_y = at::empty({N, D}, y.options());
+  grad_y.narrow(0, n_kept, N - n_kept).zero_();
+  const auto acc = acc_type(y.scalar_type());
+  at::Tensor w, grad_w64;
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->sizes() == inverse.sizes(), "unpermute_backward: weights must be [T, k] = ",
+                inverse.sizes(), ", got ", weights->sizes());
+    w = weights->to(acc).contiguous();
+    grad_w64 = at::empty({T, k}, y.options().dtype(at::kDouble));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_backward", [&] {
+    double* gw = grad_w64.defined() ? grad_w64.mutable_data_ptr<double>() : nullptr;
+    if (acc == at::kDouble) {
+      unpermute_backward_kernel<scalar_t, double>(grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                                                  inverse.const_data_ptr<int32_t>(),
+                                                  w.defined() ? w.const_data_ptr<double>() : nullptr, T, k, D, n_kept,
+                                                  grad_y.mutable_data_ptr<scalar_t>(), gw);
+    } else {
+      unpermute_backward_kernel<scalar_t, float>(grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                                                 inverse.const_data_ptr<int32_t>(),
+                                                 w.defined() ? w.const_data_ptr<float>() : nullptr, T, k, D, n_kept,
+                                                 grad_y.mutable_data_ptr<scalar_t>(), gw);
+    }
+  });
+  auto grad_w = weights.has_value() ? grad_w64.to(weights->scalar_type()) : at::empty({0}, y.options());
+  return {grad_y, grad_w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_kernels_C, m) {
   m.def("sort_by_expert(Tensor experts, int num_experts, int capacity) -> (Tensor, Tensor, Tensor)");
+  m.def("permute(Tensor x, Tensor order, Tensor inverse) -> Tensor");
+  m.def("permute_backward(Tensor grad, Tensor inverse) -> Tensor");
+  m.def("unpermute(Tensor y, Tensor inverse, Tensor? weights) -> Tensor");
+  m.def("unpermute_backward(Tensor grad, Tensor y, Tensor inverse, Tensor? weights) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) { m.impl("sort_by_expert", &sort_by_expert); }
+TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {
+  m.impl("sort_by_expert", &sort_by_expert);
+  m.impl("permute", &permute);
+  m.impl("permute_backward", &permute_backward);
+  m.impl("unpermute", &unpermute);
+  m.impl("unpermute_backward", &unpermute_backward);
+}
 
 }  // namespace moe_kernels

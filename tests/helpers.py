@@ -70,6 +70,28 @@ def poisoned_empty():
         torch.empty = real
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op thread count set to n for the block: the native ops' parallel paths (experts spread over
+    threads, token chunks) run whatever the machine's core count."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality, NaNs included (torch.equal says NaN != NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(as_int), b.contiguous().view(as_int)
+    return torch.equal(a, b)
+
+
 def rand_experts(T, k, E, generator=None):
     """[T, k] int64 expert ids, distinct within a token (as top-k gives), uniformly random."""
     if T == 0:

@@ -58,31 +58,47 @@ def test_backends_report_lists_every_op(no_env_backend):
     assert isinstance(info["triton"], str)
 
 
-@needs_native
-def test_native_sort_used_on_cpu_under_auto(no_env_backend, monkeypatch):
-    assert moe_kernels.backends()["ops"]["sort_by_expert"]["cpu"] == "native"
-    # not just reported: the native implementation is what runs
+def _spy(monkeypatch, op, backend):
+    """Counts the calls of op's `backend` implementation."""
     calls = []
-    native = _backend.IMPLS["sort_by_expert"]["native"]
+    impl = _backend.IMPLS[op][backend]
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args)
-        return native(*args)
+        return impl(*args, **kwargs)
 
-    monkeypatch.setitem(_backend.IMPLS["sort_by_expert"], "native", spy)
+    monkeypatch.setitem(_backend.IMPLS[op], backend, spy)
+    return calls
+
+
+@needs_native
+def test_native_ops_used_on_cpu_under_auto(no_env_backend, monkeypatch):
+    for op in ("topk_route", "sort_by_expert", "moe_mlp_fused"):
+        assert moe_kernels.backends()["ops"][op]["cpu"] == "native", op
+    # not just reported: the native implementations are what run
+    route, mlp, sort = (_spy(monkeypatch, op, "native") for op in ("topk_route", "moe_mlp_fused", "sort_by_expert"))
     m = moe_kernels.SparseMoE(8, 6, 4, 2)
     m(torch.randn(5, 8))
-    assert len(calls) == 1
+    assert len(route) == 1 and len(mlp) == 1
     experts = torch.rand(9, 4).argsort(1)[:, :2]
     got = ops.sort_by_expert(experts, 4, capacity=3)
-    assert len(calls) == 2
+    assert len(sort) == 1
     want = moe_kernels.reference.permutation.sort_by_expert(experts, 4, 3)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 
 
+@pytest.fixture
+def reference_only_op(monkeypatch):
+    """An op registered with a reference implementation only."""
+    monkeypatch.setitem(_backend.IMPLS, REFERENCE_ONLY, {"reference": lambda: None})
+
+
+REFERENCE_ONLY = "test_reference_only_op"
+
+
 @needs_native
-def test_use_backend_restores_previous(no_env_backend):
+def test_use_backend_restores_previous(no_env_backend, reference_only_op):
     assert _backend.resolve("sort_by_expert", "cpu") == "native"
     with moe_kernels.use_backend("reference"):
         assert moe_kernels.backends()["requested"] == "reference"
@@ -90,7 +106,7 @@ def test_use_backend_restores_previous(no_env_backend):
         with moe_kernels.use_backend("native"):
             assert _backend.resolve("sort_by_expert", "cpu") == "native"
             # an op without a native implementation runs on the reference one
-            assert _backend.resolve("topk_route", "cpu") == "reference"
+            assert _backend.resolve(REFERENCE_ONLY, "cpu") == "reference"
         assert _backend.resolve("sort_by_expert", "cpu") == "reference"
         with pytest.raises(KeyError):
             with moe_kernels.use_backend("native"):
@@ -128,12 +144,12 @@ def test_env_bogus_raises_on_op_use(monkeypatch):
 
 
 @needs_native
-def test_env_selects_backend(monkeypatch):
+def test_env_selects_backend(monkeypatch, reference_only_op):
     monkeypatch.setenv("MOE_KERNELS_BACKEND", "reference")
     assert moe_kernels.backends()["ops"]["sort_by_expert"]["cpu"] == "reference"
     monkeypatch.setenv("MOE_KERNELS_BACKEND", "native")
     assert moe_kernels.backends()["ops"]["sort_by_expert"]["cpu"] == "native"
-    assert moe_kernels.backends()["ops"]["topk_route"]["cpu"] == "reference"  # no native topk_route: fallback
+    assert moe_kernels.backends()["ops"][REFERENCE_ONLY]["cpu"] == "reference"  # no native implementation: fallback
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter lets triton take CPU tensors")
@@ -219,7 +235,8 @@ def test_hidden_native_env_errors(hidden_native):
 
 
 def test_hidden_native_ops_run_on_reference(hidden_native, no_env_backend):
-    """Same inputs here (native sort under auto) and there (reference): the same bits."""
+    """Same inputs here and there (no extension: the reference): the sort (native here under auto) and the module
+    on the reference backend give the same bits."""
     data, _, there = hidden_native
     assert _backend.resolve("sort_by_expert", "cpu") == ("native" if _backend.NATIVE else "reference")
     for a, b in zip(ops.sort_by_expert(data["experts"], 6, 2), there["sorted"]):
@@ -227,8 +244,9 @@ def test_hidden_native_ops_run_on_reference(hidden_native, no_env_backend):
     m = moe_kernels.SparseMoE(8, 6, 6, 2, capacity_factor=1.0).train()
     m.load_state_dict(data["state"])
     x = data["x"].clone().requires_grad_()
-    out = m(x)
-    grads = torch.autograd.grad((out * data["g"]).sum() + m.aux_loss, [x] + list(m.parameters()))
+    with moe_kernels.use_backend("reference"):
+        out = m(x)
+        grads = torch.autograd.grad((out * data["g"]).sum() + m.aux_loss, [x] + list(m.parameters()))
     assert torch.equal(out, there["out"])
     for a, b in zip(grads, there["grads"]):
         assert torch.equal(a, b)

@@ -16,9 +16,9 @@ from .permutation import permute, sort_by_expert, unpermute
 
 
 # --- the fused op ----------------------------------------------------------------------------------------
-# moe_mlp runs this op where the triton backend runs; elsewhere it composes the sort, permute, grouped_mm and
-# unpermute ops (see moe_mlp below), each with its own backends. The op's reference implementation is the
-# same composition of reference pieces.
+# moe_mlp runs this op where the triton or the native backend runs; elsewhere it composes the sort, permute,
+# grouped_mm and unpermute ops (see moe_mlp below), each with its own backends. The op's reference implementation
+# is the same composition of reference pieces.
 @torch.library.custom_op("moe_kernels::moe_mlp_fused", mutates_args=())
 def _moe_mlp_fused(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
                    gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], activation: str, gated: bool,
@@ -62,11 +62,16 @@ def _(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre,
 def _fused_setup(ctx, inputs, output):
     x, experts, weights, up, down, up_b, down_b, activation, gated, capacity, save = inputs
     _, h_pre, order, inverse, offsets = output
+    # h_pre is saved state, not a result: no gradient flows into it, and none is materialised as [T*k, 2H] zeros
+    ctx.mark_non_differentiable(h_pre)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weights, up, down, up_b, down_b, h_pre, order, inverse, offsets)
     ctx.args = (activation, gated)
 
 
 def _fused_backward(ctx, grad, *_):
+    if grad is None:  # no gradient reached the output (grads are not materialised): nothing flows back
+        return (None,) * 11
     x, weights, up, down, up_b, down_b, h_pre, order, inverse, offsets = ctx.saved_tensors
     gx, gw, gu, gd, gub, gdb = _moe_mlp_fused_backward(grad.contiguous(), x, weights, up, down, up_b, down_b, h_pre,
                                                        order, inverse, offsets, *ctx.args)
@@ -74,9 +79,26 @@ def _fused_backward(ctx, grad, *_):
             None, None, None, None)
 
 
+def _fused_native(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, capacity,
+                  save_for_backward):
+    return torch.ops.moe_kernels_C.moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias,
+                                                   down_bias, activation, gated, -1 if capacity is None else capacity,
+                                                   save_for_backward)
+
+
+def _fused_backward_native(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre, order, inverse,
+                           offsets, activation, gated):
+    gx, gw, gu, gd, gub, gdb = torch.ops.moe_kernels_C.moe_mlp_backward(
+        grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre, order, inverse, offsets, activation,
+        gated)
+    return gx, gw, gu, gd, gub if gate_up_bias is not None else None, gdb if down_bias is not None else None
+
+
 _backend.register_autograd(_moe_mlp_fused, _fused_backward, _fused_setup)
 _backend.register("moe_mlp_fused", "reference", ref.moe_mlp_fused)
 _backend.register("moe_mlp_fused_backward", "reference", ref.moe_mlp_fused_backward)
+_backend.register("moe_mlp_fused", "native", _fused_native)
+_backend.register("moe_mlp_fused_backward", "native", _fused_backward_native)
 if _triton.AVAILABLE:
     from ..triton import expert_mlp as _tri
 
@@ -125,7 +147,7 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
     _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj)
     _checks.choice("activation", activation, ACTIVATIONS)
-    if _backend.resolve("moe_mlp_fused", x.device.type) == "triton":
+    if _backend.resolve("moe_mlp_fused", x.device.type) in ("triton", "native"):
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
             raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
         _checks.pairs(*experts.shape)

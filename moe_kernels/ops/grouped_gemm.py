@@ -46,9 +46,20 @@ def _backward(ctx, grad):
     return grad_a, grad_w, None, grad_b if bias is not None else None, None, None
 
 
+def _grouped_mm_native(a, w, offsets, bias, activation, gated):
+    return torch.ops.moe_kernels_C.grouped_mm(a, w, offsets, bias, activation, gated)
+
+
+def _grouped_mm_backward_native(grad, a, w, offsets, bias, activation, gated):
+    grad_a, grad_w, grad_b = torch.ops.moe_kernels_C.grouped_mm_backward(grad, a, w, offsets, bias, activation, gated)
+    return grad_a, grad_w, grad_b if bias is not None else None
+
+
 _backend.register_autograd(_grouped_mm, _backward, _setup_context)
 _backend.register("grouped_mm", "reference", ref.grouped_mm)
 _backend.register("grouped_mm_backward", "reference", ref.grouped_mm_backward)
+_backend.register("grouped_mm", "native", _grouped_mm_native)
+_backend.register("grouped_mm_backward", "native", _grouped_mm_backward_native)
 if _triton.AVAILABLE:
     from ..triton import grouped_gemm as _tri
 

@@ -25,6 +25,7 @@ def _(experts, num_experts, capacity):
             experts.new_empty(num_experts + 1, dtype=torch.int32))
 
 
+# native (csrc/permutation.cpp): looked up on call, so that the package imports without the extension
 def _sort_native(experts, num_experts, capacity):
     return torch.ops.moe_kernels_C.sort_by_expert(experts, num_experts, -1 if capacity is None else capacity)
 
@@ -66,6 +67,8 @@ def _permute_bwd(ctx, grad):
 _backend.register_autograd(_permute, _permute_bwd, _permute_setup)
 _backend.register("permute", "reference", ref.permute)
 _backend.register("permute_backward", "reference", ref.permute_backward)
+_backend.register("permute", "native", lambda *args: torch.ops.moe_kernels_C.permute(*args))
+_backend.register("permute_backward", "native", lambda *args: torch.ops.moe_kernels_C.permute_backward(*args))
 
 
 # --- unpermute ----------------------------------------------------------------------------------
@@ -100,9 +103,16 @@ def _unpermute_bwd(ctx, grad):
     return grad_y, None, grad_w if weights is not None else None
 
 
+def _unpermute_backward_native(grad, y, inverse, weights):
+    grad_y, grad_w = torch.ops.moe_kernels_C.unpermute_backward(grad, y, inverse, weights)
+    return grad_y, grad_w if weights is not None else None
+
+
 _backend.register_autograd(_unpermute, _unpermute_bwd, _unpermute_setup)
 _backend.register("unpermute", "reference", ref.unpermute)
 _backend.register("unpermute_backward", "reference", ref.unpermute_backward)
+_backend.register("unpermute", "native", lambda *args: torch.ops.moe_kernels_C.unpermute(*args))
+_backend.register("unpermute_backward", "native", _unpermute_backward_native)
 
 
 if _triton.AVAILABLE:

@@ -40,8 +40,21 @@ def _(grad_weights, grad_prob_sum, grad_lse, logits, experts, score, renormalize
     return torch.empty_like(logits)
 
 
+# native (csrc/routing.cpp): looked up on call, so that the package imports without the extension
+def _route_native(logits, k, *, score, renormalize, bias, num_groups, topk_groups, scale):
+    return torch.ops.moe_kernels_C.topk_route(logits, k, score, renormalize, bias, num_groups or 0, topk_groups or 0,
+                                              scale)
+
+
+def _route_backward_native(grad_weights, grad_prob_sum, grad_lse, logits, experts, score, renormalize, scale):
+    return torch.ops.moe_kernels_C.topk_route_backward(grad_weights, grad_prob_sum, grad_lse, logits, experts, score,
+                                                       renormalize, scale)
+
+
 _backend.register("topk_route", "reference", ref.topk_route)
 _backend.register("topk_route_backward", "reference", ref.topk_route_backward)
+_backend.register("topk_route", "native", _route_native)
+_backend.register("topk_route_backward", "native", _route_backward_native)
 if _triton.AVAILABLE:
     from ..triton import routing as _tri
 

@@ -12,11 +12,13 @@ import math
 import pytest
 import torch
 
+import moe_kernels
+from moe_kernels import _backend
 from moe_kernels import reference as ref
 from moe_kernels.ops import moe_mlp
 from moe_kernels.reference.activations import ACTIVATIONS
-from tests.helpers import (assert_close64, assert_grads_close64, assert_earned_dtype, naive_glu,
-                           poison_, rand_experts, torch_glu)
+from tests.helpers import (assert_close64, assert_earned_dtype, assert_earned_max, assert_grads_close64, naive_glu,
+                           num_threads, poison_, rand_experts, reordered_sum_atol, torch_glu)
 
 F64 = torch.float64
 
@@ -228,6 +230,19 @@ def test_forward_low_precision_earned(backend, gated, weights_fp32, dtype):
     assert_earned_dtype(out, naive_moe_mlp(*inputs, **kw), same_dtype_moe_mlp(*inputs, **kw))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("gated", GATED)
+def test_forward_decode_low_precision_earned(backend, gated, dtype):
+    # decode: 4 tokens over 32 experts, a row or two per expert (groups this small stream the weights in their own
+    # dtype on the native backend); D = 1000 gives T*D = 4000 outputs, a stable tensor-wide maximum error. Taken
+    # over the tensor in every dtype: GEMM1 sums D = 1000 products in an order of its own, so elementwise a correct
+    # result fails wherever the baseline happens to round almost exactly
+    inputs = make_inputs(4, 1000, 15, 32, 4, "random", gated=gated, dtype=dtype)
+    out = call(inputs, gated=gated)
+    assert out.dtype == dtype
+    assert_earned_max(out, naive_moe_mlp(*inputs, gated=gated), same_dtype_moe_mlp(*inputs, gated=gated))
+
+
 # --- backward ---------------------------------------------------------------------------------------
 def grad_inputs(gated, with_bias):
     """Small float64 leaves: T=6, k=2, E=3 with sentinels -1 and E and a capacity that drops a pair."""
@@ -330,6 +345,97 @@ def test_non_contiguous_inputs(backend):
         results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
     for i, (a, b) in enumerate(zip(*results)):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"result {i}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_low_precision_earned(backend, dtype):
+    # every gradient (x, routing weights, projections, biases) against autograd through the naive loop in float64
+    # on the same rounded inputs, within twice the error of autograd through plain PyTorch in the same dtype, taken
+    # over each tensor (assert_earned_max), plus what reordering a sum of up to T*k terms may add: the bias
+    # gradients have few elements, too few for the baseline's maximum error to be a stable statistic alone
+    T, D = 96, 31
+    inputs = list(make_inputs(T, D, 15, 7, 3, "sentinel", dtype=dtype))
+    kw = dict(activation="silu", gated=True, capacity=30)
+    grad_out = torch.randn(T, D, dtype=F64)
+    leaf_idx = (0, 2, 3, 4, 5, 6)
+
+    def grads(fn, cast):
+        ins = [t.detach().to(cast).requires_grad_() if i in leaf_idx else t for i, t in enumerate(inputs)]
+        out = fn(*ins, **kw)
+        return torch.autograd.grad(out, [ins[i] for i in leaf_idx], grad_out.to(out.dtype))
+
+    fast = grads(lambda *a, **k: call(a, **k), dtype)
+    ref64 = grads(naive_moe_mlp, F64)
+    same = grads(same_dtype_moe_mlp, dtype)
+    for name, f, r, b in zip(("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias"), fast, ref64,
+                             same):
+        assert_earned_max(f, r, b, atol=1e-6 + reordered_sum_atol(r, dtype, T * 3), name=f"grad of {name}")
+
+
+FUSED_OPCHECK = [pytest.param(torch.float32, -1, True, id="fp32-bias"),
+                 pytest.param(F64, 5, False, id="fp64-cap5-nobias")]
+
+
+@pytest.mark.parametrize("dtype, capacity, with_bias", FUSED_OPCHECK)
+def test_opcheck_fused_ops(backend, dtype, capacity, with_bias):
+    # the fused op and its backward under the backend of the fixture (the native C++ op or the reference pieces)
+    T, D, H, E, k = 13, 8, 6, 5, 2
+    x, experts, weights, gate_up, down, gate_up_bias, down_bias = make_inputs(T, D, H, E, k, "sentinel", dtype=dtype,
+                                                                               with_bias=with_bias)
+    leaves = [t.requires_grad_() if t is not None else None
+              for t in (x, weights, gate_up, down, gate_up_bias, down_bias)]
+    x, weights, gate_up, down, gate_up_bias, down_bias = leaves
+    args = (x, experts, weights, gate_up, down, gate_up_bias, down_bias, "gelu", True, capacity, True)
+    torch.library.opcheck(torch.ops.moe_kernels.moe_mlp_fused.default, args)
+    _, h_pre, order, inverse, offsets = torch.ops.moe_kernels.moe_mlp_fused(*args)
+    detached = [t.detach() if t is not None else None for t in leaves]
+    bwd = (torch.randn(T, D, dtype=dtype), detached[0], *detached[1:], h_pre.detach(), order, inverse, offsets, "gelu",
+           True)
+    torch.library.opcheck(torch.ops.moe_kernels.moe_mlp_fused_backward.default, bwd)
+
+
+# --- the native scheduler ------------------------------------------------------------------------------
+def skewed_routing(T, k, E, id_dtype):
+    """Slot 0 of two thirds of the tokens goes to expert 0 (one heavy group), everything else at random."""
+    experts = make_routing(T, k, E, "random", id_dtype)
+    heavy = torch.arange(T) < 2 * T // 3
+    experts[heavy, 0] = 0
+    experts[heavy, 1:] = torch.where(experts[heavy, 1:] == 0, E - 1, experts[heavy, 1:])
+    return experts
+
+
+# (T, D, H, E, k, layout, threads)
+SCHEDULES = [
+    pytest.param(200, 16, 8, 16, 2, "random", 4, id="T200-E16-k2-spread-over-4-threads"),     # many light experts
+    pytest.param(300, 12, 6, 64, 8, "sentinel", 3, id="T300-E64-k8-tiny-groups-3-threads"),   # tiny groups, odd count
+    pytest.param(90, 12, 6, 13, 2, "skewed", 4, id="T90-E13-k2-one-heavy-then-light"),        # heavy, then spread
+    pytest.param(40, 12, 6, 3, 1, "random", 4, id="T40-E3-k1-few-experts"),                   # each one at a time
+    pytest.param(1, 12, 6, 8, 2, "random", 4, id="T1-E8-k2-decode"),                          # two one-row groups
+    pytest.param(200, 16, 8, 16, 2, "random", 1, id="T200-E16-k2-one-thread"),                 # the serial path
+]
+
+
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("T, D, H, E, k, layout, threads", SCHEDULES)
+def test_native_schedules_match_reference(T, D, H, E, k, layout, threads):
+    inputs = list(make_inputs(T, D, H, E, k, "random"))
+    if layout != "random":
+        inputs[1] = skewed_routing(T, k, E, torch.int64) if layout == "skewed" else make_routing(T, k, E, layout,
+                                                                                                   torch.int64)
+    leaf_idx = (0, 2, 3, 4, 5, 6)
+    grad_out = torch.randn(T, D, dtype=F64)
+
+    def run(backend):
+        ins = [t.detach().clone().requires_grad_() if i in leaf_idx else t for i, t in enumerate(inputs)]
+        with moe_kernels.use_backend(backend), num_threads(threads):
+            out = call(ins, activation="gelu", capacity=T)
+            return (out, *torch.autograd.grad(out, [ins[i] for i in leaf_idx], grad_out))
+
+    native, again, reference = run("native"), run("native"), run("reference")
+    for name, a, b, r in zip(("out", "x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias"),
+                             native, again, reference):
+        assert torch.equal(a, b), f"{name}: two native runs differ"
+        assert_close64(a, r, f"{name} native vs reference")
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
+import moe_kernels
+from moe_kernels import _backend
 from moe_kernels import reference as ref
 from moe_kernels.ops import grouped_mm
 from moe_kernels.reference.activations import ACTIVATIONS
-from tests.helpers import assert_close64, assert_earned_dtype, naive_glu, poison_, torch_glu
+from tests.helpers import assert_close64, assert_earned_dtype, naive_glu, num_threads, poison_, torch_glu
 
 F64 = torch.float64
 
@@ -256,6 +258,45 @@ def test_non_contiguous_inputs(backend, gated):
         results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
     for name, x, y in zip(("out", "grad_a", "grad_w", "grad_bias"), *results):
         torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+# --- the native scheduler ----------------------------------------------------------------------------
+def offsets_from_counts(counts):
+    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+
+
+# (group sizes, dropped rows after them, threads)
+SCHEDULES = [
+    pytest.param([9, 7, 0, 11, 8, 10, 6, 9, 12, 0, 7, 8], 5, 4, id="12-small-groups-4-threads"),   # spread evenly
+    pytest.param([1] * 30 + [0] * 3, 0, 3, id="30-one-row-groups-3-threads"),                      # decode-like
+    pytest.param([70, 3, 4, 2, 5, 3, 4], 2, 4, id="one-heavy-then-light"),                         # heavy, then spread
+    pytest.param([30, 2, 25, 1], 0, 4, id="uneven-few"),                                           # one at a time
+    pytest.param([9, 7, 0, 11, 8, 10, 6, 9, 12, 0, 7, 8], 5, 1, id="one-thread"),                  # the serial path
+]
+
+
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("counts, dropped, threads", SCHEDULES)
+def test_native_schedules_match_reference(counts, dropped, threads, gated):
+    # the native op spreads small groups over the threads (single-threaded GEMMs) and runs large ones in turn;
+    # whichever way a group runs, forward and backward equal the reference, and reruns are bit-identical
+    E, K, M = len(counts), 9, 10
+    offsets = offsets_from_counts(counts)
+    N = int(offsets[-1]) + dropped
+    a, w, _, bias = make_inputs(N, K, M, E, "random", with_bias=True)
+    grad_out = torch.randn(N, M // 2 if gated else M, dtype=F64)
+
+    def run(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (a, w, bias)]
+        with moe_kernels.use_backend(backend), num_threads(threads):
+            out = grouped_mm(leaves[0], leaves[1], offsets, leaves[2], activation="gelu_tanh", gated=gated)
+            return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    native, again, reference = run("native"), run("native"), run("reference")
+    for name, x, y, r in zip(("out", "grad_a", "grad_w", "grad_bias"), native, again, reference):
+        assert torch.equal(x, y), f"{name}: two native runs differ"
+        assert_close64(x, r, f"{name} native vs reference")
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import _backend, ops
-from tests.helpers import assert_earned, rand_experts
+from tests.helpers import assert_earned, num_threads, rand_experts, same_bits
 
 RTOL = 1e-12
 ATOL = 1e-14
@@ -307,6 +307,30 @@ def test_backward_deterministic(backend):
     first = torch.autograd.grad(ops.unpermute(y, s, w), (y, w), gu)
     second = torch.autograd.grad(ops.unpermute(y, s, w), (y, w), gu)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_native_permutation_independent_of_threads(dtype):
+    # many token chunks of the native parallel loops: each token owns its rows, so the bits never depend on the
+    # thread count; float64 against the naive loops as well
+    T, k, E, D = 1500, 4, 13, 24
+    s = ops.sort_by_expert(ids_sentinel(T, k, E), E, 400)
+    x = torch.randn(T, D, dtype=dtype)
+    y = torch.randn(T * k, D, dtype=dtype)
+    w = torch.rand(T, k, dtype=torch.float32)
+    gp, gu = torch.randn(T * k, D, dtype=dtype), torch.randn(T, D, dtype=dtype)
+    runs = []
+    for n in (1, 3, 4):
+        xs, ys, ws = (t.clone().requires_grad_() for t in (x, y, w))
+        with moe_kernels.use_backend("native"), num_threads(n):
+            p, u = ops.permute(xs, s), ops.unpermute(ys, s, ws)
+            runs.append((p, u, *torch.autograd.grad((p, u), (xs, ys, ws), (gp, gu))))
+    for name, *results in zip(("permute", "unpermute", "grad_x", "grad_y", "grad_w"), *runs):
+        assert all(same_bits(results[0], v) for v in results[1:]), f"{name} depends on the thread count"
+    if dtype == torch.float64:
+        assert torch.equal(runs[0][0], naive_permute(x, s.order, k, s.inverse))
+        torch.testing.assert_close(runs[0][1], naive_unpermute(y, s.inverse, w), rtol=RTOL, atol=ATOL)
 
 
 # --- custom-op registration -----------------------------------------------------------------------

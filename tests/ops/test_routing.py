@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
-from moe_kernels import ops
-from tests.helpers import assert_earned
+import moe_kernels
+from moe_kernels import _backend, ops
+from tests.helpers import assert_earned, num_threads, same_bits
 
 RTOL = 1e-12   # float64 vs float64 loops: a few ulps of reassociation, nothing more
 ATOL = 1e-14
@@ -369,6 +370,39 @@ def test_nan_logit_isolated_to_its_token(backend, score):
     assert torch.equal(r.weights[others], clean.weights[others])
     assert torch.equal(r.experts[others], clean.experts[others])
     assert torch.equal(r.lse[others], clean.lse[others])
+
+
+# --- the native kernel's parallel chunks ------------------------------------------------------------
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("kwargs", [pytest.param(dict(score="softmax"), id="softmax"),
+                                    pytest.param(dict(score="sigmoid", bias=True, num_groups=4, topk_groups=2,
+                                                      scale=2.5), id="sigmoid-bias-groups")])
+def test_native_route_chunks_independent_of_threads(dtype, kwargs):
+    # T = 3 chunks of 128 tokens and a partial fourth; a NaN token in the second chunk. prob_sum is reduced from
+    # per-chunk partial sums in chunk order: every output and the gradient are the same bits for any thread count
+    T, E, k = 3 * 128 + 37, 16, 4
+    kwargs = dict(kwargs)
+    if kwargs.pop("bias", False):
+        kwargs["bias"] = torch.randn(E, dtype=torch.float32) * 0.2
+    logits = rand_logits(T, E, dtype)
+    logits[200, 3] = float("nan")
+    gw = torch.rand(T, k)
+    runs = []
+    for n in (1, 3, 4):
+        z = logits.clone().requires_grad_()
+        with moe_kernels.use_backend("native"), num_threads(n):
+            r = ops.topk_route(z, k, **kwargs)
+            loss = (r.weights * gw.to(r.weights.dtype)).nansum() + (r.lse.nan_to_num() ** 2).sum()
+            runs.append((*r, torch.autograd.grad(loss, z)[0]))
+    for name, *results in zip(("weights", "experts", "counts", "prob_sum", "lse", "grad"), *runs):
+        assert all(same_bits(results[0], v) for v in results[1:]), f"{name} depends on the thread count"
+    if dtype == torch.float64:
+        clean = logits.clone()
+        clean[200, 3] = 0.0
+        with moe_kernels.use_backend("native"):
+            r = ops.topk_route(clean, k, **kwargs)
+        assert_route_equal(r, naive_route(clean, k, **kwargs))
 
 
 # --- bad input ------------------------------------------------------------------------------------

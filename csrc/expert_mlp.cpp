@@ -1,0 +1,253 @@
+// The fused expert MLP on CPU (the native backend of moe_kernels::moe_mlp_fused and its backward), composed of
+// the counting sort, the grouped-GEMM pieces and the per-token combine, with no Python between experts.
+//
+// Forward: sort the (token, slot) pairs by expert (index only). Per expert, in cache: gather its token rows of x
+// (the gather fused into the GEMM's input, no [T*k, D] permuted copy of x), GEMM1 with bias into the saved
+// pre-activation, the activation, GEMM2 with bias into that expert's rows of an expert-ordered [T*k, D] buffer
+// in the compute dtype. Then every token sums its own k rows, times their routing weights, in slot order
+// (the weighted combine of unpermute: deterministic, no atomics).
+// Backward, per expert: dH = dOut[token] @ W_down (gather fused), the routing-weight gradient dH . act(h) +
+// dOut . b_down (no [T*k, D] expert output is kept), dW_down = (w * dOut)^T act(h), dH_pre through the
+// activation, dW_up = dH_pre^T x[token], dX rows = dH_pre @ W_up into an expert-ordered buffer that each token
+// then sums. Only the pre-activation [T*k, 2H] is saved; the activation is recomputed from it.
+// Experts run through for_each_group (grouped_gemm.h): spread over the threads when they are many and small; an
+// expert of a few rows (decode) runs its forward on raw pointers, streaming its weights.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "grouped_gemm.h"
+#include "permutation.h"
+
+#include <type_traits>
+#include <vector>
+
+namespace moe_kernels {
+namespace {
+
+struct MlpArgs {
+  at::Tensor x, gate_up, down, gate_up_bias, down_bias;  // contiguous; biases undefined when absent
+  int64_t T, D, E, H2, H, O;  // O: the output width (down_proj [E, O, H]), D unless the layer projects
+  Activation act;
+  bool gated;
+};
+
+MlpArgs mlp_args(const char* op, const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                 const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_bias,
+                 c10::string_view activation, bool gated) {
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), op, ": x must be a floating [T, D] tensor, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, op, ": gate_up_proj must be [E, 2H, D] and down_proj [E, O, H], "
+              "got ", gate_up.sizes(), " and ", down.sizes());
+  const int64_t E = gate_up.size(0), H2 = gate_up.size(1), D = gate_up.size(2);
+  const int64_t H = gated ? H2 / 2 : H2, O = down.size(1);
+  TORCH_CHECK((!gated || H2 % 2 == 0) && down.size(0) == E && down.size(2) == H, op,
+              ": gate_up_proj and down_proj must be [E, ", gated ? "2H" : "H", ", D] and [E, O, H] (gated = ", gated,
+              "), got ", gate_up.sizes(), " and ", down.sizes());
+  TORCH_CHECK(x.size(1) == D, op, ": x must be [T, D = ", D, "], got ", x.sizes());
+  TORCH_CHECK(gate_up.scalar_type() == x.scalar_type() && down.scalar_type() == x.scalar_type(), op,
+              ": x, gate_up_proj and down_proj must share a dtype, got ", x.scalar_type(), ", ", gate_up.scalar_type(),
+              ", ", down.scalar_type());
+  MlpArgs m{x.contiguous(), gate_up.contiguous(), down.contiguous(), at::Tensor(), at::Tensor(),
+            x.size(0), D, E, H2, H, O, parse_activation(activation, op), gated};
+  if (gate_up_bias.has_value()) {
+    TORCH_CHECK(gate_up_bias->sizes() == at::IntArrayRef({E, H2}) && gate_up_bias->scalar_type() == x.scalar_type(),
+                op, ": gate_up_bias must be [E, ", H2, "] in x's dtype, got ", gate_up_bias->sizes(), " ",
+                gate_up_bias->scalar_type());
+    m.gate_up_bias = gate_up_bias->contiguous();
+  }
+  if (down_bias.has_value()) {
+    TORCH_CHECK(down_bias->sizes() == at::IntArrayRef({E, O}) && down_bias->scalar_type() == x.scalar_type(), op,
+                ": down_bias must be [E, ", O, "] in x's dtype, got ", down_bias->sizes(), " ",
+                down_bias->scalar_type());
+    m.down_bias = down_bias->contiguous();
+  }
+  return m;
+}
+
+void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t k) {
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == T && weights.size(1) == k &&
+                  at::isFloatingType(weights.scalar_type()),
+              op, ": weights must be a floating [T, k] = [", T, ", ", k, "] tensor, got ", weights.sizes(), " ",
+              weights.scalar_type());
+}
+
+at::Tensor bias_row(const at::Tensor& bias, int64_t e) { return bias.defined() ? to_compute(bias[e]) : at::Tensor(); }
+
+// Row e of a bias [E, n] widened, or empty without a bias.
+template <typename x_t, typename acc_t>
+std::vector<acc_t> widened_row(const at::Tensor& bias, int64_t e, int64_t n) {
+  if (!bias.defined()) return {};
+  const x_t* row = bias.const_data_ptr<x_t>() + e * n;
+  return std::vector<acc_t>(row, row + n);
+}
+
+// The forward of an expert with at most kStreamRows rows (decode), on raw pointers: its tokens' rows of x
+// gathered and widened, GEMM1 streaming gate_up[e] (+ bias, into the saved pre-activation), the activation, GEMM2
+// streaming down[e] (+ bias) into its rows of y. The tensor path costs tens of ATen calls per expert, which is
+// most of the time of a group of a row or two.
+template <typename x_t, typename acc_t>
+void few_rows_forward(const MlpArgs& m, int64_t e, int64_t lo, int64_t hi, const int32_t* token, x_t* h_pre,
+                      acc_t* y) {
+  const int64_t rows = hi - lo, D = m.D, H2 = m.H2, H = m.H, O = m.O;
+  std::vector<acc_t> xe(rows * D), pre(rows * H2), h(rows * H);
+  const x_t* x = m.x.const_data_ptr<x_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const x_t* src = x + static_cast<int64_t>(token[lo + r]) * D;
+    for (int64_t d = 0; d < D; ++d) xe[r * D + d] = static_cast<acc_t>(src[d]);
+  }
+  const auto b_up = widened_row<x_t, acc_t>(m.gate_up_bias, e, H2);
+  const auto b_down = widened_row<x_t, acc_t>(m.down_bias, e, O);
+  stream_rows(xe.data(), rows, D, m.gate_up.const_data_ptr<x_t>() + e * H2 * D, H2,
+              b_up.empty() ? nullptr : b_up.data(), pre.data());
+  if (h_pre != nullptr) {
+    for (int64_t i = 0; i < rows * H2; ++i) h_pre[lo * H2 + i] = static_cast<x_t>(pre[i]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t a = activate(pre[r * H2 + j], m.act);
+      h[r * H + j] = m.gated ? a * pre[r * H2 + H + j] : a;
+    }
+  }
+  stream_rows(h.data(), rows, H, m.down.const_data_ptr<x_t>() + e * O * H, O, b_down.empty() ? nullptr : b_down.data(),
+              y + lo * O);
+}
+
+// -> (out [T, O], pre-activation [T*k, H2] in x's dtype (rows of pairs not kept zero; [0] unless saved),
+//     order, inverse, offsets)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_forward(
+    const at::Tensor& x_in, const at::Tensor& experts, const at::Tensor& weights, const at::Tensor& gate_up_in,
+    const at::Tensor& down_in, const std::optional<at::Tensor>& gate_up_bias,
+    const std::optional<at::Tensor>& down_bias, c10::string_view activation, bool gated, int64_t capacity,
+    bool save_for_backward) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const MlpArgs m = mlp_args("moe_mlp_forward", x_in, gate_up_in, down_in, gate_up_bias, down_bias, activation, gated);
+  TORCH_CHECK(experts.dim() == 2 && experts.size(0) == m.T, "moe_mlp_forward: experts must be [T = ", m.T,
+              ", k], got ", experts.sizes());
+  const int64_t k = experts.size(1), N = m.T * k;
+  check_weights("moe_mlp_forward", weights, m.T, k);
+  auto [order, inverse, offsets] = sort_by_expert(experts, m.E, capacity);
+  const auto bounds = read_offsets(offsets, N, "moe_mlp_forward");
+  const int64_t kept = bounds.back();
+  const auto ct = compute_dtype(m.x.scalar_type());
+  const auto token = at::div(order.narrow(0, 0, kept), k, "floor");  // token of each expert-ordered row
+  auto h_pre = save_for_backward ? at::empty({N, m.H2}, m.x.options()) : at::empty({0}, m.x.options());
+  if (save_for_backward) h_pre.narrow(0, kept, N - kept).zero_();
+  const bool pre_in_place = save_for_backward && m.x.scalar_type() == ct;
+  const Scratch y_scratch({N, m.O}, m.x.options().dtype(ct));
+  const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
+  for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
+    if (hi - lo <= kStreamRows) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.x.scalar_type(), "moe_mlp_forward_few_rows", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        few_rows_forward<scalar_t, acc_t>(m, e, lo, hi, token.const_data_ptr<int32_t>(),
+                                          save_for_backward ? h_pre.mutable_data_ptr<scalar_t>() : nullptr,
+                                          y.mutable_data_ptr<acc_t>());
+      });
+      return;
+    }
+    const auto xe = gather_rows(m.x, token.slice(0, lo, hi));
+    at::Tensor pre;
+    if (pre_in_place) {
+      pre = h_pre.slice(0, lo, hi);
+      gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
+    } else {
+      pre = gemm_bias(xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
+      if (save_for_backward) h_pre.slice(0, lo, hi).copy_(pre);
+    }
+    gemm_bias_out(y.slice(0, lo, hi), gated_act(pre, m.act, m.gated), m.down[e], bias_row(m.down_bias, e));
+  });
+  auto out = unpermute_to(y, inverse, weights, m.x.scalar_type());
+  return {out, h_pre, order, inverse, offsets};
+}
+
+// -> (grad_x, grad_weights, grad_gate_up_proj, grad_down_proj, grad_gate_up_bias, grad_down_bias); a bias
+// gradient is [0] when that bias is absent.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& gate_up_in,
+    const at::Tensor& down_in, const std::optional<at::Tensor>& gate_up_bias,
+    const std::optional<at::Tensor>& down_bias, const at::Tensor& h_pre, const at::Tensor& order,
+    const at::Tensor& inverse, const at::Tensor& offsets, c10::string_view activation, bool gated) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const MlpArgs m = mlp_args("moe_mlp_backward", x_in, gate_up_in, down_in, gate_up_bias, down_bias, activation,
+                             gated);
+  TORCH_CHECK(inverse.dim() == 2 && inverse.size(0) == m.T && inverse.scalar_type() == at::kInt,
+              "moe_mlp_backward: inverse must be [T = ", m.T, ", k] int32, got ", inverse.sizes(), " ",
+              inverse.scalar_type());
+  const int64_t k = inverse.size(1), N = m.T * k;
+  TORCH_CHECK(order.dim() == 1 && order.size(0) == N && order.scalar_type() == at::kInt,
+              "moe_mlp_backward: order must be [T*k = ", N, "] int32, got ", order.sizes(), " ", order.scalar_type());
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({m.T, m.O}), "moe_mlp_backward: grad must be [T, O] = [", m.T, ", ",
+              m.O, "], got ", grad_in.sizes());
+  check_weights("moe_mlp_backward", weights, m.T, k);
+  const auto bounds = read_offsets(offsets, N, "moe_mlp_backward");
+  TORCH_CHECK(static_cast<int64_t>(bounds.size()) == m.E + 1, "moe_mlp_backward: offsets must be [E+1] = [",
+              m.E + 1, "], got ", offsets.sizes());
+  const int64_t kept = bounds.back();
+  TORCH_CHECK(kept == 0 || (h_pre.dim() == 2 && h_pre.size(0) == N && h_pre.size(1) == m.H2),
+              "moe_mlp_backward: h_pre must be the [T*k, ", m.H2, "] = [", N, ", ", m.H2,
+              "] pre-activation saved by the forward (save_for_backward=True), got ", h_pre.sizes());
+  const auto ct = compute_dtype(m.x.scalar_type());
+  const auto grad = grad_in.contiguous();
+  const auto kept_order = order.narrow(0, 0, kept).to(at::kLong);
+  const auto token = at::div(kept_order, k, "floor");
+  const auto scale = weights.reshape({-1}).index_select(0, kept_order).to(ct).unsqueeze(1);  // [kept, 1]
+
+  auto grad_up = at::empty_like(m.gate_up);
+  auto grad_down = at::empty_like(m.down);
+  auto grad_up_b = m.gate_up_bias.defined() ? at::empty_like(m.gate_up_bias) : at::empty({0}, m.x.options());
+  auto grad_down_b = m.down_bias.defined() ? at::empty_like(m.down_bias) : at::empty({0}, m.x.options());
+  for (int64_t e = 0; e < m.E; ++e) {
+    if (bounds[e + 1] > bounds[e]) continue;
+    grad_up[e].zero_();
+    grad_down[e].zero_();
+    if (m.gate_up_bias.defined()) grad_up_b[e].zero_();
+    if (m.down_bias.defined()) grad_down_b[e].zero_();
+  }
+  const Scratch dx_scratch({N, m.D}, m.x.options().dtype(ct));
+  const at::Tensor& dx = dx_scratch.tensor();  // expert-ordered rows of dX, summed per token below
+  auto dw = at::empty({kept}, m.x.options().dtype(ct));    // routing-weight gradient of each expert-ordered row
+
+  for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
+    const auto tok = token.slice(0, lo, hi);
+    const auto s = scale.slice(0, lo, hi);
+    const auto pre = to_compute(h_pre.slice(0, lo, hi));
+    const auto a = act_of_gate(pre, m.act, m.gated);
+    const auto h = m.gated ? a * pre.narrow(1, m.H, m.H) : a;
+    auto g = gather_rows(grad, tok);  // dOut rows of this expert's tokens
+    auto dh = at::mm(g, to_compute(m.down[e]));         // [rows, H], before the routing weight
+    // y = w * (h @ W_down^T + b), so dL/dw = dH . h + dOut . b
+    auto dw_e = (dh * h).sum(1);
+    if (m.down_bias.defined()) dw_e.add_(at::mv(g, to_compute(m.down_bias[e])));
+    dw.slice(0, lo, hi).copy_(dw_e);
+    g.mul_(s);
+    mm_into(grad_down[e], g.t(), h);
+    if (m.down_bias.defined()) grad_down_b[e].copy_(g.sum(0));
+    const auto dpre = gated_act_backward(dh.mul_(s), pre, a, m.act, m.gated);
+    mm_into(grad_up[e], dpre.t(), gather_rows(m.x, tok));
+    if (m.gate_up_bias.defined()) grad_up_b[e].copy_(dpre.sum(0));
+    mm_into(dx.slice(0, lo, hi), dpre, to_compute(m.gate_up[e]));
+  });
+
+  auto grad_x = unpermute_to(dx, inverse, at::Tensor(), m.x.scalar_type());
+  auto grad_w = at::zeros({N}, dw.options()).index_copy_(0, kept_order, dw).view({m.T, k}).to(weights.scalar_type());
+  return {grad_x, grad_w, grad_up, grad_down, grad_up_b, grad_down_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
+  m.def("moe_mlp_forward(Tensor x, Tensor experts, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
+        "Tensor? gate_up_bias, Tensor? down_bias, str activation, bool gated, int capacity, bool save_for_backward) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_mlp_backward(Tensor grad, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
+        "Tensor? gate_up_bias, Tensor? down_bias, Tensor h_pre, Tensor order, Tensor inverse, Tensor offsets, "
+        "str activation, bool gated) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {
+  m.impl("moe_mlp_forward", &moe_mlp_forward);
+  m.impl("moe_mlp_backward", &moe_mlp_backward);
+}
+
+}  // namespace moe_kernels

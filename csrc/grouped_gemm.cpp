@@ -1,0 +1,403 @@
+// Grouped GEMM over variable-sized expert groups on CPU (the native backend of moe_kernels::grouped_mm and its
+// backward): rows [offsets[e], offsets[e+1]) of `a` use expert e's weight w[e] [M, K].
+//
+// Each expert's slice goes through ATen's matmul (at::mm_out / at::addmm_out into slices of a preallocated
+// output: MKL or oneDNN underneath), the activation runs on the slice while it is in cache, and the backward
+// recomputes the pre-activation per expert and writes dA, dW and the bias gradient of that expert only.
+// Small groups are not left to tiny multi-threaded GEMMs: experts are spread over the threads (see
+// for_each_group). float16/bfloat16 operands are widened to float32 one slice at a time: CPU BLAS has no fast
+// 16-bit GEMM here, and the widened slice is cache-resident, so 16-bit runs at the float32 rate or better.
+// Rows outside every group (at or past offsets[E]) are zero in the output and get zero gradient.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "grouped_gemm.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <numeric>
+#include <type_traits>
+
+namespace moe_kernels {
+
+Activation parse_activation(c10::string_view name, const char* op) {
+  if (name == "silu") return Activation::silu;
+  if (name == "gelu") return Activation::gelu;
+  if (name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "relu") return Activation::relu;
+  if (name == "identity") return Activation::identity;
+  TORCH_CHECK(false, op, ": activation must be one of silu, gelu, gelu_tanh, relu, identity; got '",
+              std::string(name), "'");
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor to_compute(const at::Tensor& t) {
+  const auto ct = compute_dtype(t.scalar_type());
+  return t.scalar_type() == ct ? t.contiguous() : t.to(ct).contiguous();
+}
+
+namespace {
+
+template <typename src_t, typename dst_t, typename idx_t>
+void gather_kernel(const src_t* src, const idx_t* idx, int64_t rows, int64_t T, int64_t D, dst_t* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = idx[i];
+    TORCH_CHECK(r >= 0 && r < T, "gather_rows: index ", r, " is not a row of the [", T, ", ", D, "] source");
+    const src_t* s = src + r * D;
+    dst_t* d = dst + i * D;
+    if constexpr (std::is_same_v<src_t, dst_t>) {
+      std::memcpy(d, s, D * sizeof(dst_t));
+    } else {
+      for (int64_t j = 0; j < D; ++j) d[j] = static_cast<dst_t>(s[j]);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& idx_in) {
+  const auto src = src_in.contiguous();
+  const auto idx = idx_in.contiguous();
+  const int64_t rows = idx.size(0), T = src.size(0), D = src.size(1);
+  const auto ct = compute_dtype(src.scalar_type());
+  auto out = at::empty({rows, D}, src.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_rows", [&] {
+    using src_t = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "gather_rows_index", [&] {
+      if (ct == at::kDouble) {
+        gather_kernel<src_t, double, index_t>(src.const_data_ptr<src_t>(), idx.const_data_ptr<index_t>(), rows, T, D,
+                                              out.mutable_data_ptr<double>());
+      } else {
+        gather_kernel<src_t, float, index_t>(src.const_data_ptr<src_t>(), idx.const_data_ptr<index_t>(), rows, T, D,
+                                             out.mutable_data_ptr<float>());
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows, const char* op) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kInt, op,
+              ": offsets must be [E+1] int32, got ", offsets.sizes(), " ", offsets.scalar_type());
+  const auto o = offsets.contiguous();
+  const int32_t* p = o.const_data_ptr<int32_t>();
+  std::vector<int64_t> bounds(p, p + o.size(0));
+  TORCH_CHECK(bounds.front() >= 0, op, ": offsets[0] = ", bounds.front(), " is negative");
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
+    TORCH_CHECK(bounds[e] <= bounds[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ",
+                bounds[e], " > offsets[", e + 1, "] = ", bounds[e + 1]);
+  }
+  TORCH_CHECK(bounds.back() <= rows, op, ": offsets[E] = ", bounds.back(), " exceeds the ", rows, " rows");
+  return bounds;
+}
+
+void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
+                    const std::function<void(int64_t, int64_t, int64_t)>& body) {
+  // Within 15% of a perfect spread, single-threaded GEMMs on every thread beat multi-threaded ones in turn.
+  constexpr double kBalance = 1.15;
+  const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
+  std::vector<int64_t> active;
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (bounds[e + 1] > bounds[e]) {
+      active.push_back(e);
+      total += bounds[e + 1] - bounds[e] + fixed_cost_rows;
+    }
+  }
+  auto cost = [&](int64_t e) { return bounds[e + 1] - bounds[e] + fixed_cost_rows; };
+  auto run = [&](int64_t e) { body(e, bounds[e], bounds[e + 1]); };
+  const int64_t threads = at::get_num_threads();
+  if (threads == 1 || active.size() < 2 || at::in_parallel_region()) {
+    for (int64_t e : active) run(e);
+    return;
+  }
+  // heavy experts: one at a time, multi-threaded
+  std::vector<int64_t> light;
+  for (int64_t e : active) {
+    if (cost(e) * threads > total) {
+      run(e);
+    } else {
+      light.push_back(e);
+    }
+  }
+  if (light.size() < 2) {
+    for (int64_t e : light) run(e);
+    return;
+  }
+  // light experts: longest first onto the least loaded thread
+  std::stable_sort(light.begin(), light.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::vector<std::vector<int64_t>> bins(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t e : light) {
+    const auto b = std::min_element(load.begin(), load.end()) - load.begin();
+    bins[b].push_back(e);
+    load[b] += cost(e);
+  }
+  const int64_t light_total = std::accumulate(load.begin(), load.end(), int64_t(0));
+  const int64_t makespan = *std::max_element(load.begin(), load.end());
+  if (static_cast<double>(makespan) * threads > kBalance * static_cast<double>(light_total)) {
+    for (int64_t e : light) run(e);
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t b0, int64_t b1) {
+    // worker threads do not inherit the caller's dispatch state: keep autograd out of the per-expert ops
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t e : bins[b]) run(e);
+    }
+  });
+}
+
+void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tensor& w_in, const at::Tensor& bias) {
+  auto& out = const_cast<at::Tensor&>(out_c);
+  if (a.size(0) > kStreamRows || !out.is_contiguous()) {
+    const auto w = to_compute(w_in);
+    if (bias.defined()) {
+      at::addmm_out(out, bias, a, w.t());
+    } else {
+      at::mm_out(out, a, w.t());
+    }
+    return;
+  }
+  const auto w = w_in.contiguous();
+  const auto ac = a.contiguous();
+  const int64_t rows = ac.size(0), K = ac.size(1), M = w.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "gemm_bias_out", [&] {
+    using w_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gemm_bias_out_acc", [&] {
+      using acc_t = scalar_t;
+      stream_rows<w_t, acc_t>(ac.const_data_ptr<acc_t>(), rows, K, w.const_data_ptr<w_t>(), M,
+                              bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<acc_t>());
+    });
+  });
+}
+
+at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
+  auto out = at::empty({a.size(0), w.size(0)}, a.options());
+  gemm_bias_out(out, a, w, bias);
+  return out;
+}
+
+void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
+  if (dst.scalar_type() == a.scalar_type()) {
+    at::mm_out(const_cast<at::Tensor&>(dst), a, b);
+  } else {
+    const_cast<at::Tensor&>(dst).copy_(at::mm(a, b));
+  }
+}
+
+namespace {
+
+at::Tensor act(const at::Tensor& x, Activation a) {
+  switch (a) {
+    case Activation::silu: return at::silu(x);
+    case Activation::gelu: return at::gelu(x);
+    case Activation::gelu_tanh: return at::gelu(x, "tanh");
+    case Activation::relu: return at::relu(x);
+    case Activation::identity: return x;
+  }
+  TORCH_CHECK(false, "unreachable activation");
+}
+
+// dst = grad * act'(x)
+void act_backward_out(const at::Tensor& dst_c, const at::Tensor& grad, const at::Tensor& x, Activation a) {
+  auto& dst = const_cast<at::Tensor&>(dst_c);
+  switch (a) {
+    case Activation::silu: at::silu_backward_out(dst, grad, x); return;
+    case Activation::gelu: at::gelu_backward_out(dst, grad, x); return;
+    case Activation::gelu_tanh: at::gelu_backward_out(dst, grad, x, "tanh"); return;
+    case Activation::relu: at::threshold_backward_out(dst, grad, x, 0); return;
+    case Activation::identity: dst.copy_(grad); return;
+  }
+}
+
+}  // namespace
+
+at::Tensor act_of_gate(const at::Tensor& h, Activation a, bool gated) {
+  return act(gated ? h.narrow(1, 0, h.size(1) / 2) : h, a);
+}
+
+at::Tensor gated_act(const at::Tensor& h, Activation a, bool gated) {
+  if (!gated) return act(h, a);
+  const int64_t half = h.size(1) / 2;
+  return act(h.narrow(1, 0, half), a).mul_(h.narrow(1, half, half));
+}
+
+void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, bool gated) {
+  auto& dst = const_cast<at::Tensor&>(dst_c);
+  if (gated) {
+    const int64_t half = h.size(1) / 2;
+    at::mul_out(dst, act(h.narrow(1, 0, half), a), h.narrow(1, half, half));
+  } else {
+    dst.copy_(act(h, a));
+  }
+}
+
+at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& act_gate, Activation a,
+                              bool gated) {
+  auto out = at::empty_like(h);
+  if (!gated) {
+    act_backward_out(out, grad, h, a);
+    return out;
+  }
+  const int64_t half = h.size(1) / 2;
+  auto d_gate = out.narrow(1, 0, half), d_up = out.narrow(1, half, half);
+  act_backward_out(d_gate, grad * h.narrow(1, half, half), h.narrow(1, 0, half), a);
+  at::mul_out(d_up, grad, act_gate);
+  return out;
+}
+
+namespace {
+
+struct KeptScratch {
+  std::mutex mutex;
+  at::Tensor buffer;  // bytes
+  bool in_use = false;
+};
+
+// Never destroyed: no destructor runs at exit, when torch's allocator may already be gone.
+KeptScratch& kept_scratch() {
+  static auto* kept = new KeptScratch();
+  return *kept;
+}
+
+}  // namespace
+
+Scratch::Scratch(at::IntArrayRef shape, const at::TensorOptions& options) {
+  const int64_t bytes = c10::multiply_integers(shape) * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes > 0 && bytes <= kMaxBytes) {
+    auto& kept = kept_scratch();
+    std::lock_guard<std::mutex> lock(kept.mutex);
+    if (!kept.in_use) {
+      if (!kept.buffer.defined() || kept.buffer.numel() < bytes) {
+        kept.buffer = at::empty({bytes}, options.dtype(at::kByte));
+      }
+      tensor_ = kept.buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(shape);
+      kept.in_use = kept_ = true;
+    }
+  }
+  if (!kept_) tensor_ = at::empty(shape, options);
+}
+
+Scratch::~Scratch() {
+  if (!kept_) return;
+  tensor_.reset();
+  auto& kept = kept_scratch();
+  std::lock_guard<std::mutex> lock(kept.mutex);
+  kept.in_use = false;
+}
+
+namespace {
+
+struct GroupedArgs {
+  at::Tensor a, w, bias;  // contiguous; bias undefined when absent
+  std::vector<int64_t> bounds;
+  Activation act;
+  bool gated;
+};
+
+GroupedArgs grouped_args(const char* op, const at::Tensor& a, const at::Tensor& w, const at::Tensor& offsets,
+                         const std::optional<at::Tensor>& bias, c10::string_view activation, bool gated) {
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 3 && a.size(1) == w.size(2), op,
+              ": a must be [N, K] and w [E, M, K], got a ", a.sizes(), " and w ", w.sizes());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()) && a.scalar_type() == w.scalar_type(), op,
+              ": a and w must share a floating dtype, got ", a.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == w.size(0) + 1, op, ": offsets must be [E+1] = [",
+              w.size(0) + 1, "], got ", offsets.sizes());
+  TORCH_CHECK(!gated || w.size(1) % 2 == 0, op, ": gated needs an even M (gate and up halves), got w ", w.sizes());
+  GroupedArgs g{a.contiguous(), w.contiguous(), at::Tensor(), read_offsets(offsets, a.size(0), op),
+                parse_activation(activation, op), gated};
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == w.size(0) && bias->size(1) == w.size(1), op,
+                ": bias must be [E, M] = [", w.size(0), ", ", w.size(1), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == a.scalar_type(), op, ": bias must have a's dtype ", a.scalar_type(),
+                ", got ", bias->scalar_type());
+    g.bias = bias->contiguous();
+  }
+  return g;
+}
+
+// Zero the rows of t outside [bounds[0], bounds[E]).
+void zero_outside(at::Tensor& t, const std::vector<int64_t>& bounds) {
+  t.narrow(0, 0, bounds.front()).zero_();
+  t.narrow(0, bounds.back(), t.size(0) - bounds.back()).zero_();
+}
+
+at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& w_in, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& bias_in, c10::string_view activation, bool gated) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const GroupedArgs g = grouped_args("grouped_mm", a_in, w_in, offsets, bias_in, activation, gated);
+  const int64_t N = g.a.size(0), M = g.w.size(1);
+  auto out = at::empty({N, gated ? M / 2 : M}, g.a.options());
+  zero_outside(out, g.bounds);
+  const bool in_place = !gated && g.act == Activation::identity &&
+                        g.a.scalar_type() == compute_dtype(g.a.scalar_type());
+  for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
+    const auto a = to_compute(g.a.slice(0, lo, hi));
+    const auto w = g.w[e];
+    const auto b = g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor();
+    if (in_place) {
+      gemm_bias_out(out.slice(0, lo, hi), a, w, b);
+    } else {
+      gated_act_into(out.slice(0, lo, hi), gemm_bias(a, w, b), g.act, g.gated);
+    }
+  });
+  return out;
+}
+
+// -> (grad_a [N, K], grad_w [E, M, K], grad_bias [E, M] or [0] without bias). The pre-activation is recomputed
+// per expert.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_in, const at::Tensor& a_in,
+                                                                   const at::Tensor& w_in, const at::Tensor& offsets,
+                                                                   const std::optional<at::Tensor>& bias_in,
+                                                                   c10::string_view activation, bool gated) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const GroupedArgs g = grouped_args("grouped_mm_backward", a_in, w_in, offsets, bias_in, activation, gated);
+  const int64_t N = g.a.size(0), E = g.w.size(0), M = g.w.size(1);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N && grad_in.size(1) == (gated ? M / 2 : M),
+              "grouped_mm_backward: grad must be [N, ", gated ? M / 2 : M, "] = the output's shape, got ",
+              grad_in.sizes());
+  const auto grad = grad_in.contiguous();
+  auto grad_a = at::empty_like(g.a);
+  auto grad_w = at::empty_like(g.w);
+  auto grad_b = g.bias.defined() ? at::empty_like(g.bias) : at::empty({0}, g.a.options());
+  zero_outside(grad_a, g.bounds);
+  for (int64_t e = 0; e < E; ++e) {
+    if (g.bounds[e + 1] > g.bounds[e]) continue;
+    grad_w[e].zero_();
+    if (g.bias.defined()) grad_b[e].zero_();
+  }
+  const bool recompute = gated || g.act != Activation::identity;
+  for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
+    const auto a = to_compute(g.a.slice(0, lo, hi));
+    const auto w = to_compute(g.w[e]);
+    auto dh = to_compute(grad.slice(0, lo, hi));
+    if (recompute) {
+      const auto pre = gemm_bias(a, w, g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor());
+      dh = gated_act_backward(dh, pre, act_of_gate(pre, g.act, g.gated), g.act, g.gated);
+    }
+    mm_into(grad_a.slice(0, lo, hi), dh, w);
+    mm_into(grad_w[e], dh.t(), a);
+    if (g.bias.defined()) grad_b[e].copy_(dh.sum(0));
+  });
+  return {grad_a, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
+  m.def("grouped_mm(Tensor a, Tensor w, Tensor offsets, Tensor? bias, str activation, bool gated) -> Tensor");
+  m.def("grouped_mm_backward(Tensor grad, Tensor a, Tensor w, Tensor offsets, Tensor? bias, str activation, "
+        "bool gated) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {
+  m.impl("grouped_mm", &grouped_mm);
+  m.impl("grouped_mm_backward", &grouped_mm_backward);
+}
+
+}  // namespace moe_kernels

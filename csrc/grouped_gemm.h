@@ -1,0 +1,124 @@
+// The grouped-GEMM building blocks that the grouped_mm ops (grouped_gemm.cpp) and the fused expert MLP
+// (expert_mlp.cpp) share: the compute dtype, the group bounds, the expert scheduler, the GEMM calls and the
+// activation epilogues.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <functional>
+#include <vector>
+
+namespace moe_kernels {
+
+enum class Activation { silu, gelu, gelu_tanh, relu, identity };
+
+// "silu" | "gelu" | "gelu_tanh" | "relu" | "identity"; anything else is an error naming `op`.
+Activation parse_activation(c10::string_view name, const char* op);
+
+// The dtype the GEMMs and epilogues run in: float64 for float64 data, float32 for everything else (CPU BLAS has
+// no fast 16-bit GEMM without AVX512-BF16/AMX, so 16-bit operands are widened slice by slice).
+at::ScalarType compute_dtype(at::ScalarType t);
+
+// t in its compute dtype: t itself when it already is, else a widened copy.
+at::Tensor to_compute(const at::Tensor& t);
+
+// A tensor for data that lives only within one call (the expert-ordered [T*k, D] buffers of the expert MLP).
+// Its memory is kept for the next call (one buffer, up to kMaxBytes): a fresh buffer of that size costs a page
+// fault per 4 KiB touched, a tenth of a forward pass on a small CPU. A second call while the kept buffer is in use,
+// or a larger request, gets a fresh allocation. The tensor must not outlive the Scratch.
+class Scratch {
+ public:
+  static constexpr int64_t kMaxBytes = int64_t(1) << 30;
+  Scratch(at::IntArrayRef shape, const at::TensorOptions& options);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  const at::Tensor& tensor() const { return tensor_; }
+
+ private:
+  at::Tensor tensor_;
+  bool kept_ = false;
+};
+
+// Rows idx [rows] (int32 or int64) of src [T, D] in src's compute dtype: a gather fused with the widening of
+// 16-bit data, one pass. idx values are checked against T.
+at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx);
+
+// offsets [E+1] int32 read on the host, checked: 0 <= offsets[0] <= ... <= offsets[E] <= rows.
+std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows, const char* op);
+
+// Runs body(e, lo, hi) once for every expert e with rows [lo, hi) non-empty. Experts whose cost alone exceeds
+// one thread's share run one at a time with multi-threaded GEMMs; the rest are spread over the threads (longest
+// first onto the least loaded thread), each running single-threaded GEMMs, when that spreads evenly, and run
+// one at a time otherwise. The cost of an expert is rows + fixed_cost_rows. The schedule depends only on the
+// group sizes and the thread count, so reruns are bit-identical. body runs below autograd.
+void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
+                    const std::function<void(int64_t e, int64_t lo, int64_t hi)>& body);
+
+// Groups of up to kStreamRows rows (decode) stream their weights: a GEMM there is bound by reading w, and BLAS
+// would first pack w (and 16-bit w would first be widened).
+constexpr int64_t kStreamRows = 4;
+
+// out[r, m] = sum_k a[r, k] * w[m, k] (+ bias[m]) for a few rows r: each row of w is read once, from memory, in
+// its own dtype, and used for every row of a while in L1. Each dot product keeps 32 partial sums (as many
+// independent accumulators as a BLAS kernel, so its rounding error is a BLAS kernel's), combined pairwise: a
+// fixed order, the same bits on every run.
+template <typename w_t, typename acc_t>
+void stream_rows(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias, acc_t* out) {
+  constexpr int64_t kLanes = 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const w_t* wm = w + m * K;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* ar = a + r * K;
+      acc_t part[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) part[l] += ar[k + l] * static_cast<acc_t>(wm[k + l]);
+      }
+      for (int64_t l = 0; k < K; ++k, ++l) part[l] += ar[k] * static_cast<acc_t>(wm[k]);
+      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+        for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
+      }
+      out[r * M + m] = bias != nullptr ? part[0] + bias[m] : part[0];
+    }
+  }
+}
+
+// One value through an activation, for the few-row paths (tensors go through ATen's kernels): the formulas of
+// torch's silu, gelu (erf and tanh forms) and relu (NaN stays NaN).
+template <typename T>
+T activate(T v, Activation a) {
+  switch (a) {
+    case Activation::silu: return v / (T(1) + std::exp(-v));
+    case Activation::gelu: return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
+    case Activation::gelu_tanh: {
+      const T inner = T(M_2_SQRTPI * M_SQRT1_2) * (v + T(0.044715) * v * v * v);
+      return T(0.5) * v * (T(1) + std::tanh(inner));
+    }
+    case Activation::relu: return std::isnan(v) || v > T(0) ? v : T(0);
+    case Activation::identity: return v;
+  }
+  return v;
+}
+
+// out = a @ w^T (+ bias): a [rows, K], out [rows, M] (a row slice of a larger tensor is fine) and bias [M] in
+// the compute dtype; w [M, K] in its storage dtype. Up to kStreamRows rows, stream_rows; else ATen's matmul on w
+// widened to the compute dtype.
+void gemm_bias_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
+at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
+
+// dst = a @ b: straight into dst when it has a's dtype, else computed in a's dtype and narrowed into dst.
+void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b);
+
+// The expert MLP's activation on a pre-activation h [rows, M]: act(gate) * up with gate = h[:, :M/2] and
+// up = h[:, M/2:] when gated, act(h) otherwise. act_of_gate is its act(gate) factor (act(h) when not gated).
+at::Tensor gated_act(const at::Tensor& h, Activation act, bool gated);
+void gated_act_into(const at::Tensor& dst, const at::Tensor& h, Activation act, bool gated);
+at::Tensor act_of_gate(const at::Tensor& h, Activation act, bool gated);
+
+// Gradient of gated_act w.r.t. h [rows, M], given the gradient of its output and act_of_gate(h).
+at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& act_gate, Activation act,
+                              bool gated);
+
+}  // namespace moe_kernels

@@ -1,0 +1,327 @@
+// Fused top-k routing on CPU (the native backend of moe_kernels::topk_route and its backward).
+//
+// One pass per token: scores (softmax or sigmoid), correction bias, group-limited choice, top-k, renormalise,
+// scale, and the statistics of the auxiliary losses (counts, prob_sum, lse). Tokens run in parallel in
+// fixed-size chunks; prob_sum is reduced from per-chunk partial sums in chunk order, so the result does not
+// depend on the thread count.
+//
+// The arithmetic runs in float64 for every logits dtype; the choice compares the scores rounded to the compute
+// dtype (float32 below float64, as the reference takes them), with the bias added in that dtype. Ranking is
+// torch.sort's, descending and stable: NaN ranks above every number, ties go to the lower index. A NaN logit
+// makes its token's softmax NaN (all of its weights), and only that token's.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace moe_kernels {
+namespace {
+
+constexpr double kEps = 1e-20;       // the reference's guard in the renormalisation
+constexpr int64_t kChunk = 128;      // tokens per chunk of the parallel loop (fixed: the sums do not depend on it)
+
+// i ranks before j: larger value first, NaN above everything, ties to the lower index.
+template <typename T>
+struct RanksBefore {
+  const T* v;
+  bool operator()(int64_t i, int64_t j) const {
+    const T a = v[i], b = v[j];
+    const bool na = std::isnan(a), nb = std::isnan(b);
+    if (na != nb) return na;
+    if (!na && a != b) return a > b;
+    return i < j;
+  }
+};
+
+double sigmoid(double z) {
+  if (z >= 0) return 1.0 / (1.0 + std::exp(-z));
+  const double e = std::exp(z);
+  return e / (1.0 + e);
+}
+
+// Softmax statistics of one row of logits: max m (NaN when the row has a NaN), exp(z - m) into `ex`, their sum.
+struct Softmax {
+  double m, sum;
+};
+
+template <typename in_t>
+Softmax softmax_row(const in_t* z, int64_t E, double* ex) {
+  double m = -std::numeric_limits<double>::infinity();
+  bool nan = false;
+  for (int64_t e = 0; e < E; ++e) {
+    const double v = static_cast<double>(z[e]);
+    nan = nan || std::isnan(v);
+    m = v > m ? v : m;
+  }
+  if (nan) m = std::numeric_limits<double>::quiet_NaN();
+  double sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += (ex[e] = std::exp(static_cast<double>(z[e]) - m));
+  return {m, sum};
+}
+
+// torch.logsumexp: an infinite max is replaced by 0 before the exponentials.
+template <typename in_t>
+double logsumexp_row(const in_t* z, int64_t E, const Softmax& st) {
+  if (std::isfinite(st.m)) return std::log(st.sum) + st.m;
+  double sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += std::exp(static_cast<double>(z[e]));
+  return std::log(sum);
+}
+
+struct RouteArgs {
+  int64_t E, k, groups, topk_groups;
+  bool sigmoid, renormalize;
+  double scale;
+};
+
+// Routes one token. out_t: the dtype of the scores the choice compares (float or double).
+template <typename in_t, typename out_t>
+struct TokenRouter {
+  const RouteArgs& a;
+  const out_t* bias;  // [E] in out_t, or nullptr
+  std::vector<double> ex, s;
+  std::vector<out_t> choice, group_score;
+  std::vector<int64_t> idx, gidx;
+
+  TokenRouter(const RouteArgs& args, const out_t* b)
+      : a(args), bias(b), ex(args.E), s(args.E), choice(args.E), group_score(std::max<int64_t>(args.groups, 1)),
+        idx(args.E), gidx(std::max<int64_t>(args.groups, 1)) {}
+
+  // z [E] -> weights [k], experts [k], lse; adds the token's load-balancing distribution to prob_acc [E].
+  void route(const in_t* z, out_t* weights, int64_t* experts, out_t* lse, double* prob_acc) {
+    const int64_t E = a.E, k = a.k;
+    const Softmax st = softmax_row(z, E, ex.data());
+    *lse = static_cast<out_t>(logsumexp_row(z, E, st));
+    if (a.sigmoid) {
+      double total = 0;
+      for (int64_t e = 0; e < E; ++e) total += (s[e] = sigmoid(static_cast<double>(z[e])));
+      for (int64_t e = 0; e < E; ++e) prob_acc[e] += s[e] / (total + kEps);
+    } else {
+      for (int64_t e = 0; e < E; ++e) prob_acc[e] += (s[e] = ex[e] / st.sum);
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      choice[e] = static_cast<out_t>(s[e]);
+      if (bias != nullptr) choice[e] = choice[e] + bias[e];
+    }
+    if (a.groups > 1) restrict_to_top_groups();
+    for (int64_t e = 0; e < E; ++e) idx[e] = e;
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), RanksBefore<out_t>{choice.data()});
+    double total = 0;
+    for (int64_t j = 0; j < k; ++j) total += s[idx[j]];
+    const double denom = a.renormalize ? total + kEps : 1.0;
+    for (int64_t j = 0; j < k; ++j) {
+      experts[j] = idx[j];
+      weights[j] = static_cast<out_t>(s[idx[j]] / denom * a.scale);
+    }
+  }
+
+  // Group score: the sum of the group's top-2 choice values; experts outside the topk_groups best groups get
+  // -inf (as the reference's masked_fill does).
+  void restrict_to_top_groups() {
+    const int64_t size = a.E / a.groups;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      auto first = idx.begin() + g * size, last = first + size;
+      for (int64_t i = 0; i < size; ++i) first[i] = g * size + i;
+      const int64_t top = std::min<int64_t>(2, size);
+      std::partial_sort(first, first + top, last, RanksBefore<out_t>{choice.data()});
+      group_score[g] = top == 2 ? static_cast<out_t>(choice[first[0]] + choice[first[1]]) : choice[first[0]];
+      gidx[g] = g;
+    }
+    std::partial_sort(gidx.begin(), gidx.begin() + a.topk_groups, gidx.end(),
+                      RanksBefore<out_t>{group_score.data()});
+    std::vector<char> keep(a.groups, 0);
+    for (int64_t i = 0; i < a.topk_groups; ++i) keep[gidx[i]] = 1;
+    for (int64_t e = 0; e < a.E; ++e) {
+      if (!keep[e / size]) choice[e] = -std::numeric_limits<out_t>::infinity();
+    }
+  }
+};
+
+template <typename in_t, typename out_t>
+void route_all(const in_t* logits, int64_t T, const RouteArgs& a, const out_t* bias, out_t* weights,
+               int64_t* experts, out_t* lse, int32_t* counts, out_t* prob_sum) {
+  const int64_t E = a.E, k = a.k;
+  const int64_t chunks = (T + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks * E, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    TokenRouter<in_t, out_t> router(a, bias);
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t t = c * kChunk; t < std::min(T, (c + 1) * kChunk); ++t) {
+        router.route(logits + t * E, weights + t * k, experts + t * k, lse + t, partial.data() + c * E);
+      }
+    }
+  });
+  for (int64_t e = 0; e < E; ++e) {
+    double sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) sum += partial[c * E + e];
+    prob_sum[e] = static_cast<out_t>(sum);
+    counts[e] = 0;
+  }
+  for (int64_t i = 0; i < T * k; ++i) ++counts[experts[i]];
+}
+
+RouteArgs route_args(const char* op, const at::Tensor& logits, int64_t k, c10::string_view score,
+                     bool renormalize, int64_t num_groups, int64_t topk_groups, double scale) {
+  TORCH_CHECK(logits.dim() == 2 && at::isFloatingType(logits.scalar_type()), op,
+              ": logits must be a floating [T, E] tensor, got ", logits.sizes(), " ", logits.scalar_type());
+  TORCH_CHECK(score == "softmax" || score == "sigmoid", op, ": score must be 'softmax' or 'sigmoid', got '",
+              std::string(score), "'");
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, op, ": k must be in [1, E = ", E, "], got ", k);
+  RouteArgs a{E, k, num_groups > 1 ? num_groups : 0, num_groups > 1 ? topk_groups : 0, score == "sigmoid",
+              renormalize, scale};
+  if (a.groups > 1) {
+    TORCH_CHECK(E % a.groups == 0, op, ": num_groups = ", a.groups, " must divide E = ", E);
+    TORCH_CHECK(a.topk_groups >= 1 && a.topk_groups <= a.groups, op, ": topk_groups must be in [1, num_groups = ",
+                a.groups, "], got ", a.topk_groups);
+    TORCH_CHECK(k <= a.topk_groups * (E / a.groups), op, ": k = ", k, " exceeds the ", a.topk_groups * (E / a.groups),
+                " experts of topk_groups = ", a.topk_groups, " groups");
+  }
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_route(
+    const at::Tensor& logits_in, int64_t k, c10::string_view score, bool renormalize,
+    const std::optional<at::Tensor>& bias_in, int64_t num_groups, int64_t topk_groups, double scale) {
+  const RouteArgs a = route_args("topk_route", logits_in, k, score, renormalize, num_groups, topk_groups, scale);
+  const auto logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = a.E;
+  const auto f = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == E, "topk_route: bias must be [E = ", E, "], got ",
+                bias_in->sizes());
+    bias = bias_in->to(f).contiguous();
+  }
+  auto opts = logits.options();
+  auto weights = at::empty({T, k}, opts.dtype(f));
+  auto experts = at::empty({T, k}, opts.dtype(at::kLong));
+  auto counts = at::empty({E}, opts.dtype(at::kInt));
+  auto prob_sum = at::empty({E}, opts.dtype(f));
+  auto lse = at::empty({T}, opts.dtype(f));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route", [&] {
+    if (f == at::kDouble) {
+      route_all<scalar_t, double>(logits.const_data_ptr<scalar_t>(), T, a,
+                                  bias.defined() ? bias.const_data_ptr<double>() : nullptr,
+                                  weights.mutable_data_ptr<double>(), experts.mutable_data_ptr<int64_t>(),
+                                  lse.mutable_data_ptr<double>(), counts.mutable_data_ptr<int32_t>(),
+                                  prob_sum.mutable_data_ptr<double>());
+    } else {
+      route_all<scalar_t, float>(logits.const_data_ptr<scalar_t>(), T, a,
+                                 bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                                 weights.mutable_data_ptr<float>(), experts.mutable_data_ptr<int64_t>(),
+                                 lse.mutable_data_ptr<float>(), counts.mutable_data_ptr<int32_t>(),
+                                 prob_sum.mutable_data_ptr<float>());
+    }
+  });
+  return {weights, experts, counts, prob_sum, lse};
+}
+
+// Gradient w.r.t. the logits of one token, in float64 (the reference's formulas):
+//   weights: w_j = scale * p_j / (sum_j p_j + eps) with p_j = s[e_j] (renormalised) or scale * p_j;
+//   prob_sum: s (softmax) or s / (sum s + eps) (sigmoid);   lse: softmax(z).
+template <typename in_t>
+void route_backward_all(const double* gw, const double* gp, const double* gl, const in_t* logits,
+                        const int64_t* experts, int64_t T, int64_t E, int64_t k, bool sig, bool renormalize,
+                        double scale, in_t* grad) {
+  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(E, 1)), [&](int64_t t0, int64_t t1) {
+    std::vector<double> ex(E), s(E), gs(E), g(k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const in_t* z = logits + t * E;
+      const Softmax st = softmax_row(z, E, ex.data());
+      for (int64_t e = 0; e < E; ++e) s[e] = sig ? sigmoid(static_cast<double>(z[e])) : ex[e] / st.sum;
+      std::fill(gs.begin(), gs.end(), 0.0);
+      if (gw != nullptr) {
+        const int64_t* ids = experts + t * k;
+        double total = 0, dot = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "topk_route_backward: experts[", t, ", ", j, "] = ", ids[j],
+                      " is outside [0, E = ", E, ")");
+          g[j] = gw[t * k + j] * scale;
+          total += s[ids[j]];
+          dot += g[j] * s[ids[j]];
+        }
+        const double Z = total + kEps;
+        for (int64_t j = 0; j < k; ++j) gs[ids[j]] += renormalize ? g[j] / Z - dot / (Z * Z) : g[j];
+      }
+      if (gp != nullptr) {
+        if (sig) {
+          double total = 0, dot = 0;
+          for (int64_t e = 0; e < E; ++e) {
+            total += s[e];
+            dot += gp[e] * s[e];
+          }
+          const double Z = total + kEps;
+          for (int64_t e = 0; e < E; ++e) gs[e] += gp[e] / Z - dot / (Z * Z);
+        } else {
+          for (int64_t e = 0; e < E; ++e) gs[e] += gp[e];
+        }
+      }
+      in_t* out = grad + t * E;
+      double dot = 0;
+      if (!sig) {
+        for (int64_t e = 0; e < E; ++e) dot += gs[e] * s[e];
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        double gz = sig ? gs[e] * s[e] * (1 - s[e]) : s[e] * (gs[e] - dot);
+        if (gl != nullptr) gz += gl[t] * (ex[e] / st.sum);
+        out[e] = static_cast<in_t>(gz);
+      }
+    }
+  });
+}
+
+at::Tensor topk_route_backward(const std::optional<at::Tensor>& grad_weights,
+                               const std::optional<at::Tensor>& grad_prob_sum,
+                               const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits_in,
+                               const at::Tensor& experts_in, c10::string_view score, bool renormalize, double scale) {
+  TORCH_CHECK(logits_in.dim() == 2 && at::isFloatingType(logits_in.scalar_type()),
+              "topk_route_backward: logits must be a floating [T, E] tensor, got ", logits_in.sizes(), " ",
+              logits_in.scalar_type());
+  TORCH_CHECK(score == "softmax" || score == "sigmoid",
+              "topk_route_backward: score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
+  const auto logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(experts_in.dim() == 2 && experts_in.size(0) == T, "topk_route_backward: experts must be [T = ", T,
+              ", k], got ", experts_in.sizes());
+  const int64_t k = experts_in.size(1);
+  const auto experts = experts_in.to(at::kLong).contiguous();
+  auto as_double = [](const std::optional<at::Tensor>& t, at::IntArrayRef shape, const char* name) {
+    if (!t.has_value()) return at::Tensor();
+    TORCH_CHECK(t->sizes() == shape, "topk_route_backward: ", name, " must be ", shape, ", got ", t->sizes());
+    return t->to(at::kDouble).contiguous();
+  };
+  const auto gw = as_double(grad_weights, {T, k}, "grad_weights");
+  const auto gp = as_double(grad_prob_sum, {E}, "grad_prob_sum");
+  const auto gl = as_double(grad_lse, {T}, "grad_lse");
+  auto grad = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_backward", [&] {
+    route_backward_all<scalar_t>(gw.defined() ? gw.const_data_ptr<double>() : nullptr,
+                                 gp.defined() ? gp.const_data_ptr<double>() : nullptr,
+                                 gl.defined() ? gl.const_data_ptr<double>() : nullptr,
+                                 logits.const_data_ptr<scalar_t>(), experts.const_data_ptr<int64_t>(), T, E, k,
+                                 score == "sigmoid", renormalize, scale, grad.mutable_data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
+  m.def("topk_route(Tensor logits, int k, str score, bool renormalize, Tensor? bias, int num_groups, "
+        "int topk_groups, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk_route_backward(Tensor? grad_weights, Tensor? grad_prob_sum, Tensor? grad_lse, Tensor logits, "
+        "Tensor experts, str score, bool renormalize, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {
+  m.impl("topk_route", &topk_route);
+  m.impl("topk_route_backward", &topk_route_backward);
+}
+
+}  // namespace moe_kernels
