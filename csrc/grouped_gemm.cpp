@@ -152,6 +152,47 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
   });
 }
 
+// --- the few-row streaming GEMM (decode) ---
+// GCC/clang build one copy per listed ISA and resolve the call once, at load time (an ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define MOE_KERNELS_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MOE_KERNELS_ISA_CLONES
+#endif
+
+template <typename w_t, typename acc_t>
+inline __attribute__((always_inline)) void stream_rows_impl(const acc_t* a, int64_t rows, int64_t K, const w_t* w,
+                                                            int64_t M, const acc_t* bias, acc_t* out) {
+  constexpr int64_t kLanes = 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const w_t* wm = w + m * K;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* ar = a + r * K;
+      acc_t part[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) part[l] += ar[k + l] * static_cast<acc_t>(wm[k + l]);
+      }
+      for (int64_t l = 0; k < K; ++k, ++l) part[l] += ar[k] * static_cast<acc_t>(wm[k]);
+      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+        for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
+      }
+      out[r * M + m] = bias != nullptr ? part[0] + bias[m] : part[0];
+    }
+  }
+}
+
+#define MOE_KERNELS_STREAM_ROWS(w_t, acc_t)                                                                  \
+  MOE_KERNELS_ISA_CLONES void stream_rows(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M,        \
+                                          const acc_t* bias, acc_t* out) {                                        \
+    stream_rows_impl<w_t, acc_t>(a, rows, K, w, M, bias, out);                                                     \
+  }
+MOE_KERNELS_STREAM_ROWS(float, float)
+MOE_KERNELS_STREAM_ROWS(c10::BFloat16, float)
+MOE_KERNELS_STREAM_ROWS(c10::Half, float)
+MOE_KERNELS_STREAM_ROWS(double, double)
+#undef MOE_KERNELS_STREAM_ROWS
+
 void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tensor& w_in, const at::Tensor& bias) {
   auto& out = const_cast<at::Tensor&>(out_c);
   if (a.size(0) > kStreamRows || !out.is_contiguous()) {
@@ -168,11 +209,11 @@ void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tenso
   const int64_t rows = ac.size(0), K = ac.size(1), M = w.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "gemm_bias_out", [&] {
     using w_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gemm_bias_out_acc", [&] {
-      using acc_t = scalar_t;
-      stream_rows<w_t, acc_t>(ac.const_data_ptr<acc_t>(), rows, K, w.const_data_ptr<w_t>(), M,
-                              bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<acc_t>());
-    });
+    using acc_t = std::conditional_t<std::is_same_v<w_t, double>, double, float>;  // the compute dtype
+    TORCH_CHECK(out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && ac.scalar_type() == out.scalar_type(),
+                "gemm_bias_out: a and out must be in w's compute dtype");
+    stream_rows(ac.const_data_ptr<acc_t>(), rows, K, w.const_data_ptr<w_t>(), M,
+                bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<acc_t>());
   });
 }
 

@@ -63,27 +63,15 @@ constexpr int64_t kStreamRows = 4;
 // out[r, m] = sum_k a[r, k] * w[m, k] (+ bias[m]) for a few rows r: each row of w is read once, from memory, in
 // its own dtype, and used for every row of a while in L1. Each dot product keeps 32 partial sums (as many
 // independent accumulators as a BLAS kernel, so its rounding error is a BLAS kernel's), combined pairwise: a
-// fixed order, the same bits on every run.
-template <typename w_t, typename acc_t>
-void stream_rows(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias, acc_t* out) {
-  constexpr int64_t kLanes = 32;
-  for (int64_t m = 0; m < M; ++m) {
-    const w_t* wm = w + m * K;
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* ar = a + r * K;
-      acc_t part[kLanes] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= K; k += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) part[l] += ar[k + l] * static_cast<acc_t>(wm[k + l]);
-      }
-      for (int64_t l = 0; k < K; ++k, ++l) part[l] += ar[k] * static_cast<acc_t>(wm[k]);
-      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-        for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
-      }
-      out[r * M + m] = bias != nullptr ? part[0] + bias[m] : part[0];
-    }
-  }
-}
+// fixed order, the same bits on every run of a machine. Compiled for AVX-512 and AVX2+FMA as well as the baseline
+// ISA; the loader picks the widest the CPU has (the FMA versions round each product-sum once, not twice).
+void stream_rows(const float* a, int64_t rows, int64_t K, const float* w, int64_t M, const float* bias, float* out);
+void stream_rows(const float* a, int64_t rows, int64_t K, const c10::BFloat16* w, int64_t M, const float* bias,
+                 float* out);
+void stream_rows(const float* a, int64_t rows, int64_t K, const c10::Half* w, int64_t M, const float* bias,
+                 float* out);
+void stream_rows(const double* a, int64_t rows, int64_t K, const double* w, int64_t M, const double* bias,
+                 double* out);
 
 // One value through an activation, for the few-row paths (tensors go through ATen's kernels): the formulas of
 // torch's silu, gelu (erf and tanh forms) and relu (NaN stays NaN).
