@@ -265,7 +265,9 @@ at::Tensor act_of_gate(const at::Tensor& h, Activation a, bool gated) {
 at::Tensor gated_act(const at::Tensor& h, Activation a, bool gated) {
   if (!gated) return act(h, a);
   const int64_t half = h.size(1) / 2;
-  return act(h.narrow(1, 0, half), a).mul_(h.narrow(1, half, half));
+  const auto gate = h.narrow(1, 0, half), up = h.narrow(1, half, half);
+  // identity hands back its input: a view of h, which must not be overwritten (h is the saved pre-activation)
+  return a == Activation::identity ? gate * up : act(gate, a).mul_(up);
 }
 
 void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, bool gated) {
