@@ -19,14 +19,17 @@ from moe_kernels import _backend
 from .helpers import assert_earned_max
 from .samples import ACTIVATIONS, F64, PROGRAMS, eps_allowance, largest_magnitude, materialise, run_with_grads
 
-FAST_BACKENDS = (["native"] if _backend.NATIVE else []) + (["triton"] if _backend._triton_usable("cpu") else [])
+FAST_BACKENDS = (["native"] if _backend.NATIVE else []) + (
+    ["triton"] if torch.cuda.is_available() or _backend._triton_usable("cpu") else [])
+# triton runs on the GPU when there is one (the references then run there too), else in the interpreter
+DEVICE = {"native": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 # bf16 tl.dot is wrong in the Triton interpreter: triton runs fp16 and fp32 here, bf16 too on a GPU
 DTYPES = {"native": ["float32", "bfloat16", "float16"],
           "triton": ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_available() else [])}
 # the interpreter runs each Triton program in Python: small shapes and few examples there;
 # MOE_KERNELS_PROPERTY_EXAMPLES=N multiplies the counts by N for a longer hunt
 _MORE = int(os.environ.get("MOE_KERNELS_PROPERTY_EXAMPLES", "1"))
-EXAMPLES = {"native": 25 * _MORE, "triton": 5 * _MORE}
+EXAMPLES = {"native": 25 * _MORE, "triton": (25 if torch.cuda.is_available() else 5) * _MORE}
 
 
 def _dims(draw, small):
@@ -68,11 +71,12 @@ def check_program(name, backend, p, dtype_name, seed):
     gen = torch.Generator().manual_seed(seed)
     # every run sees the same values: the inputs rounded to dtype (the float64 run measures the computation's
     # error, not the rounding of its inputs)
-    inputs = {n: v.to(dtype).to(F64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-              for n, v in program.make(p, gen).items()}
+    device = DEVICE[backend]
+    inputs = {n: (v.to(dtype).to(F64) if v.is_floating_point() else v).to(device) if isinstance(v, torch.Tensor)
+              else v for n, v in program.make(p, gen).items()}
     with moe_kernels.use_backend("reference"):
         outs64, exact64, _ = run_with_grads(program, materialise(inputs, F64), ())
-        cotangents = [torch.randn(o.shape, dtype=F64, generator=gen).to(dtype).to(F64) for o in outs64]
+        cotangents = [torch.randn(o.shape, dtype=F64, generator=gen).to(dtype).to(F64).to(device) for o in outs64]
         outs64, exact64, grads64 = run_with_grads(program, materialise(inputs, F64), cotangents)
         same, exact_same, grads_same = run_with_grads(program, materialise(inputs, dtype), cotangents)
     with moe_kernels.use_backend(backend):
@@ -108,7 +112,7 @@ def test_matches_float64_reference(name, backend):
 
     @settings(max_examples=EXAMPLES[backend], deadline=None, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-    @given(p=program_params(name, small=backend == "triton"), dtype_name=st.sampled_from(DTYPES[backend]),
+    @given(p=program_params(name, small=backend == "triton" and DEVICE[backend] == "cpu"), dtype_name=st.sampled_from(DTYPES[backend]),
            seed=st.integers(0, 2**32 - 1))
     def check(p, dtype_name, seed):
         assume(check_program(name, backend, p, dtype_name, seed))
