@@ -294,12 +294,13 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
     timed = {prov.name: prov for prov in p.providers if prov.name in results and "not timed" not in
              status.get(prov.name, "")}
     results.clear()
-    memory, estimates = {}, {}
-    for name, prov in timed.items():
+    memory = {}
+    for name, prov in timed.items():   # a second warm-up call: measuring peak memory, or just a call if quick
         if measure_memory:
-            memory[name] = peak_memory(prov.fn, device)                 # also a second warm-up call
-        _, t = call_time(prov.fn, device)
-        estimates[name] = min(t, first[name])
+            memory[name] = peak_memory(prov.fn, device)
+        elif first[name] < 0.5:
+            call_time(prov.fn, device)
+    estimates = {name: first[name] for name in timed}   # sets the number of samples only
 
     limits = {}
     if p.work.gemms:
@@ -308,9 +309,8 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
     for dt in byte_dtypes:
         limits[f"limit: copy {dt}"] = copy_bytes(p.work.bytes(dt), device)
     for name, fn in limits.items():
-        _, t = call_time(fn, device)
-        _, t = call_time(fn, device)
-        estimates[name] = t
+        call_time(fn, device)                                          # warm-up
+        _, estimates[name] = call_time(fn, device)
     fns = {name: prov.fn for name, prov in timed.items()} | limits
     times = timeit(fns, estimates, device, budget_s=budget_s, min_repeats=min_repeats) if fns else {}
 
