@@ -1,71 +1,112 @@
-"""Module cases of the main job: SparseMoE and SoftMoE, forward and forward+backward, per backend."""
+"""Whole MoE layers, router included, as the seed documents write them and as `moe_kernels.convert()` replaces
+them: SparseMoE and DenseMoE, forward and forward+backward.
+
+    python -m benchmarks.bench_modules [--device cpu|cuda] [--quick | --full] [--only SUBSTRING]
+
+Each case starts from a seed reference layer (/work/shared/seeds/reference_layers.py); ours is
+`moe_kernels.convert()` of a copy of it (the same weights, stacked into our layout) under `auto`, and the same
+converted module under the reference backend. The seed layer itself is the peer:
+- moe_guide's AdvancedMoELayer: an MLP router, top-k of the softmax, renormalised; it runs every expert on every
+  token and keeps the top k (-> SparseMoE);
+- the notebook's SwitchMoE: top-1 by argmax, the chosen expert's output unscaled, a masked loop over experts
+  (-> SparseMoE with scale_by_gate=False);
+- moe_guide's MoELayer: a dense softmax gate over all experts (-> DenseMoE: two dense GEMMs).
+Without the seeds, ours is built directly with the same settings and the peer is skipped.
+FLOP model: the useful FLOPs (router, and the k chosen experts per token; every expert for DenseMoE), so a
+layer that computes more shows a lower rate.
+"""
+import copy
+
 import torch
+from torch import nn
 
 import moe_kernels
-from moe_kernels.nn import SoftMoE, SparseMoE
+from moe_kernels import DenseMoE, SparseMoE
 
-from . import common
+from . import common, peers
+from .common import Case, Pass, Provider, Work
 
-# name, constructor kwargs, input shape; `quick` marks the smallest shape of each case.
-CASES = [
-    dict(name="SparseMoE T512-D256-H512-E8-k2", kind="sparse", quick=True,
-         module=dict(dim=256, hidden_dim=512, num_experts=8, top_k=2), tokens=512),
-    dict(name="SparseMoE T1024-D256-H128-E32-k4", kind="sparse",
-         module=dict(dim=256, hidden_dim=128, num_experts=32, top_k=4), tokens=1024),
-    dict(name="SoftMoE B4-N256-D128-E4-S64", kind="soft", quick=True,
-         module=dict(dim=128, num_experts=4, num_slots=64, expert_mult=2), batch=4, seq=256),
-    dict(name="SoftMoE B2-N1024-D128-E8-S128", kind="soft",
-         module=dict(dim=128, num_experts=8, num_slots=128, expert_mult=2), batch=2, seq=1024),
-    # GPU sizes (run with --device cuda only)
-    dict(name="SparseMoE T8192-D2048-H768-E128-k8", kind="sparse", gpu=True,
-         module=dict(dim=2048, hidden_dim=768, num_experts=128, top_k=8), tokens=8192),
-    dict(name="SparseMoE T8192-D4096-H14336-E8-k2", kind="sparse", gpu=True,
-         module=dict(dim=4096, hidden_dim=14336, num_experts=8, top_k=2), tokens=8192),
-    dict(name="SoftMoE B8-N1024-D1024-E32-S32", kind="soft", gpu=True,
-         module=dict(dim=1024, num_experts=32, num_slots=32, expert_mult=4), batch=8, seq=1024),
-]
+FAMILY = "modules"
+SHAPES = {  # (layer, T, D, H, E, k)
+    "cpu": {"quick": [("AdvancedMoELayer", 128, 64, 64, 8, 2), ("SwitchMoE", 128, 64, 64, 8, 1),
+                      ("MoELayer", 128, 64, 64, 8, None)],
+            "default": [("AdvancedMoELayer", 2048, 256, 512, 8, 2), ("SwitchMoE", 2048, 256, 512, 8, 1),
+                        ("MoELayer", 2048, 256, 256, 8, None)],
+            "full": [("AdvancedMoELayer", 4096, 512, 1024, 16, 4), ("SwitchMoE", 8192, 512, 1024, 64, 1)]},
+    "cuda": {"quick": [("AdvancedMoELayer", 1024, 512, 1024, 8, 2), ("MoELayer", 1024, 512, 512, 8, None)],
+             "default": [("AdvancedMoELayer", 16384, 1024, 2048, 8, 2), ("SwitchMoE", 16384, 1024, 4096, 64, 1),
+                         ("MoELayer", 16384, 1024, 1024, 8, None)],
+             "full": []},
+}
+WHAT = {"AdvancedMoELayer": "SparseMoE, MLP router (moe_guide AdvancedMoELayer)",
+        "SwitchMoE": "SparseMoE top-1 (notebook SwitchMoE)",
+        "MoELayer": "DenseMoE, softmax gate (moe_guide MoELayer)"}
+SWITCH_SEQ = 256  # SwitchMoE takes [batch, seq, dim]
 
 
-def _build(case, device, dtype):
-    if case["kind"] == "sparse":
-        m = SparseMoE(**case["module"], device=device, dtype=dtype)
-        x = torch.randn(case["tokens"], m.dim, device=device, dtype=dtype)
-        a = case["module"]
-        flops = lambda bwd: common.sparse_flops(case["tokens"], a["top_k"], a["dim"], a["hidden_dim"], True, bwd)
-        limit_shape = (case["tokens"] * a["top_k"], a["hidden_dim"] * 3, a["dim"])
+def cases(device: str, size: str) -> list:
+    shapes = SHAPES[device]["quick"] if size == "quick" else SHAPES[device]["default"] + (
+        SHAPES[device]["full"] if size == "full" else [])
+    out = []
+    for layer, T, D, H, E, k in shapes:
+        label = f"{WHAT[layer]} T{T}-D{D}-H{H}-E{E}" + (f"-k{k}" if k else "")
+        out.append(Case(FAMILY, label, ("fwd", "fwd+bwd"),
+                        lambda device, dtype, a=(layer, T, D, H, E, k): build(device, dtype, *a), tokens=T))
+    return out
+
+
+def _seed_and_ours(layer, D, H, E, k, device, dtype):
+    """(the seed layer or None, ours with the same weights)."""
+    seeds = peers.seed_layers()
+    if seeds is not None:
+        seed = {"AdvancedMoELayer": lambda: seeds.AdvancedMoELayer(D, D, E, H, k=k),
+                "SwitchMoE": lambda: seeds.SwitchMoE(D, H, D, E),
+                "MoELayer": lambda: seeds.MoELayer(D, D, E, H)}[layer]().to(device=device, dtype=dtype)
+        ours = moe_kernels.convert(copy.deepcopy(seed), strict=True)
+        return seed, ours
+    f = dict(device=device, dtype=dtype)
+    relu_mlp = dict(activation="relu", gated=False, bias=True)
+    if layer == "AdvancedMoELayer":
+        router = nn.Sequential(nn.Linear(D, H, **f), nn.ReLU(), nn.Linear(H, E, **f))
+        return None, SparseMoE(D, H, E, k, router=router, aux_loss_type="entropy", aux_loss_coef=1.0, **relu_mlp, **f)
+    if layer == "SwitchMoE":
+        return None, SparseMoE(D, H, E, 1, router_bias=True, scale_by_gate=False, aux_loss_type=None, **relu_mlp, **f)
+    return None, DenseMoE(D, H, E, **relu_mlp, **f)
+
+
+def build(device, dtype, layer, T, D, H, E, k):
+    torch.manual_seed(0)
+    seed, ours = _seed_and_ours(layer, D, H, E, k, device, dtype)
+    seq = min(SWITCH_SEQ, T)
+    shape = (T // seq, seq, D) if layer == "SwitchMoE" else (T, D)
+    x = torch.randn(*shape, device=device, dtype=dtype)
+    grad = torch.randn(*shape, device=device, dtype=dtype)
+    if layer == "AdvancedMoELayer":
+        gemms = [(T, H, D), (T, E, H), *common.mlp_gemms(T * k, D, H, gated=False)]
+    elif layer == "SwitchMoE":
+        gemms = [(T, E, D), *common.mlp_gemms(T, D, H, gated=False)]
     else:
-        m = SoftMoE(**case["module"], device=device, dtype=dtype)
-        x = torch.randn(case["batch"], case["seq"], m.dim, device=device, dtype=dtype)
-        a = case["module"]
-        S = a["num_experts"] * a["num_slots"]
-        H = m.experts.hidden_dim
-        flops = lambda bwd: common.soft_flops(case["batch"], case["seq"], S, a["dim"], H, False, bwd)
-        limit_shape = (case["batch"] * case["seq"], S, a["dim"])
-    return m, x, flops, limit_shape
+        gemms = [(T, E, D), (T, E * H, D), (T, D, E * H)]
+
+    def pass_of(backward: bool) -> Pass:
+        def provider(name, kind, module, backend=None):
+            forward = module if backend is None else common.under(backend, module)
+            fn = common.pass_fn(forward, (x,), tuple(module.parameters()), backward=backward, grad=grad)
+            return Provider(name, fn, kind, dtype)
+
+        op = "dense_moe" if layer == "MoELayer" else "moe_mlp_fused"
+        provs = [provider(name, "ours", ours, backend) for name, backend in common.ours_backends(op, device)]
+        provs.append(provider("reference", "reference", ours, "reference"))
+        if seed is not None:
+            provs.append(provider(f"seed {layer}", "peer", seed))
+        return Pass(provs, Work(common.gemm_flops(gemms, backward), gemms))
+    return pass_of
 
 
-def run_case(case, device, dtype):
-    m, x, flops, limit_shape = _build(case, device, dtype)
-    xg = x.clone().requires_grad_()
-    rows = []
-    for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
-        def provider(backend):
-            def fn():
-                with moe_kernels.use_backend(backend):
-                    if backward:
-                        m(xg).sum().backward()
-                    else:
-                        with torch.no_grad():
-                            m(x)
-            return fn
+def main(argv=None):
+    from .__main__ import main as run_suite
+    run_suite(argv, families=(FAMILY,))
 
-        limit_fn, limit_flops = common.dense_matmul(*limit_shape, dtype, device, backward=backward)
-        times = common.timeit({"fused": provider("auto"), "reference": provider("reference"), "limit": limit_fn},
-                              device=device)
-        limit = limit_flops / times.pop("limit")
-        for name, t in times.items():
-            rate = flops(backward) / t
-            rows.append({"case": case["name"], "kind": case["kind"], "pass": pass_name, "provider": name,
-                         "ms": t * 1e3, "gflops": rate / 1e9, "limit_gflops": limit / 1e9,
-                         "pct_limit": 100 * rate / limit, "speedup_vs_reference": times["reference"] / t})
-    return rows
+
+if __name__ == "__main__":
+    main()

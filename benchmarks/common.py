@@ -1,70 +1,410 @@
-"""Timing, FLOP models and the dense-matmul limit shared by the benchmarks."""
+"""What every benchmark family shares: cases and providers, the passes, FLOP models, the limits measured in the
+same run, timing, peak memory, the agreement check, and a description of the machine.
+
+A family module (bench_expert_mlp, bench_routing, bench_permutation, bench_soft_moe, bench_modules) lists its
+cases with `cases(device, size)`; a case builds, per pass, its providers (plain functions over the same weights
+and inputs) and the work one call does (FLOPs, bytes moved, the GEMMs of a dense matmul of the same FLOPs).
+`run_pass` checks every provider against the reference, measures peak memory, times providers and limits
+interleaved, and returns one row per provider.
+"""
+import dataclasses
 import gc
+import importlib.metadata
+import math
+import os
 import platform
 import statistics
+import subprocess
 import time
+from typing import Any, Callable, Optional
 
 import torch
 
+import moe_kernels
+from moe_kernels import _backend
 
+PASSES = {"fwd": False, "fwd+bwd": True}
+SIZES = ("quick", "default", "full")
+KINDS = ("ours", "reference", "peer")
+
+
+# --- cases and providers ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Provider:
+    """One implementation of a case's pass. fn() runs one call and returns what is checked against the
+    reference: the output (forward) or the input's gradient (forward+backward)."""
+    name: str
+    fn: Callable[[], Any]
+    kind: str                      # "ours" (a backend of moe_kernels), "reference" (its reference backend), "peer"
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class Work:
+    """What one call of a pass does. flops: by the FLOP model of DESIGN.md; gemms: (M, N, K) of the dense matmuls
+    of the same FLOPs (the compute limit); bytes: bytes one call must move at least, per compute dtype (the
+    memory limit), or None where memory is not the bound worth measuring."""
+    flops: int
+    gemms: list
+    bytes: Optional[Callable[[torch.dtype], int]] = None
+
+
+@dataclasses.dataclass
+class Pass:
+    providers: list
+    work: Work
+    canon: Callable[[Any], torch.Tensor] = lambda out: out   # the comparable tensor of a provider's result
+    notes: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Case:
+    family: str                     # the op family: expert_mlp, routing, permutation, soft_moe, modules
+    label: str                      # shape and setting, e.g. "OLMoE/4 T2048-D512-H256-E64-k8"
+    passes: tuple                   # of PASSES
+    build: Callable[[str, torch.dtype], Callable[[bool], Pass]]   # (device, dtype) -> (backward -> Pass)
+    sweep: Optional[str] = None     # cases of one token sweep share this name ...
+    tokens: Optional[int] = None    # ... and differ in this
+
+    @property
+    def name(self) -> str:
+        return f"{self.family} {self.label}"
+
+
+_NOTES: list = []
+
+
+def note(text: str) -> None:
+    """A run-wide remark for the report (a peer that is not installed, ...), recorded once."""
+    if text not in _NOTES:
+        _NOTES.append(text)
+
+
+def notes() -> list:
+    return list(_NOTES)
+
+
+def ours_backends(op: str, device: str) -> list:
+    """[(provider name, backend)] of moe_kernels for `op` on `device`: `auto` as "ours", then each other backend
+    that applies on the device and differs from what auto runs (native on CPU, triton on CUDA)."""
+    with moe_kernels.use_backend("auto"):
+        auto = _backend.resolve(op, device)
+    out = [("ours", "auto")]
+    other = "native" if device == "cpu" else "triton"
+    if other != auto and other in _backend.IMPLS.get(op, {}) and (other != "native" or _backend.NATIVE):
+        out.append((f"ours {other}", other))
+    return out
+
+
+def under(backend: str, fn: Callable) -> Callable:
+    """fn run under moe_kernels.use_backend(backend)."""
+    def wrapped(*args):
+        with moe_kernels.use_backend(backend):
+            return fn(*args)
+    return wrapped
+
+
+def pass_fn(forward: Callable, inputs: tuple, params=(), *, backward: bool, grad=None) -> Callable[[], Any]:
+    """One call of a pass of forward(*inputs): the forward under no_grad, or the forward and the backward of
+    `grad` (a tensor, or a function of the forward's result) w.r.t. the floating-point inputs and `params`,
+    returning the first input's gradient. forward may return a tuple; its first element is differentiated."""
+    if not backward:
+        def fn():
+            with torch.no_grad():
+                return forward(*inputs)
+        return fn
+    leaves = tuple(t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs)
+    wrt = [t for t in leaves if t.requires_grad] + [p for p in params if p.requires_grad]
+
+    def fn():
+        out = forward(*leaves)
+        y = out[0] if isinstance(out, tuple) else out
+        # allow_unused: a parameter the output does not depend on (a top-1 gate that scales nothing) has no grad
+        return torch.autograd.grad(y, wrt, grad(out) if callable(grad) else grad, allow_unused=True)[0]
+    return fn
+
+
+# --- FLOP models (DESIGN.md) -----------------------------------------------------------------------------------
+def mlp_gemms(rows, D, H, O=None, gated=True):
+    """(M, N, K) of the two GEMMs of an expert MLP on `rows` rows: D -> H (2H gated) -> O."""
+    return [(rows, (2 if gated else 1) * H, D), (rows, O or D, H)]
+
+
+def gemm_flops(gemms, backward=False) -> int:
+    """2*M*N*K per GEMM; forward+backward three times that (dX and dW each cost a forward)."""
+    return sum(2 * M * N * K for M, N, K in gemms) * (3 if backward else 1)
+
+
+# --- timing ----------------------------------------------------------------------------------------------------
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def call_time(fn, device) -> tuple:
+    """(result, seconds) of one call."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def timeit(fns: dict, estimates: dict, device: str, *, budget_s: float, min_repeats: int = 3,
+           max_repeats: int = 15) -> dict:
+    """Median seconds of one call of each fn (after the warm-up the caller did). On CUDA,
+    triton.testing.do_bench's median. On CPU the samples are interleaved (a, b, c, a, b, c, ...), so load from
+    elsewhere on the machine hits every provider alike and the ratios hold; each fn gets about budget_s seconds
+    of samples (from its estimated time), at least min_repeats, and a sample under 2 ms runs the fn several times
+    (the sample's time divided by the count)."""
+    if device == "cuda":
+        return {name: _do_bench(fn) for name, fn in fns.items()}
+    inner = {n: max(1, math.ceil(2e-3 / max(estimates[n], 1e-7))) for n in fns}
+    reps = {n: max(min_repeats, min(max_repeats, int(budget_s / max(estimates[n] * inner[n], 1e-9)))) for n in fns}
+    samples = {n: [] for n in fns}
+    gc_was_enabled = gc.isenabled()
+    try:
+        for r in range(max(reps.values())):
+            gc.collect()
+            gc.disable()
+            for name, fn in fns.items():
+                if r >= reps[name]:
+                    continue
+                t0 = time.perf_counter()
+                for _ in range(inner[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / inner[name])
+            gc.enable()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def _do_bench(fn) -> float:
+    try:
+        import triton.testing
+    except ImportError:
+        return _cuda_event_median(fn)
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def _cuda_event_median(fn, repeats=20) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+# --- peak memory -----------------------------------------------------------------------------------------------
+def peak_memory(fn, device) -> Optional[int]:
+    """Peak bytes allocated during one call above what was allocated before it. CUDA: the caching allocator's
+    statistics. CPU: torch's profiler records every allocation and free of torch's CPU allocator; the peak of
+    their running sum. Either way memory an implementation keeps across calls (a cache allocated before this
+    call) is not counted, and neither is memory outside torch's allocator."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except Exception:  # a torch without these profiler internals: no reading, rather than a wrong one
+        return None
+    events.sort(key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+# --- the limits: a dense matmul of the same FLOPs, a copy of the same bytes ------------------------------------
+def dense_matmul(gemms, dtype, device, backward=False) -> Callable[[], Any]:
+    """fn() running the dense [M, K] x [K, N] matmuls of `gemms` (and their backward): the rate of the same FLOPs
+    with no routing, permutation or grouping."""
+    mats = [(torch.randn(M, K, dtype=dtype, device=device, requires_grad=backward),
+             torch.randn(K, N, dtype=dtype, device=device, requires_grad=backward)) for M, N, K in gemms]
+    if not backward:
+        return lambda: [a @ b for a, b in mats]
+    grads = [torch.randn(M, N, dtype=dtype, device=device) for M, N, K in gemms]
+    return lambda: [torch.autograd.grad(a @ b, (a, b), g) for (a, b), g in zip(mats, grads)]
+
+
+def copy_bytes(nbytes, device) -> Callable[[], Any]:
+    """fn() copying nbytes / 2 bytes: it reads and writes nbytes in all, the bandwidth limit of moving nbytes."""
+    n = max(nbytes // 8, 1)  # float32 elements in half the bytes
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+# --- agreement with the reference ------------------------------------------------------------------------------
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+def disagreement(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMS error of out against ref (exact comparison for integer tensors: 0 or 1)."""
+    if out.shape != ref.shape:
+        return math.inf
+    if not ref.is_floating_point():
+        return 0.0 if torch.equal(out.to(ref.dtype), ref) else 1.0
+    diff = (out.double() - ref.double()).norm()
+    return float(diff / ref.double().norm().clamp_min(1e-30))
+
+
+# --- one pass of one case --------------------------------------------------------------------------------------
+def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtype, *, budget_s: float,
+             min_repeats: int = 3, measure_memory: bool = True) -> list:
+    """Rows of one pass: each provider checked against the reference, its peak memory measured, then all timed
+    with the limits, interleaved."""
+    backward = PASSES[pass_name]
+    wall = time.perf_counter()
+    results, first = {}, {}
+    status = {}
+    for prov in p.providers:
+        try:
+            out, t = call_time(prov.fn, device)                        # warm-up, and the result to check
+            results[prov.name] = p.canon(out)
+            first[prov.name] = t
+        except Exception as exc:                                       # e.g. no kernel for this device or dtype
+            status[prov.name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    ref = results.get("reference")
+    errors = {}
+    for prov in p.providers:
+        if prov.name not in results:
+            continue
+        if ref is None:
+            status.setdefault(prov.name, "unchecked: the reference failed")
+            continue
+        errors[prov.name] = disagreement(results[prov.name], ref)
+        if not errors[prov.name] <= TOLERANCE[prov.dtype]:
+            status[prov.name] = (f"wrong result: relative RMS error {errors[prov.name]:.2e} against the reference "
+                                 f"(tolerance {TOLERANCE[prov.dtype]:.0e}); not timed")
+    timed = {prov.name: prov for prov in p.providers if prov.name in results and "not timed" not in
+             status.get(prov.name, "")}
+    results.clear()
+    memory = {}
+    for name, prov in timed.items():   # a second warm-up call: measuring peak memory, or just a call if quick
+        if measure_memory:
+            memory[name] = peak_memory(prov.fn, device)
+        elif first[name] < 0.5:
+            call_time(prov.fn, device)
+    estimates = {name: first[name] for name in timed}   # sets the number of samples only
+
+    limits = {}
+    if p.work.gemms:
+        limits["limit: dense matmul"] = dense_matmul(p.work.gemms, dtype, device, backward)
+    byte_dtypes = sorted({prov.dtype for prov in timed.values()}, key=str) if p.work.bytes else []
+    for dt in byte_dtypes:
+        limits[f"limit: copy {dt}"] = copy_bytes(p.work.bytes(dt), device)
+    for name, fn in limits.items():
+        call_time(fn, device)                                          # warm-up
+        _, estimates[name] = call_time(fn, device)
+    fns = {name: prov.fn for name, prov in timed.items()} | limits
+    times = timeit(fns, estimates, device, budget_s=budget_s, min_repeats=min_repeats) if fns else {}
+
+    t_dense = times.get("limit: dense matmul")
+    rows = []
+    for prov in p.providers:
+        t = times.get(prov.name)
+        row = {"case": case.name, "family": case.family, "label": case.label, "pass": pass_name,
+               "provider": prov.name, "kind": prov.kind, "dtype": str(prov.dtype).replace("torch.", ""),
+               "sweep": case.sweep, "tokens": case.tokens, "status": status.get(prov.name, "ok"),
+               "rel_err": errors.get(prov.name), "flops": p.work.flops, "seconds": t}
+        if t is not None:
+            limit_t, bound = None, None
+            if t_dense is not None:
+                limit_t, bound = t_dense, "compute"
+            if p.work.bytes:
+                t_copy = times[f"limit: copy {prov.dtype}"]
+                if limit_t is None or t_copy > limit_t:
+                    limit_t, bound = t_copy, "memory"
+                row["bytes"] = p.work.bytes(prov.dtype)
+                row["gbps"] = row["bytes"] / t / 1e9
+            row.update(ms=t * 1e3, gflops=p.work.flops / t / 1e9 if p.work.flops else None,
+                       pct_limit=100 * limit_t / t if limit_t else None, bound=bound,
+                       peak_bytes=memory.get(prov.name))
+        rows.append(row)
+    _speedups(rows)
+    limit_rows = {"dense_matmul_ms": t_dense * 1e3 if t_dense else None,
+                  "dense_gflops": gemm_flops(p.work.gemms, backward) / t_dense / 1e9 if t_dense else None}
+    wall = time.perf_counter() - wall
+    for r in rows:
+        r.update(limit=limit_rows, notes=list(p.notes), pass_wall_s=wall)
+    return rows
+
+
+def _speedups(rows):
+    """vs_reference: the reference's time over this row's; vs_best_peer: the fastest peer's time over this row's."""
+    t = {r["provider"]: r["seconds"] for r in rows if r["seconds"] is not None}
+    peers = {r["provider"]: t[r["provider"]] for r in rows if r["kind"] == "peer" and r["provider"] in t}
+    best = min(peers, key=peers.get) if peers else None
+    for r in rows:
+        s = r["seconds"]
+        r["vs_reference"] = t["reference"] / s if s and "reference" in t else None
+        r["best_peer"] = best
+        r["vs_best_peer"] = peers[best] / s if s and best else None
+
+
+# --- the machine -----------------------------------------------------------------------------------------------
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name().replace(" ", "-")
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
-def timeit(fns: dict, *, warmup=2, repeats=9, device="cpu") -> dict:
-    """Median seconds of each fn() in `fns`. On CPU the runs are interleaved (a, b, c, a, b, c, ...), so load
-    from elsewhere on the machine hits every provider alike and the ratios hold; on CUDA, do_bench."""
-    if device == "cuda":
-        import triton.testing
-
-        return {name: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-                for name, fn in fns.items()}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            gc.collect()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def peak_memory(fn, device="cpu"):
-    """Peak bytes allocated by fn() on CUDA; None on CPU (no allocator statistics)."""
-    if device != "cuda":
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
-def dense_matmul(M, N, K, dtype, device, backward=False):
-    """(fn, flops) of a dense [M, K] x [K, N] matmul (and its backward): its rate is the limit for these FLOPs."""
-    a = torch.randn(M, K, dtype=dtype, device=device, requires_grad=backward)
-    b = torch.randn(K, N, dtype=dtype, device=device, requires_grad=backward)
-    if not backward:
-        return (lambda: a @ b), 2 * M * N * K
-    g = torch.randn(M, N, dtype=dtype, device=device)
-    return (lambda: torch.autograd.grad(a @ b, (a, b), g)), 6 * M * N * K
+def _git_commit() -> Optional[str]:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
-def sparse_flops(T, k, D, H, gated, backward):
-    """Expert MLP FLOPs: forward 2*T*k*D*H*(3 if gated else 2); forward+backward three times that."""
-    f = 2 * T * k * D * H * (3 if gated else 2)
-    return 3 * f if backward else f
-
-
-def soft_flops(B, N, S_total, D, H, gated, backward):
-    """Soft MoE: dispatch and combine each compute the [B, N, S] logits and one mix (four GEMMs of 2*B*N*S*D),
-    plus the experts on B*S slots; forward+backward three times that."""
-    mix = 2 * B * N * S_total * D * 4
-    experts = 2 * B * S_total * D * H * (3 if gated else 2)
-    return (mix + experts) * (3 if backward else 1)
+def machine(device: str) -> dict:
+    """What the numbers were measured on."""
+    info = {"device": device_name(device), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "moe_kernels": moe_kernels.__version__, "commit": _git_commit(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "packages": {p: _version(p) for p in ("triton", "transformers", "soft-moe-pytorch", "numpy")}}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(), gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda)
+    b = moe_kernels.backends()
+    with moe_kernels.use_backend("auto"):
+        info["auto_backend"] = {op: _backend.resolve(op, device) for op in sorted(_backend.IMPLS)}
+    info["native"], info["triton_state"] = b["native"], b["triton"]
+    return info

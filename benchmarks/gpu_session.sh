@@ -3,14 +3,16 @@
 # real sizes included), the GEMM tile tuner, then the GPU benchmarks. Uses the python that holds torch+triton
 # (PY, default python3) with the repo on PYTHONPATH: no install, no network. Logs, tuned configs, JSON and
 # Markdown go to $OUT (default benchmarks/results); commit them under benchmarks/results/ with the card's name.
-#   STEPS="tests profile tune bench modules" bash benchmarks/gpu_session.sh
+#   STEPS="tests profile tune bench" bash benchmarks/gpu_session.sh
+# bench: the whole suite on the GPU (python -m benchmarks --device cuda; BENCH_ARGS="--quick" or "--only
+# expert_mlp" to narrow it), each family also runnable alone as python -m benchmarks.bench_<family>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${OUT:-benchmarks/results}
 OUT=$(mktemp -d)    # everything lands here, then one archive goes to DEST (a lease returns at most 8 files)
 trap 'tar czf "$DEST/gpu-session.tgz" -C "$OUT" . && echo "archived to $DEST/gpu-session.tgz"' EXIT
 PY=${PY:-python3}
-STEPS=${STEPS:-tests profile tune bench modules}
+STEPS=${STEPS:-tests profile tune bench}
 mkdir -p "$DEST"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MOE_KERNELS_BUILD_NATIVE=0
 card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || exit 1
@@ -32,11 +34,6 @@ if has tune; then
   echo "tune exit $?"; grep "^|" "$OUT/tune-$card.log"; cp moe_kernels/triton/configs/*.json "$OUT/" 2>/dev/null
 fi
 if has bench; then
-  timeout ${BENCH_TIMEOUT:-150} $PY -m benchmarks.bench_expert_mlp --device cuda --out "$OUT" > "$OUT/expert_mlp-$card.log" 2>&1
-  echo "expert_mlp exit $?"; tail -30 "$OUT/expert_mlp-$card.log"
-fi
-if has modules; then
-  { timeout 60 $PY -m benchmarks.bench_routing --device cuda; echo; timeout 100 $PY -m benchmarks --device cuda --out "$OUT"; } \
-      > "$OUT/routing-and-modules-$card.log" 2>&1
-  tail -30 "$OUT/routing-and-modules-$card.log"
+  timeout ${BENCH_TIMEOUT:-300} $PY -m benchmarks --device cuda --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench-$card.log" 2>&1
+  echo "bench exit $?"; sed -n '/^## summary/,$p' "$OUT/bench-$card.log" | head -60
 fi

@@ -1,5 +1,5 @@
 """Where the expert MLP's time goes on a GPU: per-kernel CUDA time of one forward+backward (torch.profiler),
-ours beside the torch grouped_mm layer of bench_expert_mlp, on the same routing and weights.
+ours beside the torch grouped_mm layer of the suite (peers.grouped_mm_layer), on the same routing and weights.
 
     python -m benchmarks.profile_expert_mlp [--shape Mixtral|Qwen3-30B-A3B] [--tokens T]
 """
@@ -10,7 +10,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from moe_kernels import ops
 
-from .bench_expert_mlp import SHAPES, grouped_mm_layer
+from . import peers
+from .bench_expert_mlp import MODELS
+
+TOKENS = {"Mixtral": 16384, "Qwen3-30B-A3B": 32768, "DeepSeek-V3": 4096, "OLMoE": 16384}
 
 
 def kernel_table(fn, steps=3):
@@ -30,25 +33,25 @@ def kernel_table(fn, steps=3):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_expert_mlp", description=__doc__)
-    p.add_argument("--shape", default="Mixtral", choices=[s[0] for s in SHAPES["cuda"]])
+    p.add_argument("--shape", default="Mixtral", choices=list(MODELS))
     p.add_argument("--tokens", type=int, default=None)
     a = p.parse_args(argv)
-    _, T, D, H, E, k = next(s for s in SHAPES["cuda"] if s[0] == a.shape)
-    T = a.tokens or T
+    D, H, E, k = MODELS[a.shape]
+    T = a.tokens or TOKENS[a.shape]
     dt = torch.bfloat16
     x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
     r = ops.topk_route(torch.randn(T, E, device="cuda"), k)
     w_up = (torch.randn(E, 2 * H, D, device="cuda", dtype=dt) / D**0.5).requires_grad_()
     w_down = (torch.randn(E, D, H, device="cuda", dtype=dt) / H**0.5).requires_grad_()
-    w_up_t = w_up.detach().transpose(1, 2).contiguous().requires_grad_()
-    w_down_t = w_down.detach().transpose(1, 2).contiguous().requires_grad_()
+    grouped_mm = peers.torch_grouped_mm()
     g = torch.randn(T, D, device="cuda", dtype=dt)
 
     def ours():
         torch.autograd.grad(ops.moe_mlp(x, r.experts, r.weights, w_up, w_down), (x, w_up, w_down), g)
 
     def peer():
-        torch.autograd.grad(grouped_mm_layer(x, r.experts, r.weights, w_up_t, w_down_t), (x, w_up_t, w_down_t), g)
+        y = peers.grouped_mm_layer(x, r.experts, r.weights, w_up.transpose(1, 2), w_down.transpose(1, 2), grouped_mm)
+        torch.autograd.grad(y, (x, w_up, w_down), g)
 
     print(f"{a.shape} T={T} D={D} H={H} E={E} k={k} bf16, forward+backward, per-kernel CUDA time")
     print("ours:\n" + kernel_table(ours))

@@ -1,0 +1,77 @@
+"""Soft MoE (`moe_kernels.nn.SoftMoE`: `ops.soft_dispatch`, the experts, `ops.soft_combine`) at several sequence
+lengths, forward and forward+backward.
+
+    python -m benchmarks.bench_soft_moe [--device cpu|cuda] [--quick | --full] [--only SUBSTRING]
+
+Providers on the same weights: soft-moe-pytorch's SoftMoE, ours converted from it
+(`SoftMoE.from_soft_moe_pytorch`: the same weights, copied into our layout) under `auto`, and the same module under
+the reference backend. Without soft-moe-pytorch, ours is built directly and the peer is skipped.
+FLOP model: dispatch and combine each compute the [B, N, S] logits and one mix (four GEMMs of 2*B*N*S*D;
+soft-moe-pytorch computes the logits once, so it does three), plus the GELU experts on the B*S slots.
+"""
+import torch
+
+import moe_kernels
+
+from . import common, peers
+from .common import Case, Pass, Provider, Work
+
+FAMILY = "soft_moe"
+SHAPES = {  # (B, N, D, E, slots per expert, expert_mult)
+    "cpu": {"quick": [(2, 64, 64, 4, 8, 2)],
+            "default": [(4, 256, 256, 8, 32, 4), (4, 1024, 256, 8, 32, 4)],
+            "full": [(4, 4096, 256, 8, 32, 4), (1, 16384, 256, 8, 32, 4)]},
+    "cuda": {"quick": [(4, 1024, 512, 16, 16, 4)],
+             "default": [(8, 1024, 1024, 32, 32, 4), (8, 4096, 1024, 32, 32, 4)],
+             "full": [(2, 16384, 1024, 32, 32, 4), (8, 256, 1024, 32, 32, 4)]},
+}
+
+
+def cases(device: str, size: str) -> list:
+    shapes = SHAPES[device]["quick"] if size == "quick" else SHAPES[device]["default"] + (
+        SHAPES[device]["full"] if size == "full" else [])
+    return [Case(FAMILY, f"SoftMoE B{B}-N{N}-D{D}-E{E}-S{S}", ("fwd", "fwd+bwd"),
+                 lambda device, dtype, a=(B, N, D, E, S, mult): build(device, dtype, *a),
+                 sweep=f"{FAMILY} B{B}-D{D}-E{E}-S{S}", tokens=B * N)
+            for B, N, D, E, S, mult in shapes]
+
+
+def build(device, dtype, B, N, D, E, S, mult):
+    torch.manual_seed(0)
+    package = peers.soft_moe_pytorch()
+    if package is not None:
+        theirs = package.SoftMoE(D, num_slots=S, num_experts=E, expert_mult=mult).to(device=device, dtype=dtype)
+        ours = moe_kernels.SoftMoE.from_soft_moe_pytorch(theirs)
+    else:
+        theirs = None
+        ours = moe_kernels.SoftMoE(D, num_slots=S, num_experts=E, expert_mult=mult, device=device, dtype=dtype)
+    H = ours.experts.hidden_dim
+    x = torch.randn(B, N, D, device=device, dtype=dtype)
+    grad = torch.randn(B, N, D, device=device, dtype=dtype)
+    slots = E * S
+    # logits for dispatch, the slot mix, logits again for combine, the token mix, then the experts' two GEMMs
+    gemms = [(B * N, slots, D), (B * slots, D, N), (B * N, slots, D), (B * N, D, slots),
+             *common.mlp_gemms(B * slots, D, H, gated=False)]
+
+    def pass_of(backward: bool) -> Pass:
+        def provider(name, kind, module, backend=None):
+            forward = module if backend is None else common.under(backend, module)
+            fn = common.pass_fn(forward, (x,), tuple(module.parameters()), backward=backward, grad=grad)
+            return Provider(name, fn, kind, dtype)
+
+        provs = [provider(name, "ours", ours, backend) for name, backend in
+                 common.ours_backends("soft_dispatch", device)]
+        provs.append(provider("reference", "reference", ours, "reference"))
+        if theirs is not None:
+            provs.append(provider("soft-moe-pytorch", "peer", theirs))
+        return Pass(provs, Work(common.gemm_flops(gemms, backward), gemms))
+    return pass_of
+
+
+def main(argv=None):
+    from .__main__ import main as run_suite
+    run_suite(argv, families=(FAMILY,))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The implementations a user would otherwise pick, built on the weights of a case. Each returns None (and leaves a
+note for the report) when its package is not installed: a missing peer is skipped, never an error.
+
+- transformers 5.x experts implementations `eager`, `grouped_mm`, `batched_mm` on a MixtralExperts module, and its
+  routers (MixtralTopKRouter, DeepseekV3TopkRouter);
+- a layer built on torch.nn.functional.grouped_mm (torch._grouped_mm on older torch) with torch's own
+  permutation (argsort + index_add), and that permutation alone;
+- soft-moe-pytorch's SoftMoE;
+- the seed documents' reference layers, /work/shared/seeds/reference_layers.py (found as ../shared/seeds beside
+  the repository root, or at $MOE_KERNELS_SEEDS).
+"""
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import common
+
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+BATCHED_MM_MAX_BYTES = 2**30  # batched_mm copies the expert weights of every (token, slot) pair
+
+
+# --- torch -----------------------------------------------------------------------------------------------------
+def torch_grouped_mm():
+    """torch.nn.functional.grouped_mm, else torch._grouped_mm, else None."""
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        common.note(f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm nor torch._grouped_mm: "
+                    "the torch grouped_mm layer is skipped")
+    return fn
+
+
+def torch_sort(experts, num_experts):
+    """(order, offsets) of the (token, slot) pairs sorted by expert, as users write it: a stable argsort of the
+    flat ids and the cumulative counts."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+    return order, offsets
+
+
+def torch_permute(x, order, k):
+    """The rows of x in expert order: x[order // k]."""
+    return x[order // k]
+
+
+def torch_unpermute(y, order, weights, num_tokens):
+    """Each token's weighted sum of its k expert-ordered rows, by index_add."""
+    k = weights.shape[1]
+    scaled = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, order // k, scaled)
+
+
+def grouped_mm_layer(x, experts, weights, w_up_t, w_down_t, grouped_mm):
+    """A MoE expert layer as users build it from grouped_mm: w_up_t [E, D, 2H] and w_down_t [E, H, D] (the
+    transposed views of the transformers layout), SwiGLU with the gate first."""
+    order, offsets = torch_sort(experts, w_up_t.shape[0])
+    k = experts.shape[1]
+    h = grouped_mm(torch_permute(x, order, k), w_up_t, offs=offsets)
+    gate, up = h.chunk(2, dim=-1)
+    y = grouped_mm(F.silu(gate) * up, w_down_t, offs=offsets)
+    return torch_unpermute(y, order, weights, x.shape[0])
+
+
+# --- transformers ----------------------------------------------------------------------------------------------
+def _transformers(what):
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        common.note(f"transformers is not installed: {what} skipped")
+        return False
+
+
+def transformers_experts(w_up, w_down, implementation):
+    """A transformers MixtralExperts module whose parameters share storage with w_up [E, 2H, D] and w_down
+    [E, D, H] (the same weights, no copy), running `implementation`; None without transformers."""
+    if not _transformers("its experts implementations (eager, grouped_mm, batched_mm)"):
+        return None
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    E, H2, D = w_up.shape
+    config = MixtralConfig(hidden_size=D, intermediate_size=H2 // 2, num_local_experts=E, hidden_act="silu")
+    config._experts_implementation = implementation
+    module = MixtralExperts(config)
+    module.gate_up_proj = nn.Parameter(w_up.detach(), requires_grad=w_up.requires_grad)
+    module.down_proj = nn.Parameter(w_down.detach(), requires_grad=w_down.requires_grad)
+    return module
+
+
+def batched_mm_bytes(T, k, D, H, O, itemsize):
+    """Bytes of the per-(token, slot) weight copies transformers' batched_mm makes."""
+    return T * k * (2 * H * D + O * H) * itemsize
+
+
+def transformers_router(weight, k, *, score="softmax", bias=None, num_groups=None, topk_groups=None, scale=1.0):
+    """transformers' router module for these routing settings, holding `weight` [E, D] (shared): MixtralTopKRouter
+    (softmax, top-k, renormalised) or DeepseekV3TopkRouter (sigmoid, correction bias, group-limited, renormalised,
+    scaled); None without transformers or for another setting."""
+    if not _transformers("its routers"):
+        return None
+    E, D = weight.shape
+    if score == "softmax" and bias is None and num_groups is None and scale == 1.0:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+        router = MixtralTopKRouter(MixtralConfig(hidden_size=D, num_local_experts=E, num_experts_per_tok=k))
+    elif score == "sigmoid":
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+        config = DeepseekV3Config(hidden_size=D, n_routed_experts=E, num_experts_per_tok=k, n_group=num_groups or 1,
+                                  topk_group=topk_groups or 1, routed_scaling_factor=scale, norm_topk_prob=True)
+        router = DeepseekV3TopkRouter(config)
+        if bias is not None:
+            router.e_score_correction_bias = bias
+    else:
+        return None
+    router.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    return router
+
+
+# --- soft-moe-pytorch ------------------------------------------------------------------------------------------
+def soft_moe_pytorch():
+    """The soft_moe_pytorch package, or None."""
+    try:
+        import soft_moe_pytorch
+        return soft_moe_pytorch
+    except ImportError:
+        common.note("soft-moe-pytorch is not installed: its SoftMoE is skipped")
+        return None
+
+
+# --- the seed documents' layers ---------------------------------------------------------------------------------
+_SEEDS = {}
+
+
+def seed_layers():
+    """The module /work/shared/seeds/reference_layers.py (../shared/seeds from the repository root, or
+    $MOE_KERNELS_SEEDS), imported by path; None when absent."""
+    if "module" in _SEEDS:
+        return _SEEDS["module"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("MOE_KERNELS_SEEDS") or os.path.join(root, "..", "shared", "seeds")
+    path = os.path.join(path, "reference_layers.py")
+    module: Optional[object] = None
+    if os.path.exists(path):
+        spec = importlib.util.spec_from_file_location("moe_seed_reference_layers", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        common.note(f"the seed reference layers ({os.path.normpath(path)}) are absent: the seed-layer providers "
+                    "are skipped")
+    _SEEDS["module"] = module
+    return module
