@@ -3,7 +3,7 @@
 # real sizes included), the GEMM tile tuner, then the GPU benchmarks. Uses the python that holds torch+triton
 # (PY, default python3) with the repo on PYTHONPATH: no install, no network. Logs, tuned configs, JSON and
 # Markdown go to $OUT (default benchmarks/results); commit them under benchmarks/results/ with the card's name.
-#   STEPS="tests profile tune bench" bash benchmarks/gpu_session.sh
+#   STEPS="tests props profile tune bench" bash benchmarks/gpu_session.sh
 # bench: the whole suite on the GPU (python -m benchmarks --device cuda; BENCH_ARGS="--quick" or "--only
 # expert_mlp" to narrow it), each family also runnable alone as python -m benchmarks.bench_<family>.
 set -uo pipefail
@@ -23,6 +23,11 @@ if has tests; then
   MOE_KERNELS_TEST_DEVICE=cuda timeout ${TEST_TIMEOUT:-220} $PY -m pytest tests/triton tests/nn -q -p no:cacheprovider \
       -rs $xdist > "$OUT/tests-$card.log" 2>&1
   echo "tests exit $?:"; grep -E "^(FAILED|ERROR)" "$OUT/tests-$card.log" | cut -c1-200 | head -40; tail -1 "$OUT/tests-$card.log"
+fi
+if has props; then  # the property tests' triton half and the CUDA-graph capture, with the tensors they choose
+  timeout ${PROPS_TIMEOUT:-120} $PY -m pytest tests/triton/test_graph.py tests/test_properties.py -k "triton or graph" \
+      -q -p no:cacheprovider -rs > "$OUT/props-$card.log" 2>&1
+  echo "props exit $?:"; grep -E "^(FAILED|ERROR|E  )" "$OUT/props-$card.log" | cut -c1-200 | head -30; tail -1 "$OUT/props-$card.log"
 fi
 if has profile; then
   for shape in Mixtral Qwen3-30B-A3B; do

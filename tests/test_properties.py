@@ -29,7 +29,7 @@ DTYPES = {"native": ["float32", "bfloat16", "float16"],
 # the interpreter runs each Triton program in Python: small shapes and few examples there;
 # MOE_KERNELS_PROPERTY_EXAMPLES=N multiplies the counts by N for a longer hunt
 _MORE = int(os.environ.get("MOE_KERNELS_PROPERTY_EXAMPLES", "1"))
-EXAMPLES = {"native": 25 * _MORE, "triton": (25 if torch.cuda.is_available() else 5) * _MORE}
+EXAMPLES = {"native": 25 * _MORE, "triton": (10 if torch.cuda.is_available() else 5) * _MORE}
 
 
 def _dims(draw, small):
