@@ -13,11 +13,13 @@ built, triton under the interpreter for the ops it implements).
   they contribute zero; sort_by_expert reports them as dropped), capacity 0 (every pair dropped), empty batches
   (correctly shaped empties, with gradients), non-contiguous and strided inputs (against the reference on
   contiguous float64 copies).
-- NaN and inf: a bad token's NaN stays in that token (routed ops, SparseMoE, DenseMoE); the clean tokens' outputs
-  and input gradients equal the reference computed without it. SoftMoE mixes every token of a sequence into every
-  slot of that sequence (softmax over tokens), so there the contract is: a non-finite token poisons its whole
-  sequence, masked or not (0 * NaN is NaN in the slot's weighted sum), and never another sequence; the fast
-  backends put NaN exactly where the reference does.
+- NaN and inf, in x or in a token's router logits: the bad token's NaN stays in that token (moe_mlp behind
+  topk_route, SparseMoE, DenseMoE); the clean tokens' outputs and input gradients equal the reference computed
+  without it, and the non-finite values sit where the reference on the whole batch puts them. topk_route's own
+  results for NaN, +inf and -inf logits (a -inf logit is a mask) match the reference, NaN for NaN and inf for inf.
+  SoftMoE mixes every token of a sequence into every slot of that sequence (softmax over tokens), so there the
+  contract is: a non-finite token poisons its whole sequence, masked or not (0 * NaN is NaN in the slot's weighted
+  sum), and never another sequence; the fast backends put NaN exactly where the reference does.
 """
 import contextlib
 import copy
@@ -818,21 +820,40 @@ def _subject_moe_mlp(kind, capacity=None):
     return fn, [x, logits], bad
 
 
+class _MarkedRouter(torch.nn.Module):
+    """nn.Linear(D, E) whose logits are `value` (one of them for +inf, all for NaN) on the tokens whose first feature
+    is the marker MARK: a router that goes non-finite on one token while that token's x stays finite."""
+
+    MARK = 123.0
+
+    def __init__(self, dim, num_experts, value):
+        super().__init__()
+        self.linear, self.value = torch.nn.Linear(dim, num_experts), value
+
+    def forward(self, x):
+        out = self.linear(x)
+        marked = (x[..., :1] == self.MARK).expand_as(out)
+        if math.isinf(self.value):
+            marked = marked & (torch.arange(out.shape[-1]) == 1)
+        return out.masked_fill(marked, self.value)
+
+
 def _subject_module(name, kind):
-    torch_dtype = F64
+    bad, value = 2, float("nan") if kind.endswith("nan") else float("inf")
+    router = _MarkedRouter(8, 4, value) if kind.startswith("logit") else None
     if name == "SparseMoE":
-        m = SparseMoE(8, 6, 4, 2, bias=True, shared_gate=True, num_shared_experts=1)
-        x = torch.randn(9, 8, dtype=torch_dtype)
+        m = SparseMoE(8, 6, 4, 2, bias=True, shared_gate=True, num_shared_experts=1, router=router)
+        x = torch.randn(9, 8, dtype=F64)
     elif name == "DenseMoE":
-        m = DenseMoE(8, 6, 4, bias=True)
-        x = torch.randn(9, 8, dtype=torch_dtype)
+        m = DenseMoE(8, 6, 4, bias=True, router=router)
+        x = torch.randn(9, 8, dtype=F64)
     else:
         m = SoftMoE(8, num_slots=2, num_experts=3, expert_mult=1)
-        x = torch.randn(4, 5, 8, dtype=torch_dtype)
+        x = torch.randn(4, 5, 8, dtype=F64)
     m = m.to(F64).eval()
-    bad = 2
-    value = float("nan") if kind == "x-nan" else float("inf")
-    if name == "SoftMoE":
+    if kind.startswith("logit"):
+        x[bad, 0] = _MarkedRouter.MARK
+    elif name == "SoftMoE":
         x[bad, 1, 3] = value
     else:
         x[bad, 3] = value
@@ -867,6 +888,9 @@ NAN_SUBJECTS = (
      for k in ("x-nan", "x-inf", "logit-nan", "logit-inf")] +
     [pytest.param(n, lambda n=n, k=k: _subject_module(n, k), id=f"{n}-{k}")
      for n in ("SparseMoE", "DenseMoE", "SoftMoE") for k in ("x-nan", "x-inf")] +
+    # router logits going non-finite on one token (a router of the caller's, on a finite x)
+    [pytest.param(n, lambda n=n, k=k: _subject_module(n, k), id=f"{n}-{k}")
+     for n in ("SparseMoE", "DenseMoE") for k in ("logit-nan", "logit-inf")] +
     [pytest.param("SoftMoE", lambda k=k: _subject_soft_masked(k), id=f"SoftMoE-masked-{k}") for k in ("x-nan", "x-inf")]
 )
 
