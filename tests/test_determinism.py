@@ -174,12 +174,9 @@ RUNS = ([("reference", 1), ("reference", 2)] + ([("native", n) for n in (1, 2, 3
         ([("triton", None)] if TRITON else []))
 
 
-@pytest.mark.parametrize("subject", list(SUBJECTS))
-@pytest.mark.parametrize("backend_name, threads", [pytest.param(b, n, id=f"{b}-{n or 'default'}threads")
-                                                   for b, n in RUNS])
+@pytest.mark.parametrize("backend_name, threads, subject", [
+    pytest.param(b, n, s, id=f"{s}-{b}-{n or 'default'}threads") for s in SUBJECTS for b, n in RUNS if _applies(b, s)])
 def test_reruns_are_bit_identical(backend_name, threads, subject):
-    if not _applies(backend_name, subject):
-        pytest.skip(f"{backend_name} runs {subject} on the reference backend")
     run = SUBJECTS[subject](small=backend_name == "triton")
     with moe_kernels.use_backend(backend_name), num_threads(threads or torch.get_num_threads()):
         first, second = run(), run()
@@ -326,14 +323,12 @@ def deterministic_flag_restored():
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-@pytest.mark.parametrize("subject", list(SUBJECTS))
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name, subject", [
+    pytest.param(b, s, id=f"{s}-{b}") for s in SUBJECTS for b in BACKENDS if _applies(b, s)])
 def test_deterministic_algorithms_mode_runs_and_gives_the_same_bits(backend_name, subject,
                                                                     deterministic_flag_restored):
     # under the flag torch also fills every torch.empty with NaN (torch.utils.deterministic.fill_uninitialized_memory):
     # a kernel that reads memory it did not write would show here too
-    if not _applies(backend_name, subject):
-        pytest.skip(f"{backend_name} runs {subject} on the reference backend")
     run = SUBJECTS[subject](small=backend_name == "triton")
     with moe_kernels.use_backend(backend_name):
         torch.use_deterministic_algorithms(False)
