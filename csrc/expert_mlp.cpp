@@ -121,6 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
     const std::optional<at::Tensor>& down_bias, c10::string_view activation, bool gated, int64_t capacity,
     bool save_for_backward) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // before mlp_args makes contiguous copies: an expanded x of 2^31 rows is refused, not allocated
+  TORCH_CHECK(experts.dim() == 2 && experts.size(0) * experts.size(1) < (int64_t(1) << 31),
+              "moe_mlp_forward: experts ", experts.sizes(), " give T*k (token, slot) pairs that overflow the int32 "
+              "indices");
   const MlpArgs m = mlp_args("moe_mlp_forward", x_in, gate_up_in, down_in, gate_up_bias, down_bias, activation, gated);
   TORCH_CHECK(experts.dim() == 2 && experts.size(0) == m.T, "moe_mlp_forward: experts must be [T = ", m.T,
               ", k], got ", experts.sizes());

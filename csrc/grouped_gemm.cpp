@@ -352,6 +352,7 @@ GroupedArgs grouped_args(const char* op, const at::Tensor& a, const at::Tensor& 
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == w.size(0) + 1, op, ": offsets must be [E+1] = [",
               w.size(0) + 1, "], got ", offsets.sizes());
   TORCH_CHECK(!gated || w.size(1) % 2 == 0, op, ": gated needs an even M (gate and up halves), got w ", w.sizes());
+  TORCH_CHECK(a.size(0) < (int64_t(1) << 31), op, ": a ", a.sizes(), " has more rows than int32 offsets address");
   GroupedArgs g{a.contiguous(), w.contiguous(), at::Tensor(), read_offsets(offsets, a.size(0), op),
                 parse_activation(activation, op), gated};
   if (bias.has_value()) {

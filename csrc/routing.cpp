@@ -173,6 +173,8 @@ RouteArgs route_args(const char* op, const at::Tensor& logits, int64_t k, c10::s
               std::string(score), "'");
   const int64_t E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E, op, ": k must be in [1, E = ", E, "], got ", k);
+  TORCH_CHECK(logits.size(0) * k < (int64_t(1) << 31), op, ": logits ", logits.sizes(), " with k = ", k,
+              " give T*k = ", logits.size(0) * k, " (token, slot) pairs, which overflow the int32 indices");
   RouteArgs a{E, k, num_groups > 1 ? num_groups : 0, num_groups > 1 ? topk_groups : 0, score == "sigmoid",
               renormalize, scale};
   if (a.groups > 1) {

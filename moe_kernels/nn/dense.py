@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops import _checks
 from .experts import Experts, LinearExperts
 
 SCORES = ("softmax", "sigmoid", None)
@@ -58,6 +59,7 @@ class DenseMoE(nn.Module):
     def forward(self, x: torch.Tensor, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [..., D] with D = {self.dim}, got {tuple(x.shape)}")
+        _checks.module_input(self, x, next(self.experts.parameters()))
         lead = x.shape[:-1]
         if gates is None:
             gates = self.gates(x)

@@ -36,9 +36,10 @@ class LayerNorm(nn.Module):
 
 
 # --- shared by both modules -----------------------------------------------------------------------------------
-def _tokens(x: torch.Tensor, dim: int, mask):
+def _tokens(module: nn.Module, x: torch.Tensor, dim: int, mask):
     """x: [b, n, d], [b, d] (one token) or an image [b, d, h, w] (h*w tokens) -> (tokens [b, n, d], a function
-    mapping the output [b, n, d] back to x's layout). Checks mask: [b, n] bool."""
+    mapping the output [b, n, d] back to x's layout). Checks mask: [b, n] bool, and x against the module's
+    parameters (device, dtype)."""
     shape = x.shape
     if x.dim() == 4:
         tokens = x.flatten(2).transpose(1, 2)          # [b, d, h, w] -> [b, h*w, d]
@@ -48,8 +49,10 @@ def _tokens(x: torch.Tensor, dim: int, mask):
         tokens = x
     if tokens.dim() != 3 or tokens.shape[-1] != dim:
         raise ValueError(f"x must be [b, n, d], [b, d] or [b, d, h, w] with d = {dim}, got {tuple(shape)}")
+    _checks.module_input(module, x, module.experts.gate_up_proj)
     if mask is not None:
         _checks.tensor("mask", mask, shape=tokens.shape[:2], dtypes=(torch.bool,))
+        _checks.same_device(x=x, mask=mask)
 
     def restore(out):
         if len(shape) == 4:
@@ -179,7 +182,7 @@ class SoftMoE(nn.Module):
                 noise_mult: float = 1.0) -> torch.Tensor:
         """add_noise: soft-moe-pytorch's Gumbel noise (times noise_mult) on the logits, drawn like the package
         does (same generator, same order). It needs the [b, n, slots] logits, so that path makes them."""
-        tokens, restore = _tokens(x, self.dim, mask)
+        tokens, restore = _tokens(self, x, self.dim, mask)
         xn, phi = self._normed(tokens)
         if add_noise:
             return restore(self._noised(xn, phi, mask, noise_mult))
@@ -250,7 +253,7 @@ class DynamicSlotsSoftMoE(nn.Module):
         return self.slot_norm(phi).reshape(b, E * G, d), slot_mask
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        tokens, restore = _tokens(x, self.dim, mask)
+        tokens, restore = _tokens(self, x, self.dim, mask)
         b, n, _ = tokens.shape
         xn = self.norm(tokens)
         pad = -n % self.num_experts

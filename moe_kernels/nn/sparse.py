@@ -140,6 +140,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [..., D] with D = {self.dim}, got {tuple(x.shape)}")
+        _checks.module_input(self, x, self.experts.gate_up_proj)
         lead = x.shape[:-1]
         r = self.route(x)
         flat = x.reshape(-1, self.dim)

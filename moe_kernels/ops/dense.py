@@ -114,6 +114,7 @@ def dense_moe(x: Tensor, gates: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
     if x.shape[1] != D:
         raise ValueError(f"x: [T, D] must have D = {D} of gate_up_proj {tuple(gate_up_proj.shape)}, got {tuple(x.shape)}")
     _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
-    _checks.same_device(x=x, gates=gates, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    _checks.same_device(x=x, gates=gates, gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
+                        down_bias=down_bias)
     _checks.choice("activation", activation, ACTIVATIONS)
     return _dense_moe(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated)

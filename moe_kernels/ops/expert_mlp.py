@@ -145,12 +145,13 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
         raise ValueError(f"experts must be [T, k] with T = {x.shape[0]} of x {tuple(x.shape)}, got {tuple(experts.shape)}")
     _checks.tensor("weights", weights, shape=tuple(experts.shape), dtypes=_checks.FLOAT_DTYPES)
     _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
-    _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj,
+                        gate_up_bias=gate_up_bias, down_bias=down_bias)
     _checks.choice("activation", activation, ACTIVATIONS)
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+    _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")
     if _backend.resolve("moe_mlp_fused", x.device.type) in ("triton", "native"):
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
-            raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
-        _checks.pairs(*experts.shape)
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias))
         return _moe_mlp_fused(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,

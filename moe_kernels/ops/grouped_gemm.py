@@ -85,4 +85,6 @@ def grouped_mm(a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = N
     _checks.choice("activation", activation, ACTIVATIONS)
     if gated and M % 2:
         raise ValueError(f"gated=True needs an even output width (gate and up halves), got w {tuple(w.shape)}")
+    _checks.rows("a", a)
+    _checks.offset_values(offsets, a.shape[0])
     return _grouped_mm(a, w, offsets, bias, activation, gated)

@@ -148,7 +148,7 @@ def sort_by_expert(experts: Tensor, num_experts: int, capacity: Optional[int] = 
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
-    _checks.pairs(*experts.shape)
+    _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")
     return Sorted(*_sort_by_expert(experts, num_experts, -1 if capacity is None else capacity))
 
 
@@ -158,7 +158,8 @@ def permute(x: Tensor, sorted: Sorted) -> Tensor:
     if x.shape[0] != sorted.inverse.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens (shape {tuple(x.shape)}) but the sort has "
                          f"{sorted.inverse.shape[0]} (inverse {tuple(sorted.inverse.shape)})")
-    _checks.same_device(x=x, order=sorted.order)
+    _checks.pairs(*sorted.inverse.shape, f"sorted.inverse of shape {tuple(sorted.inverse.shape)}")
+    _checks.same_device(x=x, order=sorted.order, inverse=sorted.inverse)
     return _permute(x, sorted.order, sorted.inverse)
 
 
@@ -170,5 +171,6 @@ def unpermute(y: Tensor, sorted: Sorted, weights: Optional[Tensor] = None) -> Te
         raise ValueError(f"y must have T*k = {sorted.order.shape[0]} rows, got shape {tuple(y.shape)}")
     if weights is not None:
         _checks.tensor("weights", weights, shape=tuple(sorted.inverse.shape), dtypes=_checks.FLOAT_DTYPES)
+    _checks.pairs(*sorted.inverse.shape, f"sorted.inverse of shape {tuple(sorted.inverse.shape)}")
     _checks.same_device(y=y, inverse=sorted.inverse, weights=weights)
     return _unpermute(y, sorted.inverse, weights)

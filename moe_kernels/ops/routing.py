@@ -81,10 +81,11 @@ _backend.register_autograd(_topk_route, _backward, _setup_context)
 
 
 # --- public functions ---------------------------------------------------------------------------
-def check_routing(E: int, k: int, score: str, num_groups: Optional[int], topk_groups: Optional[int]):
-    """Validates the routing arguments for E experts; returns (num_groups, topk_groups), 0 for no groups."""
+def check_routing(E: int, k: int, score: str, num_groups: Optional[int], topk_groups: Optional[int], where: str = ""):
+    """Validates the routing arguments for E experts; returns (num_groups, topk_groups), 0 for no groups.
+    where: what E was counted from, for the messages (e.g. "logits of shape (5, 8)")."""
     _checks.choice("score", score, ref.SCORES)
-    _checks.top_k(k, E)
+    _checks.top_k(k, E, where=where)
     for name, v in (("num_groups", num_groups), ("topk_groups", topk_groups)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
@@ -124,21 +125,41 @@ def topk_route(logits: Tensor, k: int, *, score: str = "softmax", renormalize: b
     if bias is not None:
         _checks.tensor("bias", bias, shape=(logits.shape[1],), dtypes=_checks.FLOAT_DTYPES)
         _checks.same_device(logits=logits, bias=bias)
-    num_groups, topk_groups = check_routing(logits.shape[1], k, score, num_groups, topk_groups)
+    num_groups, topk_groups = check_routing(logits.shape[1], k, score, num_groups, topk_groups,
+                                            where=f"logits of shape {tuple(logits.shape)}")
+    _checks.pairs(logits.shape[0], k, f"logits of shape {tuple(logits.shape)} with k = {k}")
     return Routing(*_topk_route(logits, k, score, renormalize, bias, num_groups, topk_groups, float(scale)))
+
+
+def _routing(routing) -> Routing:
+    """The Routing of topk_route (or a tuple of its five tensors), checked: counts and prob_sum [E], lse [T]."""
+    if not isinstance(routing, tuple) or len(routing) != len(Routing._fields):
+        got = f"a tensor of shape {tuple(routing.shape)}" if isinstance(routing, Tensor) else type(routing).__name__
+        raise TypeError(f"routing must be the Routing that topk_route returns (weights, experts, counts, prob_sum, "
+                        f"lse), got {got}")
+    r = Routing(*routing)
+    for name in Routing._fields:
+        _checks.tensor(f"routing.{name}", getattr(r, name))
+    E = r.prob_sum.shape[0] if r.prob_sum.dim() == 1 else None
+    if E is None or r.counts.shape != (E,) or r.lse.dim() != 1:
+        raise ValueError(f"routing.counts and routing.prob_sum must be [E] and routing.lse [T], got counts "
+                         f"{tuple(r.counts.shape)}, prob_sum {tuple(r.prob_sum.shape)} and lse {tuple(r.lse.shape)}")
+    return r
 
 
 def load_balancing_loss(routing: Routing) -> Tensor:
     """E * sum_e (count_e / T) * mean_t p_te (transformers' formula; equals k when perfectly balanced)."""
-    return ref.load_balancing_loss(routing.counts, routing.prob_sum, routing.lse.shape[0])
+    r = _routing(routing)
+    return ref.load_balancing_loss(r.counts, r.prob_sum, r.lse.shape[0])
 
 
 def entropy_loss(routing: Routing) -> Tensor:
     """sum_e mean_t p_te * log(mean_t p_te + 1e-10): the negative entropy of the mean routing distribution
     (AdvancedMoELayer's load-balancing loss; -log E when balanced)."""
-    return ref.entropy_loss(routing.prob_sum, routing.lse.shape[0])
+    r = _routing(routing)
+    return ref.entropy_loss(r.prob_sum, r.lse.shape[0])
 
 
 def router_z_loss(routing: Routing) -> Tensor:
     """mean_t logsumexp(logits_t)^2 (ST-MoE)."""
-    return ref.router_z_loss(routing.lse)
+    return ref.router_z_loss(_routing(routing).lse)

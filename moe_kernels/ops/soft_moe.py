@@ -146,6 +146,7 @@ def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = Non
     _check(x, phi, mask, slot_mask)
     _checks.tensor("y", y, ndim=3, shape=(x.shape[0], phi.shape[-2], None), dtypes=_checks.FLOAT_DTYPES)
     _checks.same_dtype(x=x, y=y)
+    _checks.same_device(x=x, y=y)
     return _soft_combine(x, phi, y, mask, slot_mask)[0]
 
 

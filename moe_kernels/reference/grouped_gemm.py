@@ -8,15 +8,19 @@ import torch
 from .activations import glu, glu_backward
 
 
-def _segments(offsets: torch.Tensor):
+def _segments(offsets: torch.Tensor, n_rows: int):
+    """(e, lo, hi) of the non-empty groups; offsets must be non-decreasing in [0, n_rows] (a slice past the rows would
+    silently shrink)."""
     bounds = offsets.tolist()
+    if bounds and (bounds[0] < 0 or bounds[-1] > n_rows or any(a > b for a, b in zip(bounds, bounds[1:]))):
+        raise ValueError(f"offsets must be non-decreasing in [0, N = {n_rows}], got {bounds}")
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
 
 
 def _pre_activation(a, w, offsets, bias):
     """h [N, M] = a[rows of e] @ w[e]^T + bias[e], zero outside the groups."""
     h = torch.zeros(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
-    for e, lo, hi in _segments(offsets):
+    for e, lo, hi in _segments(offsets, a.shape[0]):
         h[lo:hi] = a[lo:hi] @ w[e].t()
         if bias is not None:
             h[lo:hi] += bias[e]
@@ -40,7 +44,7 @@ def grouped_mm_backward(grad_out, a, w, offsets, bias=None, activation="identity
     grad_a = torch.zeros_like(a)
     grad_w = torch.zeros_like(w)
     grad_b = torch.zeros_like(bias) if bias is not None else None
-    for e, lo, hi in _segments(offsets):
+    for e, lo, hi in _segments(offsets, a.shape[0]):
         grad_a[lo:hi] = grad_h[lo:hi] @ w[e]
         grad_w[e] = grad_h[lo:hi].t() @ a[lo:hi]
         if bias is not None:

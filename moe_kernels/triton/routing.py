@@ -53,7 +53,11 @@ def _topk_route_fwd_kernel(
 
     # logits, once, in fp32
     z, m, ex, den = _load_logits(logits_ptr, rows, offs_e, mask, row_ok, E)
-    tl.store(lse_ptr + rows, m + tl.log(den), mask=row_ok)
+    # logsumexp as torch.logsumexp gives it: an infinite max (a +inf logit, or every logit -inf) is the result,
+    # where m + log(sum exp(z - m)) would be inf - inf = NaN; a row holding a NaN stays NaN
+    nans = tl.sum(tl.where(mask & (z != z), 1, 0), axis=1)
+    lse = tl.where((tl.abs(m) == float("inf")) & (nans == 0), m, m + tl.log(den))
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
     if SIGMOID:
         s = 1.0 / (1.0 + tl.exp(-z))
         s = tl.where(col_ok[None, :], s, 0.0)
