@@ -25,7 +25,8 @@ if has tests; then
   echo "tests exit $?:"; grep -E "^(FAILED|ERROR)" "$OUT/tests-$card.log" | cut -c1-200 | head -40; tail -1 "$OUT/tests-$card.log"
 fi
 if has props; then  # the property tests' triton half and the CUDA-graph capture, with the tensors they choose
-  timeout ${PROPS_TIMEOUT:-120} $PY -m pytest tests/triton/test_graph.py tests/test_properties.py -k "triton or graph" \
+  timeout ${PROPS_TIMEOUT:-120} $PY -m pytest tests/triton/test_graph.py tests/test_determinism.py tests/test_properties.py \
+      -k "triton or graph or gpu" \
       -q -p no:cacheprovider -rs > "$OUT/props-$card.log" 2>&1
   echo "props exit $?:"; grep -E "^(FAILED|ERROR|E  )" "$OUT/props-$card.log" | cut -c1-200 | head -30; tail -1 "$OUT/props-$card.log"
 fi
