@@ -138,7 +138,8 @@ def _block_t(block_e):
 def fwd_config(E, k):
     """(BLOCK_T, BLOCK_E, BLOCK_K, num_warps) of the forward kernel for E experts, top-k."""
     block_e = _block_e(E)
-    return _block_t(block_e), block_e, max(2, triton.next_power_of_2(k)), 4
+    # from 512 experts on, 8 warps: at 4 the [4, 512] tiles of the top-k loop spill on sm_90
+    return _block_t(block_e), block_e, max(2, triton.next_power_of_2(k)), 8 if block_e >= 512 else 4
 
 
 def bwd_config(E, k):
