@@ -13,7 +13,9 @@ COLUMNS_HELP = """\
 - **% limit**: the time of the device's own limit for this work, measured in the same run, over the provider's
   time: a dense matmul of the same FLOPs in the same GEMM shapes (no routing, no grouping) and, where memory is
   the bound (decode, routing, permutation), a copy moving the same bytes (half read, half written); the longer of
-  the two when both apply. On CPU the dense matmul runs in float32 (no bf16 matrix units on the machine).
+  the two when both apply. On CPU the dense matmul runs in float32 (no bf16 matrix units on the machine). Above
+  100% means the op's own GEMMs ran faster than the dense ones of the same FLOPs (smaller, cache-friendlier
+  blocks), or noise.
 - **peak MB**: peak bytes allocated during one call above what was allocated before it (CUDA: allocator
   statistics; CPU: torch's profiler, every allocation and free of torch's CPU allocator). Memory kept across
   calls is not in it: ours on CPU keeps one scratch buffer of the expert-ordered rows (T·k·D elements) for reuse.
@@ -76,11 +78,11 @@ def summary(rows, device) -> str:
         ours = by.get("ours")
         if ours is None or ours.get("ms") is None:
             status = ours["status"] if ours else "not run"
-            lines.append(f"| {group[0]['label']} | {pass_name} | {status} |" + " |" * (len(head) - 3))
+            lines.append(f"| {case} | {pass_name} | {status} |" + " |" * (len(head) - 3))
             continue
         peer = by.get(ours["best_peer"]) if ours.get("best_peer") else None
         mem = (_mb(ours.get("peak_bytes")) or "?") + " / " + ((_mb(peer.get("peak_bytes")) or "?") if peer else "-")
-        cells = [group[0]["label"], pass_name, _fmt(ours["ms"], ".3g" if ours["ms"] < 1 else ".1f"),
+        cells = [case, pass_name, _fmt(ours["ms"], ".3g" if ours["ms"] < 1 else ".1f"),
                  _pct(ours.get("pct_limit")) + "%" + (" (mem)" if ours.get("bound") == "memory" else "")
                  if ours.get("pct_limit") is not None else "",
                  _fmt(ours.get("vs_reference"), ".2f") + "x" if ours.get("vs_reference") else "",
