@@ -203,7 +203,7 @@ def plot(stem, rows, meta) -> list:
     if bars:
         import numpy as np
 
-        fig, ax = plt.subplots(figsize=(9, 0.32 * len(bars) + 1.5))
+        fig, ax = plt.subplots(figsize=(12, 0.32 * len(bars) + 1.8))
         y = np.arange(len(bars))
         h = 0.27
         for i, (label, color) in enumerate((("ours", "tab:blue"), ("reference", "tab:gray"),
@@ -214,8 +214,8 @@ def plot(stem, rows, meta) -> list:
         ax.set_yticklabels([b[0] + (" [mem]" if b[4] else "") for b in bars], fontsize=7)
         ax.invert_yaxis()
         ax.axvline(100, color="k", lw=0.8)
-        ax.set_xlabel("% of the limit measured in the same run (dense matmul of the same FLOPs; [mem]: copy of "
-                      "the same bytes)", fontsize=8)
+        ax.set_xlabel("% of the limit measured in the same run:\na dense matmul of the same FLOPs; [mem]: a copy "
+                      "moving the same bytes", fontsize=8)
         ax.legend(fontsize=8, loc="lower right")
         ax.set_title(f"% of limit per case, {meta['device']}", fontsize=10)
         fig.tight_layout()
