@@ -23,9 +23,7 @@ import torch
 import moe_kernels
 from moe_kernels import _backend
 
-PASSES = {"fwd": False, "fwd+bwd": True}
-SIZES = ("quick", "default", "full")
-KINDS = ("ours", "reference", "peer")
+PASSES = {"fwd": False, "fwd+bwd": True}   # pass name -> with the backward
 
 
 # --- cases and providers ---------------------------------------------------------------------------------------
@@ -163,10 +161,10 @@ def timeit(fns: dict, estimates: dict, device: str, *, budget_s: float, min_repe
     reps = {n: max(min_repeats, min(max_repeats, int(budget_s / max(estimates[n] * inner[n], 1e-9)))) for n in fns}
     samples = {n: [] for n in fns}
     gc_was_enabled = gc.isenabled()
+    gc.collect()   # once (a full collection takes a third of a second with transformers loaded), then none
+    gc.disable()   # while sampling: tensors are freed by reference counting all the same
     try:
         for r in range(max(reps.values())):
-            gc.collect()
-            gc.disable()
             for name, fn in fns.items():
                 if r >= reps[name]:
                     continue
@@ -174,7 +172,6 @@ def timeit(fns: dict, estimates: dict, device: str, *, budget_s: float, min_repe
                 for _ in range(inner[name]):
                     fn()
                 samples[name].append((time.perf_counter() - t0) / inner[name])
-            gc.enable()
     finally:
         if gc_was_enabled:
             gc.enable()
