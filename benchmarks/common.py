@@ -339,8 +339,9 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
     limit_rows = {"dense_matmul_ms": t_dense * 1e3 if t_dense else None,
                   "dense_gflops": gemm_flops(p.work.gemms, backward) / t_dense / 1e9 if t_dense else None}
     wall = time.perf_counter() - wall
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None   # this run's own threads included
     for r in rows:
-        r.update(limit=limit_rows, notes=list(p.notes), pass_wall_s=wall)
+        r.update(limit=limit_rows, notes=list(p.notes), pass_wall_s=wall, load_1min=load)
     return rows
 
 

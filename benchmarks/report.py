@@ -108,6 +108,18 @@ def problems(rows) -> list:
     return [f"{r['case']} {r['pass']}, {r['provider']}: {r['status']}" for r in rows if r["status"] != "ok"]
 
 
+def busy_passes(rows, meta) -> list:
+    """'case pass (load)' of the passes that ended with the 1-minute load average above the CPUs plus one (CPU)."""
+    if meta.get("device_kind") != "cpu" or not meta.get("logical_cpus"):
+        return []
+    out = []
+    for (case, pass_name), group in _groups(rows):
+        load = group[0].get("load_1min")
+        if load is not None and load > meta["logical_cpus"] + 1:
+            out.append(f"{case} {pass_name} ({load:.1f})")
+    return out
+
+
 def header(meta) -> str:
     m = meta
     pk = m["packages"]
@@ -137,6 +149,12 @@ def markdown(meta, rows, notes, plots) -> str:
         out += [f"## {fam}", "", table([r for r in rows if r["family"] == fam], meta["device_kind"]), ""]
     pass_notes = sorted({f"{r['case']} {r['pass']}: {n}" for r in rows for n in r.get("notes", [])})
     bad = problems(rows)
+    busy = busy_passes(rows, meta)
+    if busy:
+        bad.append(f"other work competed for the {meta['logical_cpus']} CPUs (1-minute load average above "
+                   f"{meta['logical_cpus'] + 1}, this run's own threads included) during: "
+                   + "; ".join(busy) + ". Ratios there are less reliable: implementations differ in how "
+                   "badly they suffer when their threads are descheduled.")
     if notes or pass_notes or bad:
         out += ["## Notes", ""] + [f"- {n}" for n in (*notes, *pass_notes, *bad)] + [""]
     return "\n".join(out)
