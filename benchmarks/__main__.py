@@ -21,7 +21,7 @@ FAMILIES = ("expert_mlp", "routing", "permutation", "soft_moe", "modules")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 # seconds of timed samples per provider and pass (at least min_repeats samples), per size
-BUDGET = {"quick": (0.2, 2), "default": (1.0, 3), "full": (2.0, 5)}
+BUDGET = {"quick": (0.05, 2), "default": (0.5, 3), "full": (2.0, 5)}
 
 
 def family_module(name):

@@ -32,7 +32,7 @@ MODELS = {"Mixtral": (4096, 14336, 8, 2), "Qwen3-30B-A3B": (2048, 768, 128, 8), 
 SCALED = {  # CPU shapes: D and H divided, E and k kept (Mixtral's H by 14 keeps H = 2 D)
     "OLMoE/4": (512, 256, 64, 8), "Mixtral/8": (512, 1024, 8, 2), "Qwen3-30B-A3B/16": (128, 48, 128, 8),
     "DeepSeek-V3/16": (448, 128, 256, 8), "OLMoE/16": (128, 64, 64, 8)}
-DECODE = (1, 2, 4, 8)
+DECODE = (1, 4, 8)
 ALL = ("fwd", "fwd+bwd")
 
 # (shape name, tokens, passes, sweep name or None) per device and size; "quick" runs alone, "full" adds to

@@ -23,9 +23,7 @@ import torch
 import moe_kernels
 from moe_kernels import _backend
 
-PASSES = {"fwd": False, "fwd+bwd": True}
-SIZES = ("quick", "default", "full")
-KINDS = ("ours", "reference", "peer")
+PASSES = {"fwd": False, "fwd+bwd": True}   # pass name -> with the backward
 
 
 # --- cases and providers ---------------------------------------------------------------------------------------
@@ -152,8 +150,8 @@ def call_time(fn, device) -> tuple:
 
 def timeit(fns: dict, estimates: dict, device: str, *, budget_s: float, min_repeats: int = 3,
            max_repeats: int = 15) -> dict:
-    """Median seconds of one call of each fn (after the warm-up the caller did). On CUDA,
-    triton.testing.do_bench's median. On CPU the samples are interleaved (a, b, c, a, b, c, ...), so load from
+    """(median, minimum) seconds of one call of each fn (after the warm-up the caller did). On CUDA,
+    triton.testing.do_bench's median and 0th percentile. On CPU the samples are interleaved (a, b, c, a, b, c, ...), so load from
     elsewhere on the machine hits every provider alike and the ratios hold; each fn gets about budget_s seconds
     of samples (from its estimated time), at least min_repeats, and a sample under 2 ms runs the fn several times
     (the sample's time divided by the count)."""
@@ -163,10 +161,10 @@ def timeit(fns: dict, estimates: dict, device: str, *, budget_s: float, min_repe
     reps = {n: max(min_repeats, min(max_repeats, int(budget_s / max(estimates[n] * inner[n], 1e-9)))) for n in fns}
     samples = {n: [] for n in fns}
     gc_was_enabled = gc.isenabled()
+    gc.collect()   # once (a full collection takes a third of a second with transformers loaded), then none
+    gc.disable()   # while sampling: tensors are freed by reference counting all the same
     try:
         for r in range(max(reps.values())):
-            gc.collect()
-            gc.disable()
             for name, fn in fns.items():
                 if r >= reps[name]:
                     continue
@@ -174,22 +172,22 @@ def timeit(fns: dict, estimates: dict, device: str, *, budget_s: float, min_repe
                 for _ in range(inner[name]):
                     fn()
                 samples[name].append((time.perf_counter() - t0) / inner[name])
-            gc.enable()
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {n: statistics.median(s) for n, s in samples.items()}
+    return {n: (statistics.median(s), min(s)) for n, s in samples.items()}
 
 
-def _do_bench(fn) -> float:
+def _do_bench(fn) -> tuple:
     try:
         import triton.testing
     except ImportError:
-        return _cuda_event_median(fn)
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+        return _cuda_events(fn)
+    median, low = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.0])
+    return median / 1e3, low / 1e3
 
 
-def _cuda_event_median(fn, repeats=20) -> float:
+def _cuda_events(fn, repeats=20) -> tuple:
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -198,7 +196,7 @@ def _cuda_event_median(fn, repeats=20) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 # --- peak memory -----------------------------------------------------------------------------------------------
@@ -312,7 +310,8 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
         call_time(fn, device)                                          # warm-up
         _, estimates[name] = call_time(fn, device)
     fns = {name: prov.fn for name, prov in timed.items()} | limits
-    times = timeit(fns, estimates, device, budget_s=budget_s, min_repeats=min_repeats) if fns else {}
+    measured = timeit(fns, estimates, device, budget_s=budget_s, min_repeats=min_repeats) if fns else {}
+    times = {name: median for name, (median, _) in measured.items()}
 
     t_dense = times.get("limit: dense matmul")
     rows = []
@@ -332,7 +331,7 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
                     limit_t, bound = t_copy, "memory"
                 row["bytes"] = p.work.bytes(prov.dtype)
                 row["gbps"] = row["bytes"] / t / 1e9
-            row.update(ms=t * 1e3, gflops=p.work.flops / t / 1e9 if p.work.flops else None,
+            row.update(ms=t * 1e3, min_ms=measured[prov.name][1] * 1e3, gflops=p.work.flops / t / 1e9 if p.work.flops else None,
                        pct_limit=100 * limit_t / t if limit_t else None, bound=bound,
                        peak_bytes=memory.get(prov.name))
         rows.append(row)
@@ -340,8 +339,9 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
     limit_rows = {"dense_matmul_ms": t_dense * 1e3 if t_dense else None,
                   "dense_gflops": gemm_flops(p.work.gemms, backward) / t_dense / 1e9 if t_dense else None}
     wall = time.perf_counter() - wall
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None   # this run's own threads included
     for r in rows:
-        r.update(limit=limit_rows, notes=list(p.notes), pass_wall_s=wall)
+        r.update(limit=limit_rows, notes=list(p.notes), pass_wall_s=wall, load_1min=load)
     return rows
 
 
@@ -383,13 +383,17 @@ def _version(package: str) -> Optional[str]:
 
 
 def _git_commit() -> Optional[str]:
+    """The commit measured, "+modified" when the code (not the results) differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "moe_kernels", "csrc",
+                                  "setup.py", "benchmarks", ":(exclude)benchmarks/results"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + ("+modified" if changed else "")) or None
 
 
 def machine(device: str) -> dict:

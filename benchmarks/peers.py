@@ -1,8 +1,8 @@
 """The implementations a user would otherwise pick, built on the weights of a case. Each returns None (and leaves a
 note for the report) when its package is not installed: a missing peer is skipped, never an error.
 
-- transformers 5.x experts implementations `eager`, `grouped_mm`, `batched_mm` on a MixtralExperts module, and its
-  routers (MixtralTopKRouter, DeepseekV3TopkRouter);
+- transformers 5.x experts implementations `eager`, `grouped_mm`, `batched_mm` on a MixtralExperts module (its
+  routers' code is in bench_routing.torch_routing);
 - a layer built on torch.nn.functional.grouped_mm (torch._grouped_mm on older torch) with torch's own
   permutation (argsort + index_add), and that permutation alone;
 - soft-moe-pytorch's SoftMoE;
@@ -86,7 +86,8 @@ def transformers_experts(w_up, w_down, implementation):
     E, H2, D = w_up.shape
     config = MixtralConfig(hidden_size=D, intermediate_size=H2 // 2, num_local_experts=E, hidden_act="silu")
     config._experts_implementation = implementation
-    module = MixtralExperts(config)
+    with torch.device("meta"):   # no storage: the parameters are replaced by ours just below
+        module = MixtralExperts(config)
     module.gate_up_proj = nn.Parameter(w_up.detach(), requires_grad=w_up.requires_grad)
     module.down_proj = nn.Parameter(w_down.detach(), requires_grad=w_down.requires_grad)
     return module
@@ -95,33 +96,6 @@ def transformers_experts(w_up, w_down, implementation):
 def batched_mm_bytes(T, k, D, H, O, itemsize):
     """Bytes of the per-(token, slot) weight copies transformers' batched_mm makes."""
     return T * k * (2 * H * D + O * H) * itemsize
-
-
-def transformers_router(weight, k, *, score="softmax", bias=None, num_groups=None, topk_groups=None, scale=1.0):
-    """transformers' router module for these routing settings, holding `weight` [E, D] (shared): MixtralTopKRouter
-    (softmax, top-k, renormalised) or DeepseekV3TopkRouter (sigmoid, correction bias, group-limited, renormalised,
-    scaled); None without transformers or for another setting."""
-    if not _transformers("its routers"):
-        return None
-    E, D = weight.shape
-    if score == "softmax" and bias is None and num_groups is None and scale == 1.0:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
-
-        router = MixtralTopKRouter(MixtralConfig(hidden_size=D, num_local_experts=E, num_experts_per_tok=k))
-    elif score == "sigmoid":
-        from transformers import DeepseekV3Config
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
-
-        config = DeepseekV3Config(hidden_size=D, n_routed_experts=E, num_experts_per_tok=k, n_group=num_groups or 1,
-                                  topk_group=topk_groups or 1, routed_scaling_factor=scale, norm_topk_prob=True)
-        router = DeepseekV3TopkRouter(config)
-        if bias is not None:
-            router.e_score_correction_bias = bias
-    else:
-        return None
-    router.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
-    return router
 
 
 # --- soft-moe-pytorch ------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ COLUMNS_HELP = """\
 - **% limit**: the time of the device's own limit for this work, measured in the same run, over the provider's
   time: a dense matmul of the same FLOPs in the same GEMM shapes (no routing, no grouping) and, where memory is
   the bound (decode, routing, permutation), a copy moving the same bytes (half read, half written); the longer of
-  the two when both apply. On CPU the dense matmul runs in float32 (no bf16 matrix units on the machine).
+  the two when both apply. On CPU the dense matmul runs in float32 (no bf16 matrix units on the machine). Above
+  100% means the op's own GEMMs ran faster than the dense ones of the same FLOPs (smaller, cache-friendlier
+  blocks), or noise.
 - **peak MB**: peak bytes allocated during one call above what was allocated before it (CUDA: allocator
   statistics; CPU: torch's profiler, every allocation and free of torch's CPU allocator). Memory kept across
   calls is not in it: ours on CPU keeps one scratch buffer of the expert-ordered rows (T·k·D elements) for reuse.
@@ -76,11 +78,11 @@ def summary(rows, device) -> str:
         ours = by.get("ours")
         if ours is None or ours.get("ms") is None:
             status = ours["status"] if ours else "not run"
-            lines.append(f"| {group[0]['label']} | {pass_name} | {status} |" + " |" * (len(head) - 3))
+            lines.append(f"| {case} | {pass_name} | {status} |" + " |" * (len(head) - 3))
             continue
         peer = by.get(ours["best_peer"]) if ours.get("best_peer") else None
         mem = (_mb(ours.get("peak_bytes")) or "?") + " / " + ((_mb(peer.get("peak_bytes")) or "?") if peer else "-")
-        cells = [group[0]["label"], pass_name, _fmt(ours["ms"], ".3g" if ours["ms"] < 1 else ".1f"),
+        cells = [case, pass_name, _fmt(ours["ms"], ".3g" if ours["ms"] < 1 else ".1f"),
                  _pct(ours.get("pct_limit")) + "%" + (" (mem)" if ours.get("bound") == "memory" else "")
                  if ours.get("pct_limit") is not None else "",
                  _fmt(ours.get("vs_reference"), ".2f") + "x" if ours.get("vs_reference") else "",
@@ -104,6 +106,18 @@ def _groups(rows):
 def problems(rows) -> list:
     """Lines for providers that were not timed (an error, a wrong result) or not checked."""
     return [f"{r['case']} {r['pass']}, {r['provider']}: {r['status']}" for r in rows if r["status"] != "ok"]
+
+
+def busy_passes(rows, meta) -> list:
+    """'case pass (load)' of the passes that ended with the 1-minute load average above the CPUs plus one (CPU)."""
+    if meta.get("device_kind") != "cpu" or not meta.get("logical_cpus"):
+        return []
+    out = []
+    for (case, pass_name), group in _groups(rows):
+        load = group[0].get("load_1min")
+        if load is not None and load > meta["logical_cpus"] + 1:
+            out.append(f"{case} {pass_name} ({load:.1f})")
+    return out
 
 
 def header(meta) -> str:
@@ -135,6 +149,12 @@ def markdown(meta, rows, notes, plots) -> str:
         out += [f"## {fam}", "", table([r for r in rows if r["family"] == fam], meta["device_kind"]), ""]
     pass_notes = sorted({f"{r['case']} {r['pass']}: {n}" for r in rows for n in r.get("notes", [])})
     bad = problems(rows)
+    busy = busy_passes(rows, meta)
+    if busy:
+        bad.append(f"other work competed for the {meta['logical_cpus']} CPUs (1-minute load average above "
+                   f"{meta['logical_cpus'] + 1}, this run's own threads included) during: "
+                   + "; ".join(busy) + ". Ratios there are less reliable: implementations differ in how "
+                   "badly they suffer when their threads are descheduled.")
     if notes or pass_notes or bad:
         out += ["## Notes", ""] + [f"- {n}" for n in (*notes, *pass_notes, *bad)] + [""]
     return "\n".join(out)
@@ -201,7 +221,7 @@ def plot(stem, rows, meta) -> list:
     if bars:
         import numpy as np
 
-        fig, ax = plt.subplots(figsize=(9, 0.32 * len(bars) + 1.5))
+        fig, ax = plt.subplots(figsize=(12, 0.32 * len(bars) + 1.8))
         y = np.arange(len(bars))
         h = 0.27
         for i, (label, color) in enumerate((("ours", "tab:blue"), ("reference", "tab:gray"),
@@ -212,8 +232,8 @@ def plot(stem, rows, meta) -> list:
         ax.set_yticklabels([b[0] + (" [mem]" if b[4] else "") for b in bars], fontsize=7)
         ax.invert_yaxis()
         ax.axvline(100, color="k", lw=0.8)
-        ax.set_xlabel("% of the limit measured in the same run (dense matmul of the same FLOPs; [mem]: copy of "
-                      "the same bytes)", fontsize=8)
+        ax.set_xlabel("% of the limit measured in the same run:\na dense matmul of the same FLOPs; [mem]: a copy "
+                      "moving the same bytes", fontsize=8)
         ax.legend(fontsize=8, loc="lower right")
         ax.set_title(f"% of limit per case, {meta['device']}", fontsize=10)
         fig.tight_layout()
