@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import distributed, ops
 from ..nn.sparse import SparseMoE
 from ..ops.expert_mlp import check_experts_weights
 from ..reference.activations import ACTIVATIONS
@@ -170,7 +170,12 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     [0, E) contribute zero), top_k_weights [T, k] -> [T, D] in hidden_states' dtype. hidden_states are cast to the
     weights' dtype first, as transformers' grouped_mm does under autocast. No host syncs here."""
     up, down, kw = experts_arguments(self)
-    out = ops.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down, **kw)
+    group = getattr(self, "moe_kernels_process_group", None)
+    if group is not None:   # sharded by moe_kernels.distributed.expert_parallel: global ids, all-to-all
+        out = distributed.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down,
+                                  process_group=group, **kw)
+    else:
+        out = ops.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down, **kw)
     return out.to(hidden_states.dtype)
 
 
@@ -213,8 +218,7 @@ class SparseMoEBlock(SparseMoE):
         x = hidden_states.reshape(-1, self.dim)
         router_logits = self.router(x)
         r = ops.topk_route(router_logits, self.top_k, renormalize=self.renormalize)
-        out = ops.moe_mlp(x, r.experts, r.weights, self.experts.gate_up_proj, self.experts.down_proj,
-                          **self.experts.kwargs())
+        out = self._routed_experts(x, r.experts, r.weights, None)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         self.aux_loss = None

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import _backend, ops
+from .. import _backend, distributed, ops
 from ..ops import _checks
 from ..ops.routing import check_routing
 from .dense import router_output
@@ -19,6 +19,7 @@ AUX_LOSSES = ("switch", "entropy", None)
 
 class ExpertStats(NamedTuple):
     """Routing statistics of one forward, as tensors (recorded without a host sync)."""
+    # under expert parallelism: this rank's tokens (the capacity counts every rank's)
     routed: torch.Tensor                # [E] int: (token, slot) pairs routed to each expert, before capacity
     usage: torch.Tensor                 # [E] int: pairs each expert processed (routed, capped at the capacity)
     importance: torch.Tensor            # [E]: sum over tokens of each expert's routing probability
@@ -55,6 +56,10 @@ class SparseMoE(nn.Module):
     * mean_t p_te), "entropy" (sum_e mean_p_e * log(mean_p_e + 1e-10), the MoE guide's AdvancedMoELayer) or None.
 
     checkpoint_experts=True recomputes the expert MLPs in the backward (torch.utils.checkpoint) in training.
+
+    Expert parallelism. process_group (a torch.distributed group): this rank holds only its block of E / W experts
+    (`moe_kernels.distributed`), token rows go to the experts' ranks by all-to-all, and the capacity counts the
+    tokens of every rank; `shard_experts(group)` does the same to a built layer. Every rank calls forward.
     `expert_stats()` reports the last forward's routing; `add_experts`, `remove_experts` and `prune_experts`
     resize the layer keeping the other experts as they are.
     """
@@ -64,7 +69,8 @@ class SparseMoE(nn.Module):
                  max_capacity=None, bias=False, router=None, router_bias=False, correction_bias=False,
                  num_groups=None, topk_groups=None, routed_scale=1.0, noisy_gating=False, router_jitter=0.0,
                  num_shared_experts=0, shared_hidden_dim=None, shared_gate=False, aux_loss_type="switch",
-                 aux_loss_coef=0.01, z_loss_coef=0.0, checkpoint_experts=False, device=None, dtype=None):
+                 aux_loss_coef=0.01, z_loss_coef=0.0, checkpoint_experts=False, process_group=None, device=None,
+                 dtype=None):
         super().__init__()
         _check_capacity(capacity_factor, min_capacity, max_capacity)
         if not 0 <= router_jitter < 1:
@@ -74,7 +80,12 @@ class SparseMoE(nn.Module):
             raise ValueError("router_bias applies to the default nn.Linear router; pass a router with the bias it "
                              f"needs instead (got router={type(router).__name__} and router_bias=True)")
         f = dict(device=device, dtype=dtype)
-        self.experts = Experts(dim, hidden_dim, num_experts, out_dim=out_dim, activation=activation, gated=gated,
+        self.process_group = None
+        local = num_experts
+        if process_group is not None:
+            local = len(distributed.local_block(num_experts, process_group))
+            self.process_group = process_group
+        self.experts = Experts(dim, hidden_dim, local, out_dim=out_dim, activation=activation, gated=gated,
                                bias=bias, **f)
         self.router = router if router is not None else nn.Linear(dim, num_experts, bias=router_bias, **f)
         self.noise = nn.Linear(dim, num_experts, bias=False, **f) if noisy_gating else None
@@ -107,6 +118,17 @@ class SparseMoE(nn.Module):
     def down_proj(self):
         return self.experts.down_proj
 
+    def shard_experts(self, process_group=None) -> "SparseMoE":
+        """Keeps only this rank's block of E / W experts (in place) and runs them by all-to-all from now on (see
+        moe_kernels.distributed); the router and shared experts stay whole. ValueError unless W divides E."""
+        if self.process_group is not None:
+            raise RuntimeError("the experts are already sharded over a process group")
+        group, _, _ = distributed.group_info(process_group)
+        block = distributed.local_block(self.num_experts, group)
+        self.experts.reindex_(list(block))
+        self.process_group = group
+        return self
+
     # --- forward --------------------------------------------------------------------------------------------
     def capacity(self, num_tokens: int) -> Optional[int]:
         """(token, slot) pairs an expert keeps for a batch of num_tokens tokens; None: no limit."""
@@ -128,14 +150,39 @@ class SparseMoE(nn.Module):
                               bias=self.e_score_correction_bias, num_groups=self.num_groups,
                               topk_groups=self.topk_groups, scale=self.routed_scale)
 
+    def _routed_experts(self, x, experts, weights, capacity):
+        """The routed experts on x [T, D] -> [T, O]: this rank's experts and an all-to-all under expert
+        parallelism (capacity already applied to `experts` there), else all of them here."""
+        if self.process_group is not None:
+            return distributed.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj,
+                                       process_group=self.process_group, **self.experts.kwargs())
+        return ops.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj, capacity=capacity,
+                           **self.experts.kwargs())
+
     def _experts_forward(self, x, experts, weights, capacity):
         """The routed experts (and the shared ones) on x [T, D] -> [T, O]."""
-        out = ops.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj, capacity=capacity,
-                          **self.experts.kwargs())
+        out = self._routed_experts(x, experts, weights, capacity)
         if self.shared_experts is not None:
             gate = torch.sigmoid(self.shared_gate(x)) if self.shared_gate is not None else x.new_ones(x.shape[0], 1)
             out = out + self.shared_experts.mix(x, gate)
         return out
+
+    def _apply_capacity(self, r: ops.Routing, num_tokens: int):
+        """-> (expert ids to run, the capacity for ops.moe_mlp (int or None), pairs kept per expert [E], the capacity
+        as a 0-d tensor or None). Under expert parallelism the capacity counts every rank's tokens, and the pairs
+        beyond it are dropped here (id -1)."""
+        routed = r.counts.detach()
+        if self.capacity_factor is None:
+            return r.experts, None, routed, None
+        if self.process_group is None:
+            capacity = self.capacity(num_tokens)
+            cap = torch.full((), capacity, dtype=torch.int64, device=routed.device)
+            return r.experts, capacity, routed.clamp(max=capacity), cap
+        experts, cap = distributed.capacity_keep(r.experts, self.num_experts, self.capacity_factor, self.min_capacity,
+                                                 self.max_capacity, self.process_group)
+        kept = experts.reshape(-1).long()
+        usage = torch.zeros_like(routed).index_add_(0, kept.clamp(min=0), (kept >= 0).to(routed.dtype))
+        return experts, None, usage, cap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.dim:
@@ -145,14 +192,14 @@ class SparseMoE(nn.Module):
         r = self.route(x)
         flat = x.reshape(-1, self.dim)
         weights = r.weights if self.scale_by_gate else torch.ones_like(r.weights)
-        capacity = self.capacity(flat.shape[0])
+        experts, capacity, usage, cap = self._apply_capacity(r, flat.shape[0])
         if self.checkpoint_experts and self.training and torch.is_grad_enabled():
             # the recomputation runs in autograd's thread: under the backend this forward chose
-            out = checkpoint(self._experts_under, _backend.current(), flat, r.experts, weights, capacity,
+            out = checkpoint(self._experts_under, _backend.current(), flat, experts, weights, capacity,
                              use_reentrant=False)
         else:
-            out = self._experts_forward(flat, r.experts, weights, capacity)
-        self._record_stats(r, capacity)
+            out = self._experts_forward(flat, experts, weights, capacity)
+        self._record_stats(r, usage, cap)
         self.aux_loss = self._aux_loss(r) if self.training else None
         return out.view(*lead, self.out_dim)
 
@@ -173,10 +220,8 @@ class SparseMoE(nn.Module):
         return sum(terms[1:], terms[0]) if terms else None
 
     # --- routing statistics -----------------------------------------------------------------------------------
-    def _record_stats(self, r: ops.Routing, capacity: Optional[int]) -> None:
+    def _record_stats(self, r: ops.Routing, usage: torch.Tensor, cap: Optional[torch.Tensor]) -> None:
         routed = r.counts.detach()
-        usage = routed if capacity is None else routed.clamp(max=capacity)
-        cap = None if capacity is None else torch.full((), capacity, dtype=torch.int64, device=routed.device)
         self._stats = ExpertStats(routed, usage, r.prob_sum.detach(), cap, (routed - usage).sum())
         total = self._usage_total
         self._usage_total = usage.long() if total is None else total.to(usage.device) + usage
@@ -243,6 +288,9 @@ class SparseMoE(nn.Module):
         return r
 
     def _reindex(self, keep: list, add: int) -> None:
+        if self.process_group is not None:
+            raise RuntimeError("cannot resize a layer whose experts are sharded over a process group: resize it "
+                               "before expert_parallel / shard_experts")
         E = len(keep) + add
         if E < self.top_k:
             raise ValueError(f"top_k={self.top_k} needs at least {self.top_k} experts, but {E} would remain")
