@@ -121,6 +121,25 @@ def capacity_keep(experts: Tensor, num_experts: int, capacity_factor: float, min
     return torch.where(keep & valid, ids, -1).to(experts.dtype), capacity
 
 
+def dispatch(x: Tensor, p: Plan, process_group=None) -> Tensor:
+    """x: [T, D] -> the rows this rank's experts process, [sum(p.recv), D]: each routed row sent once."""
+    return exchange(ops.permute(x, p.sorted)[:sum(p.send)], p.send, p.recv, process_group)
+
+
+def local_experts(rows: Tensor, p: Plan, gate_up_proj: Tensor, down_proj: Tensor, **kwargs) -> Tensor:
+    """The received rows [R, D] through this rank's experts (ops.moe_mlp, weight 1) -> [R, O]."""
+    ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+    return ops.moe_mlp(rows, p.local_ids, ones, gate_up_proj, down_proj, **kwargs)
+
+
+def combine(back: Tensor, p: Plan, weights: Tensor) -> Tensor:
+    """The expert outputs returned to this rank, [sum(p.send), O] -> [T, O]: each token's k rows weighted and
+    summed in slot order (pairs not sent contribute zero)."""
+    T, k = weights.shape
+    back = torch.cat([back, back.new_zeros(T * k - back.shape[0], back.shape[1])])
+    return ops.unpermute(back, p.sorted, weights)
+
+
 def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor, *,
             process_group=None, activation: str = "silu", gated: bool = True, gate_up_bias: Optional[Tensor] = None,
             down_bias: Optional[Tensor] = None) -> Tensor:
@@ -135,15 +154,9 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
                          f"got {tuple(experts.shape)}")
     check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
     p = plan(experts, gate_up_proj.shape[0], process_group)
-    T, k = experts.shape
-    rows = ops.permute(x, p.sorted)[:sum(p.send)]                   # kept rows lead, in destination order
-    got = exchange(rows, p.send, p.recv, process_group)
-    ones = torch.ones(got.shape[0], 1, dtype=torch.float32, device=x.device)
-    y = ops.moe_mlp(got, p.local_ids, ones, gate_up_proj, down_proj, activation=activation, gated=gated,
-                    gate_up_bias=gate_up_bias, down_bias=down_bias)
-    back = exchange(y, p.recv, p.send, process_group)
-    back = torch.cat([back, back.new_zeros(T * k - back.shape[0], back.shape[1])])
-    return ops.unpermute(back, p.sorted, weights)
+    y = local_experts(dispatch(x, p, process_group), p, gate_up_proj, down_proj, activation=activation,
+                      gated=gated, gate_up_bias=gate_up_bias, down_bias=down_bias)
+    return combine(exchange(y, p.recv, p.send, process_group), p, weights)
 
 
 # --- sharding modules -------------------------------------------------------------------------------------------

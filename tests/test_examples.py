@@ -27,3 +27,23 @@ def test_tiny_moe_lm_converted_model_trains_like_the_reference_and_plots(tmp_pat
     assert max(abs(r - f) for r, f in zip(ref, fused)) < 1e-2
     assert fused[-1] < fused[0] - 0.5, "the fused model did not train"
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.slow  # ~20 s: torchrun starting two processes
+def test_expert_parallel_example_under_torchrun():
+    """The README's torchrun command: the sharded layer equals the whole one on each rank's tokens, and trains
+    the same."""
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(EXAMPLES / "expert_parallel.py"), "--steps", "8", "--tokens", "64"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    errs = [float(e) for e in re.findall(r"max \|sharded - whole\| on this rank's tokens: (\S+)", done.stdout)]
+    assert len(errs) == 2 and max(errs) < 1e-5, done.stdout
+    losses = re.findall(r"loss whole (\S+)  sharded (\S+)", done.stdout)
+    assert len(losses) == 3, done.stdout
+    for whole, sharded in losses:
+        assert abs(float(whole) - float(sharded)) <= 1e-5 * float(whole), done.stdout
