@@ -57,11 +57,12 @@ class SparseMoE(nn.Module):
 
     checkpoint_experts=True recomputes the expert MLPs in the backward (torch.utils.checkpoint) in training.
 
+    `expert_stats()` reports the last forward's routing; `add_experts`, `remove_experts` and `prune_experts`
+    resize the layer keeping the other experts as they are.
+
     Expert parallelism. process_group (a torch.distributed group): this rank holds only its block of E / W experts
     (`moe_kernels.distributed`), token rows go to the experts' ranks by all-to-all, and the capacity counts the
     tokens of every rank; `shard_experts(group)` does the same to a built layer. Every rank calls forward.
-    `expert_stats()` reports the last forward's routing; `add_experts`, `remove_experts` and `prune_experts`
-    resize the layer keeping the other experts as they are.
     """
 
     def __init__(self, dim, hidden_dim, num_experts, top_k=2, *, out_dim=None, activation="silu", gated=True,
