@@ -18,32 +18,35 @@ from . import _checks
 from .expert_mlp import check_experts_weights
 
 
-def _forward(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, *, keep=False):
+def _pre_activation(x, gate_up_proj, gate_up_bias):
+    """x: [T, D] -> h [T, E*2H|E*H], every expert's first layer as one GEMM."""
+    h = x @ gate_up_proj.reshape(-1, x.shape[1]).t()
+    return h + gate_up_bias.reshape(-1) if gate_up_bias is not None else h
+
+
+def _forward(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, save):
+    """-> (out [T, O], the pre-activation h [T, E*2H|E*H] when save (the backward's input), else an empty tensor)."""
     T, D = x.shape
     E, H2, _ = gate_up_proj.shape
     O = down_proj.shape[1]
-    h = x @ gate_up_proj.reshape(E * H2, D).t()
-    if gate_up_bias is not None:
-        h = h + gate_up_bias.reshape(-1)
-    h = h.view(T, E, H2)
-    a = glu(h, activation, gated)                                    # [T, E, H]
+    h = _pre_activation(x, gate_up_proj, gate_up_bias)
+    a = glu(h.view(T, E, H2), activation, gated)                     # [T, E, H]
     z = a * gates.to(x.dtype).unsqueeze(-1)
     w_down = down_proj.permute(1, 0, 2).reshape(O, -1)               # [O, E*H]
     out = z.reshape(T, w_down.shape[1]) @ w_down.t()
     if down_bias is not None:
         out = out + gates.to(x.dtype) @ down_bias
-    return (out, h, a) if keep else out
+    return out, (h if save else x.new_empty(0))
 
 
-def _dense_moe_impl(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated):
-    return _forward(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated)
-
-
-def _dense_moe_backward_impl(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated):
+def _backward_impl(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, h, activation, gated):
     T, D = x.shape
     E, H2, _ = gate_up_proj.shape
     O = down_proj.shape[1]
-    _, h, a = _forward(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, keep=True)
+    if h.numel() != T * E * H2:   # not saved by the forward (it ran with nothing requiring grad): recomputed
+        h = _pre_activation(x, gate_up_proj, gate_up_bias)
+    h = h.view(T, E, H2)
+    a = glu(h, activation, gated)                                    # [T, E, H], from the saved h
     g = gates.to(x.dtype)
     H = a.shape[-1]
     w_down = down_proj.permute(1, 0, 2).reshape(O, E * H)
@@ -63,45 +66,50 @@ def _dense_moe_backward_impl(grad, x, gates, gate_up_proj, down_proj, gate_up_bi
 
 @torch.library.custom_op("moe_kernels::dense_moe", mutates_args=())
 def _dense_moe(x: Tensor, gates: Tensor, gate_up_proj: Tensor, down_proj: Tensor, gate_up_bias: Optional[Tensor],
-               down_bias: Optional[Tensor], activation: str, gated: bool) -> Tensor:
+               down_bias: Optional[Tensor], activation: str, gated: bool, save_for_backward: bool) -> tuple[Tensor, Tensor]:
+    """-> (out [T, O], pre-activation [T, E*2H] (empty unless saved))."""
     fn = _backend.dispatch("dense_moe", x.device.type)
-    return fn(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated)
+    return fn(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, save_for_backward)
 
 
 @_dense_moe.register_fake
-def _(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated):
-    return x.new_empty(x.shape[0], down_proj.shape[1])
+def _(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, save_for_backward):
+    E, H2, _ = gate_up_proj.shape
+    h = x.new_empty(x.shape[0], E * H2) if save_for_backward else x.new_empty(0)
+    return x.new_empty(x.shape[0], down_proj.shape[1]), h
 
 
 @torch.library.custom_op("moe_kernels::dense_moe_backward", mutates_args=())
 def _dense_moe_backward(grad: Tensor, x: Tensor, gates: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
-                        gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], activation: str,
+                        gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], h: Tensor, activation: str,
                         gated: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = _backend.dispatch("dense_moe_backward", x.device.type)
-    return fn(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated)
+    return fn(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, h, activation, gated)
 
 
 @_dense_moe_backward.register_fake
-def _(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated):
+def _(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, h, activation, gated):
     return (torch.empty_like(x), torch.empty_like(gates), torch.empty_like(gate_up_proj), torch.empty_like(down_proj),
             torch.empty_like(gate_up_bias) if gate_up_bias is not None else x.new_empty(0),
             torch.empty_like(down_bias) if down_bias is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.args = inputs[6:]
+    ctx.save_for_backward(*inputs[:6], output[1])
+    ctx.args = inputs[6:8]
 
 
-def _backward(ctx, grad):
-    x, gates, up, down, up_b, down_b = ctx.saved_tensors
-    gx, gg, gu, gd, gub, gdb = _dense_moe_backward(grad.contiguous(), x, gates, up, down, up_b, down_b, *ctx.args)
-    return gx, gg, gu, gd, gub if up_b is not None else None, gdb if down_b is not None else None, None, None
+def _backward(ctx, grad, _grad_h):
+    x, gates, up, down, up_b, down_b, h = ctx.saved_tensors
+    if grad is None:   # the output was not used (its gradient not materialised)
+        return None, None, None, None, None, None, None, None, None
+    gx, gg, gu, gd, gub, gdb = _dense_moe_backward(grad.contiguous(), x, gates, up, down, up_b, down_b, h, *ctx.args)
+    return gx, gg, gu, gd, gub if up_b is not None else None, gdb if down_b is not None else None, None, None, None
 
 
 _backend.register_autograd(_dense_moe, _backward, _setup_context)
-_backend.register("dense_moe", "reference", _dense_moe_impl)
-_backend.register("dense_moe_backward", "reference", _dense_moe_backward_impl)
+_backend.register("dense_moe", "reference", _forward)
+_backend.register("dense_moe_backward", "reference", _backward_impl)
 
 
 def dense_moe(x: Tensor, gates: Tensor, gate_up_proj: Tensor, down_proj: Tensor, *, activation: str = "silu",
@@ -117,4 +125,6 @@ def dense_moe(x: Tensor, gates: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
     _checks.same_device(x=x, gates=gates, gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
                         down_bias=down_bias)
     _checks.choice("activation", activation, ACTIVATIONS)
-    return _dense_moe(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias))
+    return _dense_moe(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, save)[0]

@@ -206,7 +206,8 @@ OPCHECK = [pytest.param(torch.float32, "silu", True, id="fp32-silu-gated"),
 def test_opcheck_forward(backend, dtype, activation, gated, with_bias):
     inputs = [t.requires_grad_() if t is not None else None
               for t in make_inputs(7, 5, 3, 3, gated=gated, with_bias=with_bias, dtype=dtype)]
-    torch.library.opcheck(torch.ops.moe_kernels.dense_moe, (*inputs, activation, gated))
+    for save in (True, False):   # the pre-activation returned for the backward, or not
+        torch.library.opcheck(torch.ops.moe_kernels.dense_moe, (*inputs, activation, gated, save))
 
 
 @pytest.mark.parametrize("with_bias", BIAS)
@@ -215,7 +216,8 @@ def test_opcheck_backward(backend, dtype, activation, gated, with_bias):
     # the backward op has no autograd of its own (no double backward): its inputs do not require grad
     inputs = make_inputs(7, 5, 3, 3, gated=gated, with_bias=with_bias, dtype=dtype)
     grad = torch.randn(7, 5, dtype=dtype)
-    torch.library.opcheck(torch.ops.moe_kernels.dense_moe_backward, (grad, *inputs, activation, gated))
+    h = torch.ops.moe_kernels.dense_moe(*inputs, activation, gated, True)[1]
+    torch.library.opcheck(torch.ops.moe_kernels.dense_moe_backward, (grad, *inputs, h, activation, gated))
 
 
 # --- determinism, NaN isolation, strides --------------------------------------------------------------
