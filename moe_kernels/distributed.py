@@ -16,8 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
-from .ops import _checks
-from .ops.expert_mlp import check_experts_weights
+from .ops.expert_mlp import check_moe_mlp_inputs
 
 
 def group_info(process_group=None) -> tuple:
@@ -146,13 +145,8 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     """`ops.moe_mlp` with the experts sharded: x: [T, D] this rank's tokens, experts: [T, k] global ids in
     [0, E = W * E_local) (others contribute zero), weights: [T, k], gate_up_proj: [E_local, 2H|H, D] and down_proj:
     [E_local, O, H] this rank's block of experts -> [T, O]. Every rank of the group must call it (T may be 0)."""
-    _checks.tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("experts", experts, ndim=2, dtypes=_checks.INDEX_DTYPES)
-    _checks.tensor("weights", weights, shape=tuple(experts.shape), dtypes=_checks.FLOAT_DTYPES)
-    if experts.shape[0] != x.shape[0]:
-        raise ValueError(f"experts must be [T, k] with T = {x.shape[0]} of x {tuple(x.shape)}, "
-                         f"got {tuple(experts.shape)}")
-    check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
+    # checked here, before any collective: a rank raising after the exchange has begun would hang the others
+    check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activation, gated, gate_up_bias, down_bias)
     p = plan(experts, gate_up_proj.shape[0], process_group)
     y = local_experts(dispatch(x, p, process_group), p, gate_up_proj, down_proj, activation=activation,
                       gated=gated, gate_up_bias=gate_up_bias, down_bias=down_bias)

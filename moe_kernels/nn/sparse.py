@@ -56,7 +56,6 @@ class SparseMoE(nn.Module):
     * mean_t p_te), "entropy" (sum_e mean_p_e * log(mean_p_e + 1e-10), the MoE guide's AdvancedMoELayer) or None.
 
     checkpoint_experts=True recomputes the expert MLPs in the backward (torch.utils.checkpoint) in training.
-
     `expert_stats()` reports the last forward's routing; `add_experts`, `remove_experts` and `prune_experts`
     resize the layer keeping the other experts as they are.
 

@@ -95,13 +95,16 @@ def _(grad, x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, h, activ
 
 
 def _setup_context(ctx, inputs, output):
+    # h is saved state, not a result: no gradient flows into it, and none is materialised as [T, E*2H] zeros
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*inputs[:6], output[1])
     ctx.args = inputs[6:8]
 
 
 def _backward(ctx, grad, _grad_h):
     x, gates, up, down, up_b, down_b, h = ctx.saved_tensors
-    if grad is None:   # the output was not used (its gradient not materialised)
+    if grad is None:   # no gradient reached the output (grads are not materialised): nothing flows back
         return None, None, None, None, None, None, None, None, None
     gx, gg, gu, gd, gub, gdb = _dense_moe_backward(grad.contiguous(), x, gates, up, down, up_b, down_b, h, *ctx.args)
     return gx, gg, gu, gd, gub if up_b is not None else None, gdb if down_b is not None else None, None, None, None

@@ -127,15 +127,9 @@ def check_experts_weights(gate_up_proj: Tensor, down_proj: Tensor, gated: bool, 
     return E, H, D, O
 
 
-def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor, *,
-            activation: str = "silu", gated: bool = True, gate_up_bias: Optional[Tensor] = None,
-            down_bias: Optional[Tensor] = None, capacity: Optional[int] = None) -> Tensor:
-    """x: [T, D], experts: [T, k] int, weights: [T, k], gate_up_proj: [E, 2H, D] (gate rows first; [E, H, D]
-    when not gated), down_proj: [E, O, H] -> [T, O] in x's dtype (O = D in a transformer block).
-
-    out[t] = sum_j weights[t, j] * down_e(act(gate_e x[t]) * up_e x[t]) with e = experts[t, j]; ids outside
-    [0, E) contribute zero (the expert-parallel sentinel); pairs beyond `capacity` rows per expert are dropped.
-    """
+def check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activation, gated, gate_up_bias=None,
+                         down_bias=None) -> int:
+    """The arguments of moe_mlp (and of its expert-parallel form) checked against each other; returns E."""
     E, H, D, _ = check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
     _checks.tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("experts", experts, ndim=2, dtypes=_checks.INDEX_DTYPES)
@@ -148,6 +142,20 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj,
                         gate_up_bias=gate_up_bias, down_bias=down_bias)
     _checks.choice("activation", activation, ACTIVATIONS)
+    return E
+
+
+def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor, *,
+            activation: str = "silu", gated: bool = True, gate_up_bias: Optional[Tensor] = None,
+            down_bias: Optional[Tensor] = None, capacity: Optional[int] = None) -> Tensor:
+    """x: [T, D], experts: [T, k] int, weights: [T, k], gate_up_proj: [E, 2H, D] (gate rows first; [E, H, D]
+    when not gated), down_proj: [E, O, H] -> [T, O] in x's dtype (O = D in a transformer block).
+
+    out[t] = sum_j weights[t, j] * down_e(act(gate_e x[t]) * up_e x[t]) with e = experts[t, j]; ids outside
+    [0, E) contribute zero (the expert-parallel sentinel); pairs beyond `capacity` rows per expert are dropped.
+    """
+    E = check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activation, gated, gate_up_bias,
+                             down_bias)
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")
