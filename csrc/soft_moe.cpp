@@ -182,9 +182,15 @@ struct Plan {
 // threads, the lanes run in parallel, each on one thread with single-threaded ATen ops (one synchronisation per
 // group rather than one per op: what keeps 2 busy cores busy); with fewer, one after another on the calling thread
 // with ATen's own threading. The split depends on the sizes alone, so the merges run in a fixed order.
+// Lanes that sum into partials of their own ([S, D] for a shared phi or a row split among lanes) hold one each; the
+// partials of all lanes together stay within kLaneScratch bytes, or a long row would cost kLanes times its output.
 constexpr int64_t kLanes = 8;
+constexpr int64_t kLaneScratch = int64_t(32) << 20;
 
-int64_t lanes_for(int64_t items) { return std::min(items, kLanes); }
+int64_t lanes_for(int64_t items, int64_t partial_bytes = 0) {
+  const int64_t cap = partial_bytes > 0 ? std::max<int64_t>(1, kLaneScratch / partial_bytes) : kLanes;
+  return std::min({items, kLanes, cap});
+}
 
 // fn(lane, first chunk, end chunk) for each lane.
 template <typename Fn>
@@ -260,8 +266,9 @@ struct OnlineSoftmax {
 // its job); a state per chunk when rows are whole, else per lane, merged. done(state, first row, rows) gets each
 // final state. acc0(rows) makes a zero accumulator for that many rows.
 template <typename Acc0, typename Add, typename Done>
-void online_softmax_rows(const Plan& plan, int64_t g, const Acc0& acc0, const Add& add, const Done& done) {
-  const int64_t items = plan.items(), lanes = lanes_for(items);
+void online_softmax_rows(const Plan& plan, int64_t g, int64_t lanes, const Acc0& acc0, const Add& add,
+                         const Done& done) {
+  const int64_t items = plan.items();
   std::vector<OnlineSoftmax> parts(plan.whole_rows ? 0 : lanes);
   for_lanes(lanes, items, [&](int64_t lane, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -288,9 +295,10 @@ std::tuple<Tensor, Tensor> soft_dispatch(const Tensor& x_, const Tensor& phi_, c
   auto out = at::zeros({p.B, p.S, p.D}, p.options());
   auto lse = at::full({p.B, p.S}, -std::numeric_limits<double>::infinity(), p.options());
   if (p.empty()) return {out.to(x_.scalar_type()), lse};
+  const int64_t lanes = lanes_for(plan.items(), plan.whole_rows ? 0 : p.S * p.D * p.x.element_size());
   for (int64_t g = 0; g < plan.groups(); ++g) {
     online_softmax_rows(
-        plan, g, [&](int64_t rows) { return at::zeros({rows, p.S, p.D}, p.options()); },
+        plan, g, lanes, [&](int64_t rows) { return at::zeros({rows, p.S, p.D}, p.options()); },
         [&](OnlineSoftmax& sm, const Chunk& c, int64_t) {
           auto e = c.logits();
           sm.update_(e);
@@ -316,10 +324,10 @@ std::tuple<Tensor, Tensor> soft_dispatch_backward(const Tensor& grad_, const Ten
   auto grad_x = at::zeros({p.B, p.N, p.D}, p.options());
   auto grad_phi = at::zeros(p.phi.sizes(), p.options());
   if (p.empty()) return {grad_x.to(x_.scalar_type()), grad_phi.to(phi_.scalar_type())};
+  const bool phi_partials = p.shared_phi() || !plan.whole_rows;
+  const int64_t items = plan.items(), lanes = lanes_for(items, phi_partials ? p.S * p.D * p.x.element_size() : 0);
   for (int64_t g = 0; g < plan.groups(); ++g) {
-    const int64_t items = plan.items(), lanes = lanes_for(items);
-    LaneSum gphi(p.shared_phi() ? grad_phi : plan.group_rows(grad_phi, g), lanes,
-                 p.shared_phi() || !plan.whole_rows);
+    LaneSum gphi(p.shared_phi() ? grad_phi : plan.group_rows(grad_phi, g), lanes, phi_partials);
     std::vector<Tensor> gphi_lane(lanes);
     // The gradients of one chunk, given p = exp(logits - m) / l and dp = x . grad of its tokens and delta[s] =
     // sum_n p[n, s] dp[n, s] over the row: dlogits = p (dp - delta).
@@ -335,7 +343,7 @@ std::tuple<Tensor, Tensor> soft_dispatch_backward(const Tensor& grad_, const Ten
     // Pass 1: per slot, the softmax's maximum m, sum l, and sum_n exp(logits - m) dp. Rows that are one chunk
     // go on to their gradients at once, with the same logits.
     online_softmax_rows(
-        plan, g, [&](int64_t rows) { return at::zeros({rows, p.S}, p.options()); },
+        plan, g, lanes, [&](int64_t rows) { return at::zeros({rows, p.S}, p.options()); },
         [&](OnlineSoftmax& sm, const Chunk& c, int64_t lane) {
           auto e = c.logits();
           sm.update_(e);
@@ -412,11 +420,13 @@ std::tuple<Tensor, Tensor, Tensor> soft_combine_backward(const Tensor& grad_, co
   auto grad_phi = at::zeros(p.phi.sizes(), p.options());
   auto grad_y = at::zeros(y.sizes(), p.options());
   if (p.empty()) return {grad_x.to(x_.scalar_type()), grad_phi.to(phi_.scalar_type()), grad_y.to(y_.scalar_type())};
+  const bool phi_partials = p.shared_phi() || !plan.whole_rows;
+  const int64_t items = plan.items(),
+                lanes = lanes_for(items, ((plan.whole_rows ? 0 : p.S * y.size(2)) + (phi_partials ? p.S * p.D : 0)) *
+                                             p.x.element_size());
   for (int64_t g = 0; g < plan.groups(); ++g) {
-    const int64_t items = plan.items(), lanes = lanes_for(items);
     LaneSum gy(plan.group_rows(grad_y, g), lanes, !plan.whole_rows);
-    LaneSum gphi(p.shared_phi() ? grad_phi : plan.group_rows(grad_phi, g), lanes,
-                 p.shared_phi() || !plan.whole_rows);
+    LaneSum gphi(p.shared_phi() ? grad_phi : plan.group_rows(grad_phi, g), lanes, phi_partials);
     for_lanes(lanes, items, [&](int64_t lane, int64_t i0, int64_t i1) {
       const auto gy_lane = gy.lane(lane), gphi_lane = gphi.lane(lane);
       for (int64_t i = i0; i < i1; ++i) {

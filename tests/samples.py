@@ -141,8 +141,11 @@ def _make_soft(p, gen):
 
 
 def _run_soft(x, phi, y, mask=None):
+    """Both forms: the flash-style pair, and the shared logits read by both mixes."""
     slots = ops.soft_dispatch(x, phi, mask)
-    return (slots, ops.soft_combine(x, phi, y, mask)), ()
+    logits = ops.soft_logits(x, phi, mask)
+    return (slots, ops.soft_combine(x, phi, y, mask), ops.soft_dispatch_logits(logits, x),
+            ops.soft_combine_logits(logits, y)), ()
 
 
 PROGRAMS = {

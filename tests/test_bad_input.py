@@ -45,7 +45,9 @@ BACKENDS = cpu_backends() + (["triton"] if TRITON else [])
 # the kernel-level op that decides whether a backend has its own implementation of a public op or module
 KERNEL = {"topk_route": "topk_route", "sort_by_expert": "sort_by_expert", "permute": "permute",
           "unpermute": "unpermute", "grouped_mm": "grouped_mm", "moe_mlp": "moe_mlp_fused", "dense_moe": "dense_moe",
-          "soft_dispatch": "soft_dispatch", "soft_combine": "soft_combine", "losses": "topk_route",
+          "soft_dispatch": "soft_dispatch", "soft_combine": "soft_combine", "soft_logits": "soft_logits",
+          "soft_dispatch_logits": "soft_dispatch_logits", "soft_combine_logits": "soft_combine_logits",
+          "losses": "topk_route",
           "SparseMoE": "moe_mlp_fused", "DenseMoE": "dense_moe", "SoftMoE": "soft_dispatch"}
 
 
@@ -96,6 +98,12 @@ def base(op):
         kw = dict(x=torch.randn(B, N, D), phi=torch.randn(S, D), mask=torch.rand(B, N) > 0.2,
                   slot_mask=torch.ones(B, S, dtype=torch.bool))
         return dict(kw, y=torch.randn(B, S, D)) if op == "soft_combine" else kw
+    if op == "soft_logits":
+        return dict(x=torch.randn(2, 5, D), phi=torch.randn(4, D), mask=torch.rand(2, 5) > 0.2)
+    if op == "soft_dispatch_logits":
+        return dict(logits=torch.randn(2, 5, 4), x=torch.randn(2, 5, D))
+    if op == "soft_combine_logits":
+        return dict(logits=torch.randn(2, 5, 4), y=torch.randn(2, 4, D))
     if op == "losses":
         return dict(routing=ops.topk_route(torch.randn(T, E + 1), K))
     if op == "SparseMoE":
@@ -275,6 +283,23 @@ ERRORS = [
         r"share a dtype, got x .*y torch\.float64 \(2, 4, 6\)"),
     bad("combine-y-device", "soft_combine", _set(y=lambda k: meta(k["y"])), ValueError,
         r"one device, got x \(2, 5, 6\) on cpu, y \(2, 4, 6\) on meta"),
+    # --- the shared-logits form
+    bad("logits-phi-D", "soft_logits", _set(phi=lambda k: k["phi"][:, :-1]), ValueError,
+        r"^phi must be \[S, D\] or \[B, S, D\] for x \[B, N, D\] = \(2, 5, 6\), got \(4, 5\)"),
+    bad("logits-mask-shape", "soft_logits", _set(mask=lambda k: k["mask"][:, :-1]), ValueError,
+        r"^mask must have shape \(2, 5\), got \(2, 4\)"),
+    bad("dispatch_logits-x-tokens", "soft_dispatch_logits", _set(x=lambda k: k["x"][:, :-1]), ValueError,
+        r"^x must be \[B, N, D\] for logits \[B, N, S\] = \(2, 5, 4\), got \(2, 4, 6\)"),
+    bad("dispatch_logits-logits-rank2", "soft_dispatch_logits", _set(logits=lambda k: k["logits"][0]), ValueError,
+        r"^logits must have 3 dimensions, got shape \(5, 4\)"),
+    bad("dispatch_logits-x-dtype", "soft_dispatch_logits", _set(x=lambda k: k["x"].double()), TypeError,
+        r"share a dtype, got logits torch\.float32 \(2, 5, 4\), x torch\.float64 \(2, 5, 6\)"),
+    bad("combine_logits-y-slots", "soft_combine_logits", _set(y=lambda k: k["y"][:, :-1]), ValueError,
+        r"^y must be \[B, S, D\] for logits \[B, N, S\] = \(2, 5, 4\), got \(2, 3, 6\)"),
+    bad("combine_logits-y-batch", "soft_combine_logits", _set(y=lambda k: k["y"][:1]), ValueError,
+        r"^y must be \[B, S, D\] for logits \[B, N, S\] = \(2, 5, 4\), got \(1, 4, 6\)"),
+    bad("combine_logits-y-device", "soft_combine_logits", _set(y=lambda k: meta(k["y"])), ValueError,
+        r"one device, got logits \(2, 5, 4\) on cpu, y \(2, 4, 6\) on meta"),
     # --- the losses take the Routing of topk_route
     bad("losses-routing-tensor", "losses", _set(routing=lambda k: k["routing"].weights), TypeError,
         r"^routing must be the Routing that topk_route returns .* got a tensor of shape \(5, 2\)"),
@@ -574,6 +599,12 @@ def _empty_case(op):
         return (lambda x, p: ops.soft_dispatch(x, p)), [r(2, 0, 5), r(3, 5)], (2, 3, 5)
     if op == "soft_combine":
         return (lambda x, p, y: ops.soft_combine(x, p, y)), [r(0, 4, 5), r(3, 5), r(0, 3, 5)], (0, 4, 5)
+    if op == "soft_logits":
+        return (lambda x, p: ops.soft_logits(x, p)), [r(2, 0, 5), r(3, 5)], (2, 0, 3)
+    if op == "soft_dispatch_logits":
+        return (lambda lg, x: ops.soft_dispatch_logits(lg, x)), [r(2, 0, 3), r(2, 0, 5)], (2, 3, 5)
+    if op == "soft_combine_logits":
+        return (lambda lg, y: ops.soft_combine_logits(lg, y)), [r(0, 4, 3), r(0, 3, 5)], (0, 4, 5)
     if op in ("SparseMoE", "DenseMoE", "SoftMoE"):
         m = base(op)["module"]
         shape = (0, 5, D) if op == "SoftMoE" else (2, 0, D)

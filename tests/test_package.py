@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # every custom op the package registers, forward and backward
 OPS = {f"{name}{suffix}" for name in ("topk_route", "sort_by_expert", "permute", "unpermute", "grouped_mm",
-                                      "moe_mlp_fused", "dense_moe", "soft_dispatch", "soft_combine")
+                                      "moe_mlp_fused", "dense_moe", "soft_dispatch", "soft_combine",
+                                      "soft_logits", "soft_dispatch_logits", "soft_combine_logits")
        for suffix in ("", "_backward")} - {"sort_by_expert_backward"}
 
 

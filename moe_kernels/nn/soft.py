@@ -71,16 +71,42 @@ def _expert_hidden(dim, expert_mult, geglu, hidden_dim):
 
 def _run_experts(experts: Experts, dropout: nn.Module, slots: torch.Tensor) -> torch.Tensor:
     """slots: [B, E*S, D] (expert e owns slots e*S .. e*S+S-1) -> [B, E*S, D]: every expert on its S slots of every
-    batch element, as one grouped GEMM per layer with the E experts' rows side by side."""
-    E = experts.num_experts
+    batch element. Without active dropout: the fused expert MLP (ops.moe_mlp, each slot row to its expert with
+    weight 1), which keeps only the pre-activation for its backward; with it, two grouped GEMMs with the dropout
+    between them."""
+    E, O = experts.num_experts, experts.down_proj.shape[1]
     B, ES, D = slots.shape
     S = ES // E
+    if not (dropout.training and dropout.p > 0):
+        ids = (torch.arange(ES, device=slots.device) // S).repeat(B).unsqueeze(1)
+        ones = torch.ones(B * ES, 1, device=slots.device, dtype=slots.dtype)
+        y = ops.moe_mlp(slots.reshape(B * ES, D), ids, ones, experts.gate_up_proj, experts.down_proj,
+                        activation="gelu", gated=experts.gated, gate_up_bias=experts.gate_up_bias,
+                        down_bias=experts.down_bias)
+        return y.view(B, ES, O)
     rows = slots.view(B, E, S, D).transpose(0, 1).reshape(E * B * S, D)
     offsets = torch.arange(E + 1, device=slots.device, dtype=torch.int32) * (B * S)
     h = ops.grouped_mm(rows, experts.gate_up_proj, offsets, experts.gate_up_bias, activation="gelu",
                        gated=experts.gated)
     y = ops.grouped_mm(dropout(h), experts.down_proj, offsets, experts.down_bias)
-    return y.view(E, B, S, D).transpose(0, 1).reshape(B, E * S, D)
+    return y.view(E, B, S, O).transpose(0, 1).reshape(B, E * S, O)
+
+
+# Up to this many [b, n, slots] logits (32 MiB in fp32) a CPU forward makes them once and both mixes read them
+# (ops.soft_logits): 9 logit-sized GEMMs in forward and backward where the flash-style ops take 14. Above it, and on
+# GPUs, the flash-style ops keep memory linear in tokens and slots. Per module: `module.shared_logits_max`.
+SHARED_LOGITS_MAX = 1 << 23
+
+
+def _mix(module: nn.Module, xn: torch.Tensor, phi: torch.Tensor, mask, slot_mask) -> torch.Tensor:
+    """Dispatch xn: [b, n, d] to the slots of phi: [slots, d] or [b, slots, d], run the module's experts, combine
+    back -> [b, n, d]."""
+    b, n, _ = xn.shape
+    if xn.device.type == "cpu" and b * n * phi.shape[-2] <= module.shared_logits_max:
+        logits = ops.soft_logits(xn, phi, mask, slot_mask)
+        return ops.soft_combine_logits(logits, module.run_experts(ops.soft_dispatch_logits(logits, xn)))
+    slots = ops.soft_dispatch(xn, phi, mask, slot_mask)
+    return ops.soft_combine(xn, phi, module.run_experts(slots), mask, slot_mask)
 
 
 def _soft_moe_pytorch_experts(mlps) -> dict:
@@ -151,6 +177,7 @@ class SoftMoE(nn.Module):
             self.logit_scale = nn.Parameter(torch.ones((), **f))
         self.dropout = nn.Dropout(dropout)
         self.dim, self.num_experts, self.num_slots = dim, num_experts, num_slots
+        self.shared_logits_max = SHARED_LOGITS_MAX
 
     @classmethod
     def from_soft_moe_pytorch(cls, module: nn.Module) -> "SoftMoE":
@@ -186,8 +213,7 @@ class SoftMoE(nn.Module):
         xn, phi = self._normed(tokens)
         if add_noise:
             return restore(self._noised(xn, phi, mask, noise_mult))
-        slots = ops.soft_dispatch(xn, phi, mask)
-        return restore(ops.soft_combine(xn, phi, self.run_experts(slots), mask))
+        return restore(_mix(self, xn, phi, mask, None))
 
     def _noised(self, xn, phi, mask, noise_mult):
         logits = torch.matmul(xn, phi.t())                          # [b, n, E*S]
@@ -221,6 +247,7 @@ class DynamicSlotsSoftMoE(nn.Module):
         self.experts = Experts(dim, hidden, num_experts, activation="gelu", gated=geglu, bias=True, **f)
         self.dropout = nn.Dropout(dropout)
         self.dim, self.num_experts = dim, num_experts
+        self.shared_logits_max = SHARED_LOGITS_MAX
 
     @classmethod
     def from_soft_moe_pytorch(cls, module: nn.Module) -> "DynamicSlotsSoftMoE":
@@ -263,6 +290,8 @@ class DynamicSlotsSoftMoE(nn.Module):
                 mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
             mask = F.pad(mask, (0, pad), value=False)
         phi, slot_mask = self.slot_embeddings(xn, mask)
-        slots = ops.soft_dispatch(xn, phi, mask, slot_mask)
-        out = ops.soft_combine(xn, phi, _run_experts(self.experts, self.dropout, slots), mask, slot_mask)
-        return restore(out[:, :n])
+        return restore(_mix(self, xn, phi, mask, slot_mask)[:, :n])
+
+    def run_experts(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots: [B, E*G, D] -> [B, E*G, D], expert e on its G slots of every batch element."""
+        return _run_experts(self.experts, self.dropout, slots)

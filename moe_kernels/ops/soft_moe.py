@@ -1,4 +1,5 @@
-"""Soft-MoE slot ops: moe_kernels::soft_dispatch and moe_kernels::soft_combine (+ backwards).
+"""Soft-MoE slot ops: moe_kernels::soft_dispatch and moe_kernels::soft_combine (+ backwards), flash-style; and
+the shared-logits form moe_kernels::soft_logits, ::soft_dispatch_logits, ::soft_combine_logits (+ backwards).
 Spec: moe_kernels.reference.soft_moe.
 
 The forward ops return (out, lse): lse is the logsumexp of each query row's masked logits (dispatch: per slot over
@@ -107,6 +108,99 @@ _backend.register_autograd(_soft_combine, _combine_bwd, _save_inputs_and_outputs
 _backend.register("soft_combine", "reference", ref.soft_combine_forward)
 _backend.register("soft_combine_backward", "reference", _ref_combine_backward)
 
+# --- the shared-logits form -----------------------------------------------------------------------------
+# logits = soft_logits(x, phi) once; soft_dispatch_logits(logits, x) and soft_combine_logits(logits, y) read them.
+# Autograd sums the two mixes' logit gradients before soft_logits_backward's two GEMMs: forward and backward
+# take 9 logit-sized GEMMs where the flash-style pair takes 14, at [B, N, S] memory (SoftMoE uses it below a
+# budget, on CPU). One implementation, ATen ops, serves every device.
+@torch.library.custom_op("moe_kernels::soft_logits", mutates_args=())
+def _soft_logits(x: Tensor, phi: Tensor, mask: Optional[Tensor], slot_mask: Optional[Tensor]) -> Tensor:
+    return _backend.dispatch("soft_logits", x.device.type)(x, phi, mask, slot_mask)
+
+
+@_soft_logits.register_fake
+def _(x, phi, mask, slot_mask):
+    return x.new_empty(x.shape[0], x.shape[1], phi.shape[-2])
+
+
+@torch.library.custom_op("moe_kernels::soft_logits_backward", mutates_args=())
+def _soft_logits_backward(grad: Tensor, x: Tensor, phi: Tensor, mask: Optional[Tensor],
+                          slot_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _backend.dispatch("soft_logits_backward", x.device.type)(grad, x, phi, mask, slot_mask)
+
+
+@_soft_logits_backward.register_fake
+def _(grad, x, phi, mask, slot_mask):
+    return torch.empty_like(x), torch.empty_like(phi)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _logits_bwd(ctx, grad):
+    x, phi, mask, slot_mask = ctx.saved_tensors
+    grad_x, grad_phi = _soft_logits_backward(grad.contiguous(), x, phi, mask, slot_mask)
+    return grad_x, grad_phi, None, None
+
+
+@torch.library.custom_op("moe_kernels::soft_dispatch_logits", mutates_args=())
+def _soft_dispatch_logits(logits: Tensor, x: Tensor) -> Tensor:
+    return _backend.dispatch("soft_dispatch_logits", x.device.type)(logits, x)
+
+
+@_soft_dispatch_logits.register_fake
+def _(logits, x):
+    return x.new_empty(x.shape[0], logits.shape[2], x.shape[2])
+
+
+@torch.library.custom_op("moe_kernels::soft_dispatch_logits_backward", mutates_args=())
+def _soft_dispatch_logits_backward(grad: Tensor, logits: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    return _backend.dispatch("soft_dispatch_logits_backward", x.device.type)(grad, logits, x)
+
+
+@_soft_dispatch_logits_backward.register_fake
+def _(grad, logits, x):
+    return torch.empty_like(logits), torch.empty_like(x)
+
+
+def _dispatch_logits_bwd(ctx, grad):
+    logits, x = ctx.saved_tensors
+    return _soft_dispatch_logits_backward(grad.contiguous(), logits, x)
+
+
+@torch.library.custom_op("moe_kernels::soft_combine_logits", mutates_args=())
+def _soft_combine_logits(logits: Tensor, y: Tensor) -> Tensor:
+    return _backend.dispatch("soft_combine_logits", y.device.type)(logits, y)
+
+
+@_soft_combine_logits.register_fake
+def _(logits, y):
+    return y.new_empty(y.shape[0], logits.shape[1], y.shape[2])
+
+
+@torch.library.custom_op("moe_kernels::soft_combine_logits_backward", mutates_args=())
+def _soft_combine_logits_backward(grad: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return _backend.dispatch("soft_combine_logits_backward", y.device.type)(grad, logits, y)
+
+
+@_soft_combine_logits_backward.register_fake
+def _(grad, logits, y):
+    return torch.empty_like(logits), torch.empty_like(y)
+
+
+def _combine_logits_bwd(ctx, grad):
+    logits, y = ctx.saved_tensors
+    return _soft_combine_logits_backward(grad.contiguous(), logits, y)
+
+
+_backend.register_autograd(_soft_logits, _logits_bwd, _save_inputs)
+_backend.register_autograd(_soft_dispatch_logits, _dispatch_logits_bwd, _save_inputs)
+_backend.register_autograd(_soft_combine_logits, _combine_logits_bwd, _save_inputs)
+for _name in ("soft_logits", "soft_logits_backward", "soft_dispatch_logits", "soft_dispatch_logits_backward",
+              "soft_combine_logits", "soft_combine_logits_backward"):
+    _backend.register(_name, "reference", getattr(ref, _name))
+
 if _triton.AVAILABLE:
     from ..triton import soft_moe as _tri
 
@@ -148,6 +242,37 @@ def soft_combine(x: Tensor, phi: Tensor, y: Tensor, mask: Optional[Tensor] = Non
     _checks.same_dtype(x=x, y=y)
     _checks.same_device(x=x, y=y)
     return _soft_combine(x, phi, y, mask, slot_mask)[0]
+
+
+def soft_logits(x: Tensor, phi: Tensor, mask: Optional[Tensor] = None, slot_mask: Optional[Tensor] = None) -> Tensor:
+    """-> logits [B, N, S] = x . phi_s, masked tokens and slots filled with -finfo(dtype).max: the logits that
+    soft_dispatch_logits and soft_combine_logits share (soft_dispatch(x, phi, mask, slot_mask) ==
+    soft_dispatch_logits(soft_logits(x, phi, mask, slot_mask), x)). Memory B*N*S; soft_dispatch and
+    soft_combine never hold it whole."""
+    _check(x, phi, mask, slot_mask)
+    return _soft_logits(x, phi, mask, slot_mask)
+
+
+def _check_logits(logits, t, name, rows_dim):
+    _checks.tensor("logits", logits, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor(name, t, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    if t.shape[0] != logits.shape[0] or t.shape[1] != logits.shape[rows_dim]:
+        what = "[B, N, D]" if rows_dim == 1 else "[B, S, D]"
+        raise ValueError(f"{name} must be {what} for logits [B, N, S] = {tuple(logits.shape)}, got {tuple(t.shape)}")
+    _checks.same_dtype(logits=logits, **{name: t})
+    _checks.same_device(logits=logits, **{name: t})
+
+
+def soft_dispatch_logits(logits: Tensor, x: Tensor) -> Tensor:
+    """logits: [B, N, S] (soft_logits), x: [B, N, D] -> slots [B, S, D] = softmax over tokens, applied to x."""
+    _check_logits(logits, x, "x", 1)
+    return _soft_dispatch_logits(logits, x)
+
+
+def soft_combine_logits(logits: Tensor, y: Tensor) -> Tensor:
+    """logits: [B, N, S] (soft_logits), y: [B, S, D] -> [B, N, D] = softmax over slots, applied to y."""
+    _check_logits(logits, y, "y", 2)
+    return _soft_combine_logits(logits, y)
 
 
 # --- native backend (csrc/soft_moe.cpp) ---------------------------------------------------------

@@ -89,3 +89,56 @@ def soft_combine_backward(grad, x, phi, y, mask=None, slot_mask=None):
     grad_x = torch.matmul(dl, phi_b)
     grad_phi = _reduce_phi(torch.matmul(dl.transpose(1, 2), x), phi)
     return grad_x, grad_phi, grad_y
+
+
+# --- the shared-logits form: the [B, N, S] logits made once, read by both mixes ------------------------------
+# soft_dispatch(x, phi) == soft_dispatch_logits(soft_logits(x, phi), x), and likewise for combine; the gradient of
+# the logits from both mixes is summed before the two GEMMs that take it back to x and phi.
+def soft_logits(x, phi, mask=None, slot_mask=None):
+    """-> logits [B, N, S] = x . phi^T, masked entries -finfo(dtype).max."""
+    return _logits(x, phi, mask, slot_mask)
+
+
+def soft_logits_backward(grad, x, phi, mask=None, slot_mask=None):
+    """grad: [B, N, S] -> (grad_x [B, N, D], grad_phi like phi); filled logits take no gradient."""
+    filled = _filled(mask, slot_mask)
+    if filled is not None:
+        grad = grad.masked_fill(filled, 0)
+    B, N, S = grad.shape
+    D = x.shape[-1]
+    if phi.dim() == 2:  # one GEMM each over the whole batch (K = B*N for grad_phi), no [B, S, D] to sum
+        flat = grad.reshape(B * N, S)
+        return torch.matmul(flat, phi).view(B, N, D), torch.matmul(flat.t(), x.reshape(B * N, D))
+    return torch.matmul(grad, phi), torch.matmul(grad.transpose(1, 2), x)
+
+
+def _softmax(logits, dim):
+    """softmax along dim, computed in at least fp32, in logits' dtype. A fully filled row is the uniform average."""
+    return torch.softmax(logits, dim, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32).to(logits.dtype)
+
+
+def _softmax_backward(p, dp, dim):
+    """The logits' gradient p * (dp - sum_j p_j dp_j) of a softmax p along dim, in place of dp."""
+    return dp.sub_((p * dp).sum(dim, keepdim=True)).mul_(p)
+
+
+def soft_dispatch_logits(logits, x):
+    """logits: [B, N, S], x: [B, N, D] -> slots [B, S, D] = softmax_n(logits)^T x."""
+    return torch.matmul(_softmax(logits, 1).transpose(1, 2), x)
+
+
+def soft_dispatch_logits_backward(grad, logits, x):
+    """grad: [B, S, D] -> (grad_logits [B, N, S], grad_x [B, N, D])."""
+    p = _softmax(logits, 1)
+    return _softmax_backward(p, torch.matmul(x, grad.transpose(1, 2)), 1), torch.matmul(p, grad)
+
+
+def soft_combine_logits(logits, y):
+    """logits: [B, N, S], y: [B, S, Dy] -> out [B, N, Dy] = softmax_s(logits) y."""
+    return torch.matmul(_softmax(logits, 2), y)
+
+
+def soft_combine_logits_backward(grad, logits, y):
+    """grad: [B, N, Dy] -> (grad_logits [B, N, S], grad_y [B, S, Dy])."""
+    p = _softmax(logits, 2)
+    return _softmax_backward(p, torch.matmul(grad, y.transpose(1, 2)), 2), torch.matmul(p.transpose(1, 2), grad)

@@ -30,11 +30,26 @@ import moe_kernels
 from moe_kernels import DynamicSlotsSoftMoE, SoftMoE
 from moe_kernels.integrations.soft_moe_pytorch import convert_module
 
+from moe_kernels.nn import soft as soft_nn
+
+from ..conftest import cpu_backends
 from ..helpers import _same_nans, assert_earned, reordered_sum_atol
 
 F64 = torch.float64
 # errors seen are ~1e-15 (values and gradients of magnitude ~1): 1e-12 keeps a wide margin, catches real errors
 TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(params=[(b, path) for b in cpu_backends() for path in ("shared", "flash")],
+                ids=lambda p: "-".join(p))
+def backend(request, monkeypatch):
+    """Each CPU backend, on each of the modules' two slot paths: the [b, n, slots] logits made once and shared by
+    dispatch and combine (ops.soft_logits, below SHARED_LOGITS_MAX), or the flash-style ops that never hold them."""
+    name, path = request.param
+    if path == "flash":
+        monkeypatch.setattr(soft_nn, "SHARED_LOGITS_MAX", 0)
+    with moe_kernels.use_backend(name):
+        yield name
 
 
 def gelu(h):
@@ -505,21 +520,49 @@ def _reorder(t, batch, tokens):
     return t[:, tokens]
 
 
+def _experts_permuted(src, perm):
+    """A copy of a soft-moe-pytorch module with its experts in the order perm: the same layer (the combine softmax
+    runs over all slots, whatever their order), its slot sums taken in another order."""
+    src = copy.deepcopy(src)
+    with torch.no_grad():
+        if hasattr(src, "slot_embeds"):
+            src.slot_embeds.copy_(src.slot_embeds[perm])
+            src.experts.experts = torch.nn.ModuleList([src.experts.experts[e] for e in perm])
+        else:
+            w = src.to_slot_embeds[0].weight                   # [E * d, d], rows grouped by expert
+            w.copy_(w.view(len(perm), -1, w.shape[1])[perm].reshape(w.shape))
+            src.experts = torch.nn.ModuleList([src.experts[e] for e in perm])
+    return src
+
+
+def _experts_unpermuted(grads, inv):
+    """Our-layout gradients of _experts_permuted(src, perm) put back in the original expert order (inv = perm^-1)."""
+    out = dict(grads)
+    for name, g in grads.items():
+        if name.startswith("experts.") or name == "slot_embeds":
+            out[name] = g[inv]
+        elif name == "to_slot_embeds.weight":
+            out[name] = g.view(len(inv), -1, g.shape[1])[inv].reshape(g.shape)
+    return out
+
+
 def _baseline_errors(src32, x, mask, g, ref_out, ref_grads, geglu, shuffle_tokens, orders=3):
     """The package's own float32 error on this input, output and each gradient, as the max over its natural order
-    and `orders` shuffled batch and token orders: mathematically the same layer, its sums taken in other orders.
-    One order's max error is a single draw of a heavy-tailed statistic (near-cancelling sums in the norm and
-    softmax backwards); ours in any order must stay within twice the worst the package itself makes."""
+    and `orders` shuffled batch, token and expert orders: mathematically the same layer, its sums taken in other
+    orders. One order's max error is a single draw of a heavy-tailed statistic (near-cancelling sums in the norm
+    and softmax backwards); ours in any order must stay within twice the worst the package itself makes."""
     n = None if x.dim() == 2 else (x.shape[1] if x.dim() == 3 else math.prod(x.shape[2:]))
+    E = len(src32.experts.experts if hasattr(src32, "slot_embeds") else src32.experts)
     worst = {}
     for i in range(orders + 1):
         batch = torch.randperm(x.shape[0]) if i else torch.arange(x.shape[0])
         tokens = None if n is None or not shuffle_tokens else (torch.randperm(n) if i else torch.arange(n))
+        experts = torch.randperm(E) if i else torch.arange(E)
         undo_b, undo_t = batch.argsort(), (None if tokens is None else tokens.argsort())
-        out, grads = outputs_and_grads(src32, _reorder(x, batch, tokens).float(),
+        out, grads = outputs_and_grads(_experts_permuted(src32, experts), _reorder(x, batch, tokens).float(),
                                        None if mask is None else _reorder(mask, batch, tokens),
                                        _reorder(g, batch, tokens).float())
-        grads = their_grads_in_our_layout(src32, grads, geglu)
+        grads = _experts_unpermuted(their_grads_in_our_layout(src32, grads, geglu), experts.argsort())
         grads["x"], out = _reorder(grads["x"], undo_b, undo_t), _reorder(out, undo_b, undo_t)
         for name, got in [("output", out), *grads.items()]:
             ref = ref_out if name == "output" else ref_grads[name]
@@ -660,3 +703,20 @@ def test_convert_module_without_the_package(monkeypatch):
     monkeypatch.delitem(sys.modules, "soft_moe_pytorch", raising=False)
     assert convert_module(torch.nn.Linear(8, 8)) is None
     assert "soft_moe_pytorch" not in sys.modules
+
+
+@pytest.mark.parametrize("kind", ["soft", "dynamic"])
+def test_slot_path_follows_the_logits_budget(kind, monkeypatch):
+    # at most shared_logits_max logits ([b, n, slots]): made once (ops.soft_logits); above: the flash-style ops
+    calls = []
+    for name in ("soft_logits", "soft_dispatch"):
+        fn = getattr(moe_kernels.ops, name)
+        monkeypatch.setattr(moe_kernels.ops, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    m = SoftMoE(8, num_slots=3, num_experts=2) if kind == "soft" else DynamicSlotsSoftMoE(8, num_experts=2)
+    x = torch.randn(2, 6, 8)
+    slots = 6
+    for limit, want in ((2 * 6 * slots, "soft_logits"), (2 * 6 * slots - 1, "soft_dispatch")):
+        m.shared_logits_max = limit
+        calls.clear()
+        m(x).sum().backward()
+        assert calls == [want], (limit, calls)

@@ -326,6 +326,58 @@ def test_non_contiguous_inputs(backend, phi_kind):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"result {i}: {m}")
 
 
+# --- the shared-logits form: soft_logits, read by soft_dispatch_logits and soft_combine_logits -----------------
+def shared_form(x, phi, y, mask=None, slot_mask=None):
+    logits = moe_kernels.ops.soft_logits(x, phi, mask, slot_mask)
+    return moe_kernels.ops.soft_dispatch_logits(logits, x), moe_kernels.ops.soft_combine_logits(logits, y)
+
+
+@pytest.mark.parametrize("slot_masked", [False, True], ids=["no-slot-mask", "slot-mask"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("phi_kind", PHI)
+@pytest.mark.parametrize("B, N, D, S", SHAPES)
+def test_shared_logits_match_naive_forward_and_backward(backend, B, N, D, S, phi_kind, mask_kind, slot_masked):
+    # both mixes from one logits tensor: autograd sums their logit gradients before soft_logits' backward
+    x, phi, y, mask = make_inputs(B, N, D, S, phi_kind, mask_kind)
+    smask = make_slot_mask(B, S) if slot_masked else None
+    leaves = [t.requires_grad_() for t in (x, phi, y)]
+    slots, out = shared_form(x, phi, y, mask, smask)
+    want_slots, want_out = naive_soft_dispatch(x, phi, mask, smask), naive_soft_combine(x, phi, y, mask, smask)
+    assert_close64(slots, want_slots, "dispatch vs naive loop")
+    assert_close64(out, want_out, "combine vs naive loop")
+    g_slots, g_out = torch.randn_like(slots), torch.randn_like(out)
+    got = torch.autograd.grad([slots, out], leaves, [g_slots, g_out])
+    want = torch.autograd.grad([want_slots, want_out], leaves, [g_slots, g_out])
+    for name, a, b in zip(("x", "phi", "y"), got, want):
+        assert_close64(a, b, f"grad of {name} vs naive autograd")
+
+
+@pytest.mark.parametrize("phi_kind", PHI)
+def test_shared_logits_masked_tokens_take_no_part_in_dispatch(backend, phi_kind):
+    x, phi, y, mask = make_inputs(3, 12, 8, 5, phi_kind, "mask")
+    before = shared_form(x, phi, y, mask)[0]
+    x2 = torch.where(mask[..., None], x, 100 * torch.randn_like(x))
+    assert torch.equal(shared_form(x2, phi, y, mask)[0], before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_shared_logits_low_precision_earned(backend, mask_kind, dtype):
+    x, phi, y, mask = make_inputs(4, 67, 31, 16, "phi2d", mask_kind, dtype=dtype)
+    slots, out = shared_form(x, phi, y, mask)
+    assert slots.dtype == out.dtype == dtype
+    assert_earned_dtype(slots, naive_soft_dispatch(x, phi, mask), same_dtype_soft_dispatch(x, phi, mask))
+    assert_earned_dtype(out, naive_soft_combine(x, phi, y, mask), same_dtype_soft_combine(x, phi, y, mask))
+
+
+@pytest.mark.parametrize("mask_kind", ["nomask", "fullrow"])
+@pytest.mark.parametrize("phi_kind", PHI)
+def test_gradcheck_shared_logits(backend, phi_kind, mask_kind):
+    x, phi, y, mask = make_inputs(2, 5, 3, 4, phi_kind, mask_kind)
+    assert torch.autograd.gradcheck(lambda x, phi, y: shared_form(x, phi, y, mask),
+                                    (x.requires_grad_(), phi.requires_grad_(), y.requires_grad_()))
+
+
 # --- the native backend's chunks ----------------------------------------------------------------------
 # csrc/soft_moe.cpp makes the logits at most ops.soft_moe.NATIVE_CHUNK at a time: Bb batch rows by C tokens by all S
 # slots. Lowering the setting forces a small problem through each way of cutting it; B, N, S = 3, 11, 5.
