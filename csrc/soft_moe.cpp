@@ -205,11 +205,12 @@ void for_lanes(int64_t lanes, int64_t items, const Fn& fn) {
   });
 }
 
-// A sum that lanes add to: straight into `target` when each lane has rows of its own, else into a zero partial per
-// lane that merge() adds to target in lane order (deterministic).
+// A sum that lanes add to: straight into `target` when each lane has rows of its own (or there is one lane), else
+// into a zero partial per lane that merge() adds to target in lane order (deterministic).
 class LaneSum {
  public:
-  LaneSum(Tensor target, int64_t lanes, bool shared) : target_(std::move(target)), parts_(shared ? lanes : 0) {}
+  LaneSum(Tensor target, int64_t lanes, bool shared)
+      : target_(std::move(target)), parts_(shared && lanes > 1 ? lanes : 0) {}
   Tensor lane(int64_t l) { return parts_.empty() ? target_ : (parts_[l] = at::zeros_like(target_)); }
   void merge() {
     for (const auto& t : parts_) {
@@ -283,7 +284,7 @@ void online_softmax_rows(const Plan& plan, int64_t g, int64_t lanes, const Acc0&
       }
     }
   });
-  if (!plan.whole_rows) done(OnlineSoftmax::merge(parts), g, 1);
+  if (!plan.whole_rows) done(parts.size() == 1 ? parts[0] : OnlineSoftmax::merge(parts), g, 1);
 }
 
 // --- dispatch -----------------------------------------------------------------------------------------

@@ -546,7 +546,18 @@ def _experts_unpermuted(grads, inv):
     return out
 
 
-def _baseline_errors(src32, x, mask, g, ref_out, ref_grads, geglu, shuffle_tokens, orders=3):
+def _token_order(n, group):
+    """A random token order: any (group None), or one that keeps each full group of `group` consecutive tokens
+    together (groups permuted, tokens permuted within each), the trailing partial group in place: for dynamic
+    slots (a slot per group mean, the padded group last) the same layer."""
+    if group is None:
+        return torch.randperm(n)
+    full = n // group
+    blocks = torch.randperm(full).unsqueeze(1) * group + torch.argsort(torch.rand(full, group), dim=1)
+    return torch.cat([blocks.flatten(), torch.arange(full * group, n)])
+
+
+def _baseline_errors(src32, x, mask, g, ref_out, ref_grads, geglu, token_group, orders=3):
     """The package's own float32 error on this input, output and each gradient, as the max over its natural order
     and `orders` shuffled batch, token and expert orders: mathematically the same layer, its sums taken in other
     orders. One order's max error is a single draw of a heavy-tailed statistic (near-cancelling sums in the norm
@@ -556,7 +567,7 @@ def _baseline_errors(src32, x, mask, g, ref_out, ref_grads, geglu, shuffle_token
     worst = {}
     for i in range(orders + 1):
         batch = torch.randperm(x.shape[0]) if i else torch.arange(x.shape[0])
-        tokens = None if n is None or not shuffle_tokens else (torch.randperm(n) if i else torch.arange(n))
+        tokens = None if n is None else (_token_order(n, token_group) if i else torch.arange(n))
         experts = torch.randperm(E) if i else torch.arange(E)
         undo_b, undo_t = batch.argsort(), (None if tokens is None else tokens.argsort())
         out, grads = outputs_and_grads(_experts_permuted(src32, experts), _reorder(x, batch, tokens).float(),
@@ -571,16 +582,16 @@ def _baseline_errors(src32, x, mask, g, ref_out, ref_grads, geglu, shuffle_token
     return worst
 
 
-def compare_to_package_fp32(src64, ours32, x, mask, geglu, shuffle_tokens=True):
+def compare_to_package_fp32(src64, ours32, x, mask, geglu, token_group=None):
     """float32: ours within twice the package's own fp32 error (both against the package in float64, the package's
     taken over several summation orders: _baseline_errors), plus what summing the x.numel() terms of a gradient in
-    another order may add (the grouped GEMM, the slot ops). shuffle_tokens=False where the token order is part of
-    the math (dynamic slots average consecutive tokens): then only the batch order is shuffled."""
+    another order may add (the grouped GEMM, the slot ops). token_group=E where the token order is part of the math
+    (dynamic slots average groups of E consecutive tokens): then the baseline's token orders keep the groups."""
     src32 = copy.deepcopy(src64).float()
     g = torch.randn_like(x)
     ref_out, ref_grads = outputs_and_grads(src64, x, mask, g)
     ref_grads = their_grads_in_our_layout(src64, ref_grads, geglu)
-    base = _baseline_errors(src32, x, mask, g, ref_out, ref_grads, geglu, shuffle_tokens)
+    base = _baseline_errors(src32, x, mask, g, ref_out, ref_grads, geglu, token_group)
     got_out, got_grads = outputs_and_grads(ours32, x.float(), mask, g.float())
     assert got_out.dtype == torch.float32
 
@@ -647,7 +658,7 @@ def test_dynamic_slots_matches_soft_moe_pytorch(geglu, shape, masked, backend):
         mask[1, 4:8] = False   # a whole group of row 1 masked: its slots are masked too
     compare_to_package(src, ours, x, mask, geglu)
     ours32 = DynamicSlotsSoftMoE.from_soft_moe_pytorch(copy.deepcopy(src).float())
-    compare_to_package_fp32(src, ours32, x, mask, geglu, shuffle_tokens=False)
+    compare_to_package_fp32(src, ours32, x, mask, geglu, token_group=ours32.num_experts)
 
 
 @pytest.mark.parametrize("kind", ["soft", "dynamic"])
