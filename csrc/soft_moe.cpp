@@ -250,6 +250,7 @@ struct OnlineSoftmax {
 
   // The lanes' states over one row's tokens, combined in lane order (each rescaled to the overall maximum).
   static OnlineSoftmax merge(const std::vector<OnlineSoftmax>& parts) {
+    if (parts.size() == 1) return parts[0];
     auto m = parts[0].m.clone();
     for (const auto& s : parts) m = at::maximum(m, s.m);
     OnlineSoftmax out(at::zeros_like(parts[0].acc));
@@ -284,7 +285,7 @@ void online_softmax_rows(const Plan& plan, int64_t g, int64_t lanes, const Acc0&
       }
     }
   });
-  if (!plan.whole_rows) done(parts.size() == 1 ? parts[0] : OnlineSoftmax::merge(parts), g, 1);
+  if (!plan.whole_rows) done(OnlineSoftmax::merge(parts), g, 1);
 }
 
 // --- dispatch -----------------------------------------------------------------------------------------
