@@ -410,5 +410,5 @@ def machine(device: str) -> dict:
     b = moe_kernels.backends()
     with moe_kernels.use_backend("auto"):
         info["auto_backend"] = {op: _backend.resolve(op, device) for op in sorted(_backend.IMPLS)}
-    info["native"], info["triton_state"] = b["native"], b["triton"]
+    info["native"], info["triton_state"], info["cpu_isa"] = b["native"], b["triton"], b["cpu_isa"]
     return info

@@ -126,6 +126,8 @@ def header(meta) -> str:
     load = m.get("load_average") or [None]
     after = m.get("load_average_after") or [None]
     what = m["gpu"] if m.get("gpu") else f"{m['cpu']}, {m['logical_cpus']} logical CPUs"
+    if not m.get("gpu") and m.get("cpu_isa"):
+        what += f" (native kernels: {m['cpu_isa']})"
     return (f"{what}; torch {m['torch']} ({m['torch_threads']} threads), transformers {pk.get('transformers')}, "
             f"soft-moe-pytorch {pk.get('soft-moe-pytorch')}, triton {pk.get('triton')}; moe_kernels "
             f"{m['moe_kernels']} at {m.get('commit')}; {m['date']}, {m['size']} set in {m['duration_s']:.0f} s; "

@@ -16,9 +16,12 @@
 #include "grouped_gemm.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <numeric>
+#include <string>
 #include <type_traits>
 
 namespace moe_kernels {
@@ -153,44 +156,191 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
 }
 
 // --- the few-row streaming GEMM (decode) ---
-// GCC/clang build one copy per listed ISA and resolve the call once, at load time (an ifunc).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define MOE_KERNELS_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// Built once per ISA level (AVX-512, AVX2 with FMA, the baseline) and picked on first use from the features the CPU
+// reports, capped by MOE_KERNELS_CPU_ISA=avx512|avx2|baseline when set. (target_clones with "arch=x86-64-v3"
+// resolves through the CPU model and falls back to the baseline on CPUs that have every v3 feature, AMD EPYC in
+// virtual machines among them.)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MOE_KERNELS_X86 1
+#define MOE_KERNELS_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#define MOE_KERNELS_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define MOE_KERNELS_ISA_CLONES
+#define MOE_KERNELS_X86 0
+#define MOE_KERNELS_AVX512
+#define MOE_KERNELS_AVX2
 #endif
 
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+    CpuIsa best = CpuIsa::baseline;
+#if MOE_KERNELS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::avx2;
+    if (best == CpuIsa::avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      best = CpuIsa::avx512;
+    }
+#endif
+    const char* cap = std::getenv("MOE_KERNELS_CPU_ISA");
+    if (cap == nullptr || *cap == '\0') return best;
+    const std::string name(cap);
+    TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
+                "MOE_KERNELS_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
+    const CpuIsa limit = name == "avx512" ? CpuIsa::avx512 : name == "avx2" ? CpuIsa::avx2 : CpuIsa::baseline;
+    return std::min(best, limit);
+  }();
+  return isa;
+}
+
+const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx2: return "avx2";
+    case CpuIsa::baseline: return "baseline";
+  }
+  return "baseline";
+}
+
+// Vectors of 32 bytes (8 floats, 4 doubles) in GCC/clang's generic vector extension: each ISA clone lowers them to
+// its own registers (two SSE halves on the baseline).
+template <typename acc_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename acc_t>
+using Vec = typename VecOf<acc_t>::type;
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+
+// One vector of acc_t loaded from p, widened from the storage dtype w_t.
+template <typename w_t, typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> load_widened(const w_t* p) {
+  Vec<acc_t> v;
+  if constexpr (std::is_same_v<w_t, acc_t>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<w_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // bfloat16 is the upper half of a float32
+    U16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32x8 bits = __builtin_convertvector(h, U32x8) << 16;
+    std::memcpy(&v, &bits, sizeof(v));
+  } else {
+    for (int l = 0; l < int(sizeof(v) / sizeof(acc_t)); ++l) v[l] = static_cast<acc_t>(p[l]);
+  }
+  return v;
+}
+
+// res[r] = sum_k a[r * K + k] * w[k] for R rows of a, each element of w loaded once for all of them. Each row keeps
+// two vectors of partial sums (16 in float32, 8 in float64), combined pairwise: a fixed order that
+// does not depend on the other rows, so a row gets the same bits whatever rows share its expert.
+template <int R, typename w_t, typename acc_t>
+inline __attribute__((always_inline)) void dot_rows(const acc_t* a, int64_t K, const w_t* w, acc_t* res) {
+  constexpr int64_t n = 32 / sizeof(acc_t);
+  Vec<acc_t> acc[R][2] = {};
+  int64_t k = 0;
+  for (; k + 2 * n <= K; k += 2 * n) {
+    const Vec<acc_t> w0 = load_widened<w_t, acc_t>(w + k), w1 = load_widened<w_t, acc_t>(w + k + n);
+    for (int r = 0; r < R; ++r) {
+      Vec<acc_t> a0, a1;
+      std::memcpy(&a0, a + r * K + k, sizeof(a0));
+      std::memcpy(&a1, a + r * K + k + n, sizeof(a1));
+      acc[r][0] += a0 * w0;
+      acc[r][1] += a1 * w1;
+    }
+  }
+  if (k < K) {  // the tail, zero-padded to a full step: its products land in the lanes like any others
+    const int64_t rest = K - k;
+    w_t w_pad[2 * n] = {};
+    std::memcpy(w_pad, w + k, rest * sizeof(w_t));
+    const Vec<acc_t> w0 = load_widened<w_t, acc_t>(w_pad), w1 = load_widened<w_t, acc_t>(w_pad + n);
+    for (int r = 0; r < R; ++r) {
+      acc_t a_pad[2 * n] = {};
+      std::memcpy(a_pad, a + r * K + k, rest * sizeof(acc_t));
+      Vec<acc_t> a0, a1;
+      std::memcpy(&a0, a_pad, sizeof(a0));
+      std::memcpy(&a1, a_pad + n, sizeof(a1));
+      acc[r][0] += a0 * w0;
+      acc[r][1] += a1 * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const Vec<acc_t> s = acc[r][0] + acc[r][1];
+    acc_t lanes[n];
+    std::memcpy(lanes, &s, sizeof(lanes));
+    for (int64_t width = n / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    }
+    res[r] = lanes[0];
+  }
+}
+
+template <int R, typename w_t, typename acc_t>
+inline __attribute__((always_inline)) void stream_block(const acc_t* a, int64_t K, const w_t* w, int64_t m0,
+                                                        int64_t m1, int64_t M, const acc_t* bias, acc_t* out) {
+  acc_t res[R];
+  for (int64_t m = m0; m < m1; ++m) {
+    dot_rows<R>(a, K, w + m * K, res);
+    for (int r = 0; r < R; ++r) out[r * M + m] = bias != nullptr ? res[r] + bias[m] : res[r];
+  }
+}
+
+template <typename Fn>
+Fn pick_isa(Fn baseline, Fn avx2, Fn avx512) {
+  switch (cpu_isa()) {
+    case CpuIsa::avx512: return avx512;
+    case CpuIsa::avx2: return avx2;
+    case CpuIsa::baseline: return baseline;
+  }
+  return baseline;
+}
+
+// Rows of w are taken in blocks of about 16 KiB, so that every group of up to 4 rows of a after the first finds
+// the block in L1: w is read from memory once however many rows a has.
 template <typename w_t, typename acc_t>
 inline __attribute__((always_inline)) void stream_rows_impl(const acc_t* a, int64_t rows, int64_t K, const w_t* w,
                                                             int64_t M, const acc_t* bias, acc_t* out) {
-  constexpr int64_t kLanes = 32;
-  for (int64_t m = 0; m < M; ++m) {
-    const w_t* wm = w + m * K;
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* ar = a + r * K;
-      acc_t part[kLanes] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= K; k += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) part[l] += ar[k + l] * static_cast<acc_t>(wm[k + l]);
-      }
-      for (int64_t l = 0; k < K; ++k, ++l) part[l] += ar[k] * static_cast<acc_t>(wm[k]);
-      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-        for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
-      }
-      out[r * M + m] = bias != nullptr ? part[0] + bias[m] : part[0];
+  const int64_t block = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, K * int64_t(sizeof(w_t))));
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t m1 = std::min(M, m0 + block);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) stream_block<4>(a + r * K, K, w, m0, m1, M, bias, out + r * M);
+    switch (rows - r) {
+      case 3: stream_block<3>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
+      case 2: stream_block<2>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
+      case 1: stream_block<1>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
+      default: break;
     }
   }
 }
 
-#define MOE_KERNELS_STREAM_ROWS(w_t, acc_t)                                                                  \
-  MOE_KERNELS_ISA_CLONES void stream_rows(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M,        \
-                                          const acc_t* bias, acc_t* out) {                                        \
+#define MOE_KERNELS_STREAM_ROWS(w_t, acc_t, name)                                                                 \
+  static void name##_baseline(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias, \
+                              acc_t* out) {                                                                        \
     stream_rows_impl<w_t, acc_t>(a, rows, K, w, M, bias, out);                                                     \
+  }                                                                                                                \
+  MOE_KERNELS_AVX2 static void name##_avx2(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M,       \
+                                           const acc_t* bias, acc_t* out) {                                        \
+    stream_rows_impl<w_t, acc_t>(a, rows, K, w, M, bias, out);                                                     \
+  }                                                                                                                \
+  MOE_KERNELS_AVX512 static void name##_avx512(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M,   \
+                                               const acc_t* bias, acc_t* out) {                                    \
+    stream_rows_impl<w_t, acc_t>(a, rows, K, w, M, bias, out);                                                     \
+  }                                                                                                                \
+  void stream_rows(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias,            \
+                   acc_t* out) {                                                                                   \
+    static const auto fn = pick_isa(&name##_baseline, &name##_avx2, &name##_avx512);                               \
+    fn(a, rows, K, w, M, bias, out);                                                                               \
   }
-MOE_KERNELS_STREAM_ROWS(float, float)
-MOE_KERNELS_STREAM_ROWS(c10::BFloat16, float)
-MOE_KERNELS_STREAM_ROWS(c10::Half, float)
-MOE_KERNELS_STREAM_ROWS(double, double)
+MOE_KERNELS_STREAM_ROWS(float, float, stream_rows_f32)
+MOE_KERNELS_STREAM_ROWS(c10::BFloat16, float, stream_rows_bf16)
+MOE_KERNELS_STREAM_ROWS(c10::Half, float, stream_rows_f16)
+MOE_KERNELS_STREAM_ROWS(double, double, stream_rows_f64)
 #undef MOE_KERNELS_STREAM_ROWS
 
 void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tensor& w_in, const at::Tensor& bias) {
@@ -437,6 +587,7 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
   m.def("grouped_mm(Tensor a, Tensor w, Tensor offsets, Tensor? bias, str activation, bool gated) -> Tensor");
   m.def("grouped_mm_backward(Tensor grad, Tensor a, Tensor w, Tensor offsets, Tensor? bias, str activation, "
         "bool gated) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> str", []() { return std::string(cpu_isa_name()); });
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {

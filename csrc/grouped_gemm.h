@@ -58,13 +58,18 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
 
 // Groups of up to kStreamRows rows (decode) stream their weights: a GEMM there is bound by reading w, and BLAS
 // would first pack w (and 16-bit w would first be widened).
-constexpr int64_t kStreamRows = 4;
+constexpr int64_t kStreamRows = 8;
 
-// out[r, m] = sum_k a[r, k] * w[m, k] (+ bias[m]) for a few rows r: each row of w is read once, from memory, in
-// its own dtype, and used for every row of a while in L1. Each dot product keeps 32 partial sums (as many
-// independent accumulators as a BLAS kernel, so its rounding error is a BLAS kernel's), combined pairwise: a
-// fixed order, the same bits on every run of a machine. Compiled for AVX-512 and AVX2+FMA as well as the baseline
-// ISA; the loader picks the widest the CPU has (the FMA versions round each product-sum once, not twice).
+// The instruction set the vectorised CPU kernels run with: the widest the CPU has of AVX-512 and AVX2 with FMA,
+// capped by MOE_KERNELS_CPU_ISA=avx512|avx2|baseline; picked once per process.
+enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };
+CpuIsa cpu_isa();
+const char* cpu_isa_name();
+
+// out[r, m] = sum_k a[r, k] * w[m, k] (+ bias[m]) for a few rows r: each row of w is read from memory once, in its
+// own dtype, and used for every row of a (groups of 4 rows share each load). A dot product keeps 16 partial sums
+// in float32 (8 in float64) combined pairwise in a fixed order: the same bits on every run and whatever other rows
+// share the call, on a given ISA (the FMA builds round each product-sum once, the baseline twice).
 void stream_rows(const float* a, int64_t rows, int64_t K, const float* w, int64_t M, const float* bias, float* out);
 void stream_rows(const float* a, int64_t rows, int64_t K, const c10::BFloat16* w, int64_t M, const float* bias,
                  float* out);

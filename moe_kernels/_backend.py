@@ -100,8 +100,17 @@ def register_autograd(op, backward, setup_context):
     op.register_autograd(run_backward, setup_context=setup)
 
 
+def native_cpu_isa() -> Optional[str]:
+    """The instruction set the native CPU kernels run with ('avx512', 'avx2' or 'baseline'; capped by
+    MOE_KERNELS_CPU_ISA), or None without the native extension."""
+    if not NATIVE:
+        return None
+    import torch
+    return torch.ops.moe_kernels_C.cpu_isa()
+
+
 def backends() -> dict:
-    """What is available and what `auto` picks, per op: {'requested', 'native', 'triton', 'ops'}."""
+    """What is available and what `auto` picks, per op: {'requested', 'native', 'cpu_isa', 'triton', 'ops'}."""
     try:
         import triton  # noqa: F401
         triton_state = "available"
@@ -120,6 +129,7 @@ def backends() -> dict:
     return {
         "requested": requested,
         "native": "available" if NATIVE else f"unavailable, CPU ops fall back to reference ({_native_error})",
+        "cpu_isa": native_cpu_isa(),
         "triton": triton_state,
         "ops": {op: {"implemented": sorted(impls), "cpu": cpu_choice(op)} for op, impls in sorted(IMPLS.items())},
     }

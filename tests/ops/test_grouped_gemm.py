@@ -5,6 +5,11 @@ torch.nn.functional), and moe_kernels.reference.grouped_mm (the spec). Lower pre
 tolerance (tests/helpers.assert_earned). Also: gradcheck, opcheck, determinism, strides, bad input.
 """
 import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,6 +302,54 @@ def test_native_schedules_match_reference(counts, dropped, threads, gated):
     for name, x, y, r in zip(("out", "grad_a", "grad_w", "grad_bias"), native, again, reference):
         assert torch.equal(x, y), f"{name}: two native runs differ"
         assert_close64(x, r, f"{name} native vs reference")
+
+
+# --- the streaming kernel (groups of a few rows) ---------------------------------------------------------
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("K", [9, 16, 37, 300])
+def test_native_streaming_groups(K, dtype):
+    # groups of 1 to 9 rows: up to 8 stream the weights in their own dtype (4 rows share each load, then 3, 2 or 1),
+    # 9 goes to BLAS; a K that is not a multiple of the 16-lane step takes the zero-padded tail
+    counts = list(range(1, 10))
+    offsets = offsets_from_counts(counts)
+    E, M = len(counts), 10
+    a, w, _, bias = make_inputs(int(offsets[-1]), K, M, E, "random", with_bias=True, dtype=dtype)
+    with moe_kernels.use_backend("native"):
+        out = grouped_mm(a, w, offsets, bias)
+    ref64 = naive_grouped_mm(a, w, offsets, bias, "identity", False)
+    if dtype == F64:
+        assert_close64(out, ref64, "out")
+    else:
+        assert_earned_dtype(out, ref64, same_dtype_grouped_mm(a, w, offsets, bias, "identity", False))
+
+
+@pytest.mark.skipif(not _backend.NATIVE or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="native extension not built, or not x86-64")
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_native_kernels_at_every_isa_level(isa):
+    # the vectorised kernels are built for each ISA level and picked once per process: run the streaming and
+    # decode tests in a process capped at each level (a level the CPU lacks runs the widest it has below it)
+    env = {**os.environ, "MOE_KERNELS_CPU_ISA": isa}
+    order = ["baseline", "avx2", "avx512"]
+    got = subprocess.run([sys.executable, "-c", "from moe_kernels import _backend; print(_backend.native_cpu_isa())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert got in order[:order.index(isa) + 1], f"MOE_KERNELS_CPU_ISA={isa} ran with {got}"
+    tests = ["tests/ops/test_grouped_gemm.py::test_native_streaming_groups", "tests/ops/test_expert_mlp.py",
+             "-k", "native_streaming or (decode and native)"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "deselected" in done.stdout
+
+
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+def test_native_isa_cap_must_be_known():
+    env = {**os.environ, "MOE_KERNELS_CPU_ISA": "sse9"}
+    done = subprocess.run([sys.executable, "-c", "from moe_kernels import _backend; _backend.native_cpu_isa()"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "MOE_KERNELS_CPU_ISA must be avx512, avx2 or baseline, got 'sse9'" in done.stderr
 
 
 # --- bad input --------------------------------------------------------------------------------------
