@@ -159,9 +159,15 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")
-    if _backend.resolve("moe_mlp_fused", x.device.type) in ("triton", "native"):
+    backend = _backend.resolve("moe_mlp_fused", x.device.type)
+    if backend in ("triton", "native"):
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias))
+        if backend == "native" and not save and not torch.compiler.is_compiling():
+            # eager CPU inference: the native op itself, without the custom op's Python dispatch (a tenth of a
+            # decode step); traced code and autograd keep the custom op
+            return _fused_native(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                                 gated, capacity, False)[0]
         return _moe_mlp_fused(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,
                               -1 if capacity is None else capacity, save)[0]
     s = sort_by_expert(experts, E, capacity)
