@@ -156,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
       pre = h_pre.slice(0, lo, hi);
       gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
     } else {
-      pre = gemm_bias(xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
+      pre = kept_empty(Kept::pre, {hi - lo, m.H2}, ct);
+      gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
       if (save_for_backward) h_pre.slice(0, lo, hi).copy_(pre);
     }
     gemm_bias_out(y.slice(0, lo, hi), gated_act(pre, m.act, m.gated), m.down[e], bias_row(m.down_bias, e));
@@ -215,11 +216,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     const auto tok = token.slice(0, lo, hi);
     const auto s = scale.slice(0, lo, hi);
-    const auto pre = to_compute(h_pre.slice(0, lo, hi));
+    const auto pre = to_compute_kept(Kept::input, h_pre.slice(0, lo, hi));
     const auto a = act_of_gate(pre, m.act, m.gated);
     const auto h = m.gated ? a * pre.narrow(1, m.H, m.H) : a;
     auto g = gather_rows(grad, tok);  // dOut rows of this expert's tokens
-    auto dh = at::mm(g, to_compute(m.down[e]));         // [rows, H], before the routing weight
+    const auto w_down = to_compute_kept(Kept::weight_a, m.down[e]);
+    auto dh = at::mm(g, w_down);  // [rows, H], before the routing weight
     // y = w * (h @ W_down^T + b), so dL/dw = dH . h + dOut . b
     auto dw_e = (dh * h).sum(1);
     if (m.down_bias.defined()) dw_e.add_(at::mv(g, to_compute(m.down_bias[e])));
@@ -230,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const auto dpre = gated_act_backward(dh.mul_(s), pre, a, m.act, m.gated);
     mm_into(grad_up[e], dpre.t(), gather_rows(m.x, tok));
     if (m.gate_up_bias.defined()) grad_up_b[e].copy_(dpre.sum(0));
-    mm_into(dx.slice(0, lo, hi), dpre, to_compute(m.gate_up[e]));
+    mm_into(dx.slice(0, lo, hi), dpre, to_compute_kept(Kept::weight_b, m.gate_up[e]));
   });
 
   auto grad_x = unpermute_to(dx, inverse, at::Tensor(), m.x.scalar_type());

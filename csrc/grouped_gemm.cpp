@@ -45,6 +45,31 @@ at::Tensor to_compute(const at::Tensor& t) {
 
 namespace {
 
+struct KeptSlots {
+  at::Tensor bytes[static_cast<int>(Kept::count)];
+};
+thread_local KeptSlots kept_slots;
+
+}  // namespace
+
+at::Tensor kept_empty(Kept slot, at::IntArrayRef shape, at::ScalarType dtype) {
+  const int64_t bytes = c10::multiply_integers(shape) * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kKeptSlotBytes) return at::empty(shape, at::TensorOptions().dtype(dtype));
+  auto& buf = kept_slots.bytes[static_cast<int>(slot)];
+  if (!buf.defined() || buf.numel() < bytes) buf = at::empty({std::max<int64_t>(bytes, 1)}, at::kByte);
+  return buf.narrow(0, 0, bytes).view(dtype).view(shape);
+}
+
+at::Tensor to_compute_kept(Kept slot, const at::Tensor& t) {
+  const auto ct = compute_dtype(t.scalar_type());
+  if (t.scalar_type() == ct) return t.contiguous();
+  auto out = kept_empty(slot, t.sizes(), ct);
+  out.copy_(t);
+  return out;
+}
+
+namespace {
+
 template <typename src_t, typename dst_t, typename idx_t>
 void gather_kernel(const src_t* src, const idx_t* idx, int64_t rows, int64_t T, int64_t D, dst_t* dst) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -346,7 +371,7 @@ MOE_KERNELS_STREAM_ROWS(double, double, stream_rows_f64)
 void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tensor& w_in, const at::Tensor& bias) {
   auto& out = const_cast<at::Tensor&>(out_c);
   if (a.size(0) > kStreamRows || !out.is_contiguous()) {
-    const auto w = to_compute(w_in);
+    const auto w = to_compute_kept(Kept::gemm_weight, w_in);
     if (bias.defined()) {
       at::addmm_out(out, bias, a, w.t());
     } else {
@@ -377,7 +402,9 @@ void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
   if (dst.scalar_type() == a.scalar_type()) {
     at::mm_out(const_cast<at::Tensor&>(dst), a, b);
   } else {
-    const_cast<at::Tensor&>(dst).copy_(at::mm(a, b));
+    auto result = kept_empty(Kept::result, {a.size(0), b.size(1)}, a.scalar_type());
+    at::mm_out(result, a, b);
+    const_cast<at::Tensor&>(dst).copy_(result);
   }
 }
 
@@ -531,7 +558,7 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& w_in, const at::
   const bool in_place = !gated && g.act == Activation::identity &&
                         g.a.scalar_type() == compute_dtype(g.a.scalar_type());
   for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
-    const auto a = to_compute(g.a.slice(0, lo, hi));
+    const auto a = to_compute_kept(Kept::input, g.a.slice(0, lo, hi));
     const auto w = g.w[e];
     const auto b = g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor();
     if (in_place) {
@@ -567,9 +594,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
   }
   const bool recompute = gated || g.act != Activation::identity;
   for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
-    const auto a = to_compute(g.a.slice(0, lo, hi));
-    const auto w = to_compute(g.w[e]);
-    auto dh = to_compute(grad.slice(0, lo, hi));
+    const auto a = to_compute_kept(Kept::input, g.a.slice(0, lo, hi));
+    const auto w = to_compute_kept(Kept::weight_a, g.w[e]);
+    auto dh = to_compute_kept(Kept::grad, grad.slice(0, lo, hi));
     if (recompute) {
       const auto pre = gemm_bias(a, w, g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor());
       dh = gated_act_backward(dh, pre, act_of_gate(pre, g.act, g.gated), g.act, g.gated);

@@ -23,6 +23,16 @@ at::ScalarType compute_dtype(at::ScalarType t);
 // t in its compute dtype: t itself when it already is, else a widened copy.
 at::Tensor to_compute(const at::Tensor& t);
 
+// Memory for one expert's temporaries, kept per thread from call to call (up to kKeptSlotBytes a slot; larger
+// requests get a fresh allocation). A fresh buffer costs a page fault per 4 KiB touched, which for the widened
+// weights of 16-bit runs cost more than reading half the bytes saves. A slot holds one live tensor per thread:
+// each slot has one use, and a tensor from it is dead before the slot is asked again.
+enum class Kept { gemm_weight, weight_a, weight_b, input, grad, pre, result, count };
+constexpr int64_t kKeptSlotBytes = int64_t(8) << 20;
+at::Tensor kept_empty(Kept slot, at::IntArrayRef shape, at::ScalarType dtype);
+// to_compute into slot's memory (t itself when already in its compute dtype and contiguous).
+at::Tensor to_compute_kept(Kept slot, const at::Tensor& t);
+
 // A tensor for data that lives only within one call (the expert-ordered [T*k, D] buffers of the expert MLP).
 // Its memory is kept for the next call (one buffer, up to kMaxBytes): a fresh buffer of that size costs a page
 // fault per 4 KiB touched, a tenth of a forward pass on a small CPU. A second call while the kept buffer is in use,
