@@ -151,15 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
       return;
     }
     const auto xe = gather_rows(m.x, token.slice(0, lo, hi));
-    at::Tensor pre;
-    if (pre_in_place) {
-      pre = h_pre.slice(0, lo, hi);
-      gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
-    } else {
-      pre = kept_empty(Kept::pre, {hi - lo, m.H2}, ct);
-      gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
-      if (save_for_backward) h_pre.slice(0, lo, hi).copy_(pre);
-    }
+    const auto pre = pre_in_place ? h_pre.slice(0, lo, hi) : kept_empty(Kept::pre, {hi - lo, m.H2}, ct);
+    gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
+    if (save_for_backward && !pre_in_place) h_pre.slice(0, lo, hi).copy_(pre);
     gemm_bias_out(y.slice(0, lo, hi), gated_act(pre, m.act, m.gated), m.down[e], bias_row(m.down_bias, e));
   });
   auto out = unpermute_to(y, inverse, weights, m.x.scalar_type());

@@ -195,6 +195,10 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
 #define MOE_KERNELS_AVX2
 #endif
 
+namespace {
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};  // indexed by CpuIsa
+}  // namespace
+
 CpuIsa cpu_isa() {
   static const CpuIsa isa = [] {
     CpuIsa best = CpuIsa::baseline;
@@ -208,23 +212,15 @@ CpuIsa cpu_isa() {
 #endif
     const char* cap = std::getenv("MOE_KERNELS_CPU_ISA");
     if (cap == nullptr || *cap == '\0') return best;
-    const std::string name(cap);
-    TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
-                "MOE_KERNELS_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
-    const CpuIsa limit = name == "avx512" ? CpuIsa::avx512 : name == "avx2" ? CpuIsa::avx2 : CpuIsa::baseline;
-    return std::min(best, limit);
+    for (int level = 0; level < 3; ++level) {
+      if (std::strcmp(cap, kIsaNames[level]) == 0) return std::min(best, static_cast<CpuIsa>(level));
+    }
+    TORCH_CHECK(false, "MOE_KERNELS_CPU_ISA must be avx512, avx2 or baseline, got '", cap, "'");
   }();
   return isa;
 }
 
-const char* cpu_isa_name() {
-  switch (cpu_isa()) {
-    case CpuIsa::avx512: return "avx512";
-    case CpuIsa::avx2: return "avx2";
-    case CpuIsa::baseline: return "baseline";
-  }
-  return "baseline";
-}
+const char* cpu_isa_name() { return kIsaNames[static_cast<int>(cpu_isa())]; }
 
 // Vectors of 32 bytes (8 floats, 4 doubles) in GCC/clang's generic vector extension: each ISA clone lowers them to
 // its own registers (two SSE halves on the baseline).
@@ -317,12 +313,8 @@ inline __attribute__((always_inline)) void stream_block(const acc_t* a, int64_t 
 
 template <typename Fn>
 Fn pick_isa(Fn baseline, Fn avx2, Fn avx512) {
-  switch (cpu_isa()) {
-    case CpuIsa::avx512: return avx512;
-    case CpuIsa::avx2: return avx2;
-    case CpuIsa::baseline: return baseline;
-  }
-  return baseline;
+  const Fn by_level[] = {baseline, avx2, avx512};  // indexed by CpuIsa
+  return by_level[static_cast<int>(cpu_isa())];
 }
 
 // Rows of w are taken in blocks of about 16 KiB, so that every group of up to 4 rows of a after the first finds

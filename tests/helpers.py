@@ -138,8 +138,8 @@ def torch_glu(h, activation, gated):
 
 def assert_earned_dtype(fast, ref64, same_dtype, atol=1e-6, name="output"):
     """The earned tolerance. float32: tests/helpers.assert_earned, elementwise, with two roundings of each element
-    on top. float16/bfloat16: the same rule
-    taken over the whole tensor, as flash-attention's tests write it (assert_earned_max). Elementwise it cannot
+    on top. float16/bfloat16: the same rule taken over the whole tensor, as flash-attention's tests write it
+    (assert_earned_max). Elementwise it cannot
     hold in 16 bits: two correct computations that differ by one rounding step (CPU fp16 gelu rounds differently
     in its vectorised body and its scalar tail) fail wherever the baseline happens to round almost exactly."""
     assert fast.dtype == same_dtype.dtype and fast.shape == ref64.shape == same_dtype.shape
