@@ -153,8 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
     const auto xe = gather_rows(m.x, token.slice(0, lo, hi));
     const auto pre = pre_in_place ? h_pre.slice(0, lo, hi) : kept_empty(Kept::pre, {hi - lo, m.H2}, ct);
     gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
-    if (save_for_backward && !pre_in_place) h_pre.slice(0, lo, hi).copy_(pre);
-    gemm_bias_out(y.slice(0, lo, hi), gated_act(pre, m.act, m.gated), m.down[e], bias_row(m.down_bias, e));
+    const auto h = kept_empty(Kept::act, {hi - lo, m.H}, ct);
+    gated_act_into(h, pre, m.act, m.gated,
+                   save_for_backward && !pre_in_place ? h_pre.slice(0, lo, hi) : at::Tensor());
+    gemm_bias_out(y.slice(0, lo, hi), h, m.down[e], bias_row(m.down_bias, e));
   });
   auto out = unpermute_to(y, inverse, weights, m.x.scalar_type());
   return {out, h_pre, order, inverse, offsets};
@@ -210,20 +212,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     const auto tok = token.slice(0, lo, hi);
     const auto s = scale.slice(0, lo, hi);
-    const auto pre = to_compute_kept(Kept::input, h_pre.slice(0, lo, hi));
-    const auto a = act_of_gate(pre, m.act, m.gated);
-    const auto h = m.gated ? a * pre.narrow(1, m.H, m.H) : a;
+    const auto pre = h_pre.slice(0, lo, hi);  // read in its storage dtype by the activation's backward
     auto g = gather_rows(grad, tok);  // dOut rows of this expert's tokens
     const auto w_down = to_compute_kept(Kept::weight_a, m.down[e]);
-    auto dh = at::mm(g, w_down);  // [rows, H], before the routing weight
+    const auto dh = at::mm(g, w_down);  // [rows, H], before the routing weight
     // y = w * (h @ W_down^T + b), so dL/dw = dH . h + dOut . b
-    auto dw_e = (dh * h).sum(1);
+    const auto h = kept_empty(Kept::act, {hi - lo, m.H}, ct);
+    const auto dpre = kept_empty(Kept::pre, {hi - lo, m.H2}, ct);
+    auto dw_e = dw.slice(0, lo, hi);
+    gated_act_backward_into(dpre, dh, pre, m.act, m.gated, s, h, dw_e);
     if (m.down_bias.defined()) dw_e.add_(at::mv(g, to_compute(m.down_bias[e])));
-    dw.slice(0, lo, hi).copy_(dw_e);
     g.mul_(s);
     mm_into(grad_down[e], g.t(), h);
     if (m.down_bias.defined()) grad_down_b[e].copy_(g.sum(0));
-    const auto dpre = gated_act_backward(dh.mul_(s), pre, a, m.act, m.gated);
     mm_into(grad_up[e], dpre.t(), gather_rows(m.x, tok));
     if (m.gate_up_bias.defined()) grad_up_b[e].copy_(dpre.sum(0));
     mm_into(dx.slice(0, lo, hi), dpre, to_compute_kept(Kept::weight_b, m.gate_up[e]));

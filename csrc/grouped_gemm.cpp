@@ -400,7 +400,215 @@ void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
+// --- the activation epilogues ---
+// silu, relu and identity run as one vectorised pass over the rows (built per ISA level like stream_rows); gelu and
+// gelu_tanh go through ATen's kernels.
 namespace {
+
+bool fused_activation(Activation a) {
+  return a == Activation::silu || a == Activation::relu || a == Activation::identity;
+}
+
+template <typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> splat(acc_t v) {
+  return Vec<acc_t>{} + v;
+}
+
+// exp per lane. float32: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial, within 2 ulp of the exact
+// value; inputs clamped to [-87.3, 88.3] (the normal range: exp(-x) of silu saturates instead of overflowing), NaN
+// kept. float64: std::exp.
+template <typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> exp_lanes(Vec<acc_t> x) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    for (int l = 0; l < 4; ++l) x[l] = std::exp(x[l]);
+    return x;
+  } else {
+    x = x < splat(-87.3f) ? splat(-87.3f) : x;  // NaN compares false and stays
+    x = x > splat(88.3f) ? splat(88.3f) : x;
+    // round(x / ln 2) lands in the low mantissa bits of t: t = 1.5 * 2^23 + n exactly
+    const Vec<float> t = x * 1.44269504088896341f + 12582912.0f;
+    const Vec<float> n = t - 12582912.0f;
+    const Vec<float> r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 split in two
+    Vec<float> p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const Vec<float> y = p * r * r + r + 1.0f;
+    U32x8 bits;
+    std::memcpy(&bits, &t, sizeof(bits));
+    bits = (bits - 0x4B400000u + 127u) << 23;  // 2^n: n + 127 in the exponent field
+    Vec<float> scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return y * scale;
+  }
+}
+
+// act(g) and, when wanted, act'(g), per lane, with torch's semantics (relu keeps NaN; its derivative is 0 at 0).
+template <typename acc_t, bool derivative>
+inline __attribute__((always_inline)) void act_lanes(Vec<acc_t> g, Activation a, Vec<acc_t>& value,
+                                                     Vec<acc_t>& slope) {
+  const Vec<acc_t> zero = {}, one = splat(acc_t(1));
+  switch (a) {
+    case Activation::silu: {
+      const Vec<acc_t> s = one / (one + exp_lanes<acc_t>(-g));
+      value = g * s;
+      if constexpr (derivative) slope = s * (one + g * (one - s));
+      return;
+    }
+    case Activation::relu:
+      value = g > zero ? g : (g != g ? g : zero);
+      if constexpr (derivative) slope = g <= zero ? zero : one;
+      return;
+    default:  // identity (the others are not fused)
+      value = g;
+      if constexpr (derivative) slope = one;
+      return;
+  }
+}
+
+template <typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> load_lanes(const acc_t* p, int64_t n) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  Vec<acc_t> v = {};
+  if (n >= L) {
+    std::memcpy(&v, p, sizeof(v));  // a fixed size: one vector load
+  } else {
+    std::memcpy(&v, p, n * sizeof(acc_t));
+  }
+  return v;
+}
+
+template <typename p_t, typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> load_widened_lanes(const p_t* p, int64_t n) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  if (n >= L) return load_widened<p_t, acc_t>(p);
+  p_t pad[L] = {};
+  std::memcpy(pad, p, n * sizeof(p_t));
+  return load_widened<p_t, acc_t>(pad);
+}
+
+template <typename acc_t>
+inline __attribute__((always_inline)) void store_lanes(acc_t* p, Vec<acc_t> v, int64_t n) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  if (n >= L) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    std::memcpy(p, &v, n * sizeof(acc_t));
+  }
+}
+
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t sum_lanes(Vec<acc_t> v) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  acc_t lanes[L];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  for (int64_t width = L / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
+
+// out [rows, N] = act(h[:, :N]) * h[:, N:] (gated, M = 2N) or act(h) (M = N), for h [rows, M]; save [rows, M]
+// (nullable) gets h narrowed to s_t in the same pass.
+template <typename s_t, typename acc_t>
+inline __attribute__((always_inline)) void act_rows_impl(const acc_t* h, int64_t rows, int64_t M, Activation a,
+                                                         bool gated, acc_t* out, s_t* save) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  const int64_t N = gated ? M / 2 : M;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* hr = h + r * M;
+    for (int64_t j = 0; j < N; j += L) {
+      const int64_t n = N - j;
+      Vec<acc_t> value, unused;
+      act_lanes<acc_t, false>(load_lanes(hr + j, n), a, value, unused);
+      if (gated) value *= load_lanes(hr + N + j, n);
+      store_lanes(out + r * N + j, value, n);
+    }
+    if (save != nullptr) {
+      for (int64_t j = 0; j < M; ++j) save[r * M + j] = static_cast<s_t>(hr[j]);
+    }
+  }
+}
+
+// From pre [rows, M] in its storage dtype p_t and dh [rows, N]: dpre [rows, M] = the gradient of act_rows' output
+// w.r.t. pre given dh * scale[r] (scale nullable: 1); h [rows, N] = act_rows(pre) and hdot[r] = sum_j dh * h
+// (unscaled; lanes summed in a fixed order), each nullable.
+template <typename p_t, typename acc_t>
+inline __attribute__((always_inline)) void act_backward_rows_impl(const p_t* pre, int64_t rows, int64_t M,
+                                                                  Activation a, bool gated, const acc_t* dh,
+                                                                  const acc_t* scale, acc_t* dpre, acc_t* h,
+                                                                  acc_t* hdot) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  const int64_t N = gated ? M / 2 : M;
+  for (int64_t r = 0; r < rows; ++r) {
+    const p_t* pr = pre + r * M;
+    const acc_t* dr = dh + r * N;
+    const Vec<acc_t> s = splat(scale != nullptr ? scale[r] : acc_t(1));
+    Vec<acc_t> dot = {};
+    for (int64_t j = 0; j < N; j += L) {
+      const int64_t n = N - j;
+      const Vec<acc_t> gate = load_widened_lanes<p_t, acc_t>(pr + j, n), grad = load_lanes(dr + j, n);
+      Vec<acc_t> value, slope;
+      act_lanes<acc_t, true>(gate, a, value, slope);
+      const Vec<acc_t> d = grad * s;
+      if (gated) {
+        const Vec<acc_t> up = load_widened_lanes<p_t, acc_t>(pr + N + j, n);
+        store_lanes(dpre + r * M + j, d * up * slope, n);
+        store_lanes(dpre + r * M + N + j, d * value, n);
+        value *= up;
+      } else {
+        store_lanes(dpre + r * M + j, d * slope, n);
+      }
+      if (h != nullptr) store_lanes(h + r * N + j, value, n);
+      dot += grad * value;  // zero-padded lanes of a tail add 0 * value
+    }
+    if (hdot != nullptr) hdot[r] = sum_lanes<acc_t>(dot);
+  }
+}
+
+#define MOE_KERNELS_ACT_ROWS(p_t, acc_t, name)                                                                    \
+  static void name##_fwd_baseline(const acc_t* h, int64_t rows, int64_t M, Activation a, bool gated, acc_t* out,  \
+                                  p_t* save) {                                                                    \
+    act_rows_impl<p_t, acc_t>(h, rows, M, a, gated, out, save);                                                   \
+  }                                                                                                               \
+  MOE_KERNELS_AVX2 static void name##_fwd_avx2(const acc_t* h, int64_t rows, int64_t M, Activation a, bool gated, \
+                                               acc_t* out, p_t* save) {                                           \
+    act_rows_impl<p_t, acc_t>(h, rows, M, a, gated, out, save);                                                   \
+  }                                                                                                               \
+  MOE_KERNELS_AVX512 static void name##_fwd_avx512(const acc_t* h, int64_t rows, int64_t M, Activation a,         \
+                                                   bool gated, acc_t* out, p_t* save) {                           \
+    act_rows_impl<p_t, acc_t>(h, rows, M, a, gated, out, save);                                                   \
+  }                                                                                                               \
+  static void name##_bwd_baseline(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated,              \
+                                  const acc_t* dh, const acc_t* scale, acc_t* dpre, acc_t* h, acc_t* hdot) {      \
+    act_backward_rows_impl<p_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                         \
+  }                                                                                                               \
+  MOE_KERNELS_AVX2 static void name##_bwd_avx2(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated, \
+                                               const acc_t* dh, const acc_t* scale, acc_t* dpre, acc_t* h,        \
+                                               acc_t* hdot) {                                                     \
+    act_backward_rows_impl<p_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                         \
+  }                                                                                                               \
+  MOE_KERNELS_AVX512 static void name##_bwd_avx512(const p_t* pre, int64_t rows, int64_t M, Activation a,         \
+                                                   bool gated, const acc_t* dh, const acc_t* scale, acc_t* dpre,  \
+                                                   acc_t* h, acc_t* hdot) {                                       \
+    act_backward_rows_impl<p_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                         \
+  }                                                                                                               \
+  void act_rows(const acc_t* h, int64_t rows, int64_t M, Activation a, bool gated, acc_t* out, p_t* save) {       \
+    static const auto fn = pick_isa(&name##_fwd_baseline, &name##_fwd_avx2, &name##_fwd_avx512);                  \
+    fn(h, rows, M, a, gated, out, save);                                                                          \
+  }                                                                                                               \
+  void act_backward_rows(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated, const acc_t* dh,      \
+                         const acc_t* scale, acc_t* dpre, acc_t* h, acc_t* hdot) {                                \
+    static const auto fn = pick_isa(&name##_bwd_baseline, &name##_bwd_avx2, &name##_bwd_avx512);                  \
+    fn(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                                                         \
+  }
+MOE_KERNELS_ACT_ROWS(float, float, act_rows_f32)
+MOE_KERNELS_ACT_ROWS(c10::BFloat16, float, act_rows_bf16)
+MOE_KERNELS_ACT_ROWS(c10::Half, float, act_rows_f16)
+MOE_KERNELS_ACT_ROWS(double, double, act_rows_f64)
+#undef MOE_KERNELS_ACT_ROWS
 
 at::Tensor act(const at::Tensor& x, Activation a) {
   switch (a) {
@@ -425,42 +633,78 @@ void act_backward_out(const at::Tensor& dst_c, const at::Tensor& grad, const at:
   }
 }
 
+bool fused_rows(const at::Tensor& t) { return t.dim() == 2 && t.is_contiguous(); }
+
 }  // namespace
 
-at::Tensor act_of_gate(const at::Tensor& h, Activation a, bool gated) {
-  return act(gated ? h.narrow(1, 0, h.size(1) / 2) : h, a);
+void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, bool gated, const at::Tensor& save) {
+  auto& dst = const_cast<at::Tensor&>(dst_c);
+  const auto ct = compute_dtype(h.scalar_type());
+  const int64_t rows = h.size(0), M = h.size(1);
+  if (fused_activation(a) && h.scalar_type() == ct && fused_rows(h) &&
+      (!save.defined() || (fused_rows(save) && compute_dtype(save.scalar_type()) == ct))) {
+    const auto out = dst.scalar_type() == ct && fused_rows(dst) ? dst : kept_empty(Kept::act, dst.sizes(), ct);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, save.defined() ? save.scalar_type() : ct,
+                                    "gated_act_into", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      act_rows(h.const_data_ptr<acc_t>(), rows, M, a, gated, out.mutable_data_ptr<acc_t>(),
+               save.defined() ? save.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+    if (!out.is_same(dst)) dst.copy_(out);
+    return;
+  }
+  if (save.defined()) const_cast<at::Tensor&>(save).copy_(h);
+  if (!gated) {
+    dst.copy_(act(h, a));
+    return;
+  }
+  const int64_t half = M / 2;
+  at::mul_out(dst, act(h.narrow(1, 0, half), a), h.narrow(1, half, half));
 }
 
 at::Tensor gated_act(const at::Tensor& h, Activation a, bool gated) {
-  if (!gated) return act(h, a);
-  const int64_t half = h.size(1) / 2;
-  const auto gate = h.narrow(1, 0, half), up = h.narrow(1, half, half);
-  // identity hands back its input: a view of h, which must not be overwritten (h is the saved pre-activation)
-  return a == Activation::identity ? gate * up : act(gate, a).mul_(up);
-}
-
-void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, bool gated) {
-  auto& dst = const_cast<at::Tensor&>(dst_c);
-  if (gated) {
-    const int64_t half = h.size(1) / 2;
-    at::mul_out(dst, act(h.narrow(1, 0, half), a), h.narrow(1, half, half));
-  } else {
-    dst.copy_(act(h, a));
-  }
-}
-
-at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& act_gate, Activation a,
-                              bool gated) {
-  auto out = at::empty_like(h);
-  if (!gated) {
-    act_backward_out(out, grad, h, a);
-    return out;
-  }
-  const int64_t half = h.size(1) / 2;
-  auto d_gate = out.narrow(1, 0, half), d_up = out.narrow(1, half, half);
-  act_backward_out(d_gate, grad * h.narrow(1, half, half), h.narrow(1, 0, half), a);
-  at::mul_out(d_up, grad, act_gate);
+  auto out = at::empty({h.size(0), gated ? h.size(1) / 2 : h.size(1)}, h.options());
+  gated_act_into(out, h, a, gated);
   return out;
+}
+
+void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, const at::Tensor& pre, Activation a,
+                             bool gated, const at::Tensor& scale, const at::Tensor& h_c, const at::Tensor& hdot_c) {
+  auto &dpre = const_cast<at::Tensor&>(dpre_c), &h = const_cast<at::Tensor&>(h_c),
+       &hdot = const_cast<at::Tensor&>(hdot_c);
+  const auto ct = compute_dtype(pre.scalar_type());
+  const int64_t rows = pre.size(0), M = pre.size(1), N = gated ? M / 2 : M;
+  TORCH_CHECK(dpre.sizes() == pre.sizes() && dpre.scalar_type() == ct && dh.sizes() == at::IntArrayRef({rows, N}) &&
+                  dh.scalar_type() == ct && (!scale.defined() || scale.numel() == rows) &&
+                  (!h.defined() || (h.sizes() == dh.sizes() && h.scalar_type() == ct)) &&
+                  (!hdot.defined() || (hdot.numel() == rows && hdot.scalar_type() == ct)),
+              "gated_act_backward_into: shapes or dtypes disagree");
+  if (fused_activation(a) && fused_rows(pre) && fused_rows(dpre) && fused_rows(dh) &&
+      (!scale.defined() || scale.is_contiguous()) && (!h.defined() || fused_rows(h)) &&
+      (!hdot.defined() || hdot.is_contiguous())) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "gated_act_backward_into", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      act_backward_rows(pre.const_data_ptr<scalar_t>(), rows, M, a, gated, dh.const_data_ptr<acc_t>(),
+                        scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr, dpre.mutable_data_ptr<acc_t>(),
+                        h.defined() ? h.mutable_data_ptr<acc_t>() : nullptr,
+                        hdot.defined() ? hdot.mutable_data_ptr<acc_t>() : nullptr);
+    });
+    return;
+  }
+  const auto p = to_compute(pre);
+  const auto gate = gated ? p.narrow(1, 0, N) : p;
+  const auto a_gate = act(gate, a);
+  const auto value = gated ? a_gate * p.narrow(1, N, N) : a_gate;
+  if (h.defined()) h.copy_(value);
+  if (hdot.defined()) hdot.copy_((dh * value).sum(1));
+  const auto d = scale.defined() ? dh * scale.reshape({rows, 1}) : dh;
+  if (!gated) {
+    act_backward_out(dpre, d, p, a);
+    return;
+  }
+  act_backward_out(dpre.narrow(1, 0, N), d * p.narrow(1, N, N), gate, a);
+  auto d_up = dpre.narrow(1, N, N);
+  at::mul_out(d_up, d, a_gate);
 }
 
 namespace {
@@ -591,7 +835,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
     auto dh = to_compute_kept(Kept::grad, grad.slice(0, lo, hi));
     if (recompute) {
       const auto pre = gemm_bias(a, w, g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor());
-      dh = gated_act_backward(dh, pre, act_of_gate(pre, g.act, g.gated), g.act, g.gated);
+      auto dpre = kept_empty(Kept::pre, pre.sizes(), pre.scalar_type());
+      gated_act_backward_into(dpre, dh, pre, g.act, g.gated);
+      dh = dpre;
     }
     mm_into(grad_a.slice(0, lo, hi), dh, w);
     mm_into(grad_w[e], dh.t(), a);

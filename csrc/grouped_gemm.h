@@ -27,7 +27,7 @@ at::Tensor to_compute(const at::Tensor& t);
 // requests get a fresh allocation). A fresh buffer costs a page fault per 4 KiB touched, which for the widened
 // weights of 16-bit runs cost more than reading half the bytes saves. A slot holds one live tensor per thread:
 // each slot has one use, and a tensor from it is dead before the slot is asked again.
-enum class Kept { gemm_weight, weight_a, weight_b, input, grad, pre, result, count };
+enum class Kept { gemm_weight, weight_a, weight_b, input, grad, pre, act, result, count };
 constexpr int64_t kKeptSlotBytes = int64_t(8) << 20;
 at::Tensor kept_empty(Kept slot, at::IntArrayRef shape, at::ScalarType dtype);
 // to_compute into slot's memory (t itself when already in its compute dtype and contiguous).
@@ -114,14 +114,20 @@ at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
 // dst = a @ b: straight into dst when it has a's dtype, else computed in a's dtype and narrowed into dst.
 void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b);
 
-// The expert MLP's activation on a pre-activation h [rows, M]: act(gate) * up with gate = h[:, :M/2] and
-// up = h[:, M/2:] when gated, act(h) otherwise. act_of_gate is its act(gate) factor (act(h) when not gated).
+// The expert MLP's activation on a pre-activation h [rows, M] in the compute dtype: dst [rows, N] =
+// act(h[:, :N]) * h[:, N:] when gated (M = 2N), act(h) otherwise (N = M). save ([rows, M], undefined to skip) gets
+// a copy of h in its own dtype. silu, relu and identity run as one vectorised pass (float32's exp within 2 ulp);
+// gelu and gelu_tanh through ATen's kernels.
+void gated_act_into(const at::Tensor& dst, const at::Tensor& h, Activation act, bool gated,
+                    const at::Tensor& save = at::Tensor());
 at::Tensor gated_act(const at::Tensor& h, Activation act, bool gated);
-void gated_act_into(const at::Tensor& dst, const at::Tensor& h, Activation act, bool gated);
-at::Tensor act_of_gate(const at::Tensor& h, Activation act, bool gated);
 
-// Gradient of gated_act w.r.t. h [rows, M], given the gradient of its output and act_of_gate(h).
-at::Tensor gated_act_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& act_gate, Activation act,
-                              bool gated);
+// The backward of gated_act at pre [rows, M] (any floating dtype, read as it is): dpre [rows, M] = the gradient
+// w.r.t. pre given the output's gradient dh [rows, N] times scale [rows] (1 when undefined). h [rows, N] and
+// hdot [rows], when defined, get gated_act(pre) and sum_j dh[:, j] * h[:, j] (unscaled) from the same pass. All
+// outputs in the compute dtype.
+void gated_act_backward_into(const at::Tensor& dpre, const at::Tensor& dh, const at::Tensor& pre, Activation act,
+                             bool gated, const at::Tensor& scale = at::Tensor(), const at::Tensor& h = at::Tensor(),
+                             const at::Tensor& hdot = at::Tensor());
 
 }  // namespace moe_kernels

@@ -284,6 +284,48 @@ def test_backward_matches_naive_autograd(backend, gated):
     assert bool((got[1][~kept] == 0).all())
 
 
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_backward_every_activation(backend, activation, gated):
+    # experts of more than the streaming path's 8 rows (the per-expert epilogues: vectorised silu, relu and identity,
+    # ATen's gelu), H = 13 so each row ends in a partial vector
+    inputs = make_inputs(40, 9, 13, 3, 2, "sentinel", gated=gated)
+    leaves = [inputs[i].requires_grad_() for i in (0, 2, 3, 4, 5, 6)]
+    kw = dict(activation=activation, gated=gated)
+    grad_out = torch.randn(40, 9, dtype=F64)
+    got = torch.autograd.grad(call(inputs, **kw), leaves, grad_out)
+    want = torch.autograd.grad(naive_moe_mlp(*inputs, **kw), leaves, grad_out)
+    for name, g, n in zip(("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias"), got, want):
+        assert_close64(g, n, f"grad of {name}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_wide_pre_activations_fp32_earned(backend, activation):
+    # pre-activations spread over +-200: the saturating ends of silu's exp (clamped to float32's normal range) and
+    # of the gelus, forward and every gradient within the earned float32 tolerance
+    T, D = 48, 16
+    inputs = list(make_inputs(T, D, 11, 3, 2, "random", dtype=torch.float32))
+    inputs[0] = inputs[0] * 50
+    kw = dict(activation=activation, gated=True)
+    grad_out = torch.randn(T, D, dtype=F64)
+    leaf_idx = (0, 2, 3, 4, 5, 6)
+
+    def run(fn, cast):
+        ins = [t.detach().to(cast).requires_grad_() if i in leaf_idx else t for i, t in enumerate(inputs)]
+        out = fn(*ins, **kw)
+        return (out.detach(), *torch.autograd.grad(out, [ins[i] for i in leaf_idx], grad_out.to(out.dtype)))
+
+    fast = run(lambda *a, **k: call(a, **k), torch.float32)
+    ref64 = run(naive_moe_mlp, F64)
+    same = run(same_dtype_moe_mlp, torch.float32)
+    pre = torch.einsum("td,ehd->teh", inputs[0].double(), inputs[3].double())
+    assert pre.abs().max() > 100, "the inputs do not reach the saturating range"
+    for name, f, r, b in zip(("out", "x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias"), fast,
+                             ref64, same):
+        assert bool(f.isfinite().all()), f"{name}: non-finite values from finite inputs"
+        assert_earned_max(f, r, b, atol=1e-6 + reordered_sum_atol(r, torch.float32, T * 2), name=name)
+
+
 def test_empty_batch_backward(backend):
     # T=0: the forward gives [0, D]; every parameter gradient is an exact zero of its own shape
     inputs = make_inputs(0, 8, 4, 4, 2, "random")
