@@ -414,21 +414,21 @@ inline __attribute__((always_inline)) Vec<acc_t> splat(acc_t v) {
   return Vec<acc_t>{} + v;
 }
 
-// exp per lane. float32: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial, within 2 ulp of the exact
-// value; inputs clamped to [-87.3, 88.3] (the normal range: exp(-x) of silu saturates instead of overflowing), NaN
-// kept. float64: std::exp.
+// exp per lane. float32: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial, within 1.02 ulp of the
+// exact value (measured over all of [-86.9, 88.72]); past ln(FLT_MAX) it overflows to inf as the exact value does, below -86.9
+// (where exp falls under 2^-125) it gives 0; NaN kept. float64: std::exp.
 template <typename acc_t>
 inline __attribute__((always_inline)) Vec<acc_t> exp_lanes(Vec<acc_t> x) {
   if constexpr (std::is_same_v<acc_t, double>) {
     for (int l = 0; l < 4; ++l) x[l] = std::exp(x[l]);
     return x;
   } else {
-    x = x < splat(-87.3f) ? splat(-87.3f) : x;  // NaN compares false and stays
-    x = x > splat(88.3f) ? splat(88.3f) : x;
-    // round(x / ln 2) lands in the low mantissa bits of t: t = 1.5 * 2^23 + n exactly
-    const Vec<float> t = x * 1.44269504088896341f + 12582912.0f;
+    const Vec<float> low = splat(-86.9f);
+    const Vec<float> xc = x > splat(88.7228394f) ? splat(88.7228394f) : (x < low ? low : x);  // NaN stays
+    // round(x / ln 2) lands in the low mantissa bits of t: t = 1.5 * 2^23 + n exactly, -125 <= n <= 128
+    const Vec<float> t = xc * 1.44269504088896341f + 12582912.0f;
     const Vec<float> n = t - 12582912.0f;
-    const Vec<float> r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 split in two
+    const Vec<float> r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 split in two
     Vec<float> p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -438,14 +438,16 @@ inline __attribute__((always_inline)) Vec<acc_t> exp_lanes(Vec<acc_t> x) {
     const Vec<float> y = p * r * r + r + 1.0f;
     U32x8 bits;
     std::memcpy(&bits, &t, sizeof(bits));
-    bits = (bits - 0x4B400000u + 127u) << 23;  // 2^n: n + 127 in the exponent field
-    Vec<float> scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return y * scale;
+    bits = (bits - 0x4B400000u + 126u) << 23;  // 2^(n-1), a normal float for every n in range
+    Vec<float> half_scale;
+    std::memcpy(&half_scale, &bits, sizeof(half_scale));
+    const Vec<float> e = (y * 2.0f) * half_scale;  // one rounding; overflows to inf past ln(FLT_MAX)
+    return x < low ? Vec<float>{} : e;
   }
 }
 
-// act(g) and, when wanted, act'(g), per lane, with torch's semantics (relu keeps NaN; its derivative is 0 at 0).
+// act(g) and, when wanted, act'(g) (not for relu: see times_slope), per lane, with torch's semantics (relu keeps
+// NaN).
 template <typename acc_t, bool derivative>
 inline __attribute__((always_inline)) void act_lanes(Vec<acc_t> g, Activation a, Vec<acc_t>& value,
                                                      Vec<acc_t>& slope) {
@@ -457,15 +459,23 @@ inline __attribute__((always_inline)) void act_lanes(Vec<acc_t> g, Activation a,
       if constexpr (derivative) slope = s * (one + g * (one - s));
       return;
     }
-    case Activation::relu:
+    case Activation::relu:  // the slope is applied by times_slope
       value = g > zero ? g : (g != g ? g : zero);
-      if constexpr (derivative) slope = g <= zero ? zero : one;
       return;
     default:  // identity (the others are not fused)
       value = g;
       if constexpr (derivative) slope = one;
       return;
   }
+}
+
+// grad * act'(g): a product, except for relu, which selects as torch's threshold_backward does: 0 where g <= 0,
+// grad itself elsewhere (at a NaN g too, and an infinite grad stays infinite rather than 0 * inf).
+template <typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> times_slope(Vec<acc_t> grad, Vec<acc_t> g, Vec<acc_t> slope,
+                                                             Activation a) {
+  if (a == Activation::relu) return g <= Vec<acc_t>{} ? Vec<acc_t>{} : grad;
+  return grad * slope;
 }
 
 template <typename acc_t>
@@ -550,16 +560,16 @@ inline __attribute__((always_inline)) void act_backward_rows_impl(const p_t* pre
     for (int64_t j = 0; j < N; j += L) {
       const int64_t n = N - j;
       const Vec<acc_t> gate = load_widened_lanes<p_t, acc_t>(pr + j, n), grad = load_lanes(dr + j, n);
-      Vec<acc_t> value, slope;
+      Vec<acc_t> value, slope = {};
       act_lanes<acc_t, true>(gate, a, value, slope);
       const Vec<acc_t> d = grad * s;
       if (gated) {
         const Vec<acc_t> up = load_widened_lanes<p_t, acc_t>(pr + N + j, n);
-        store_lanes(dpre + r * M + j, d * up * slope, n);
+        store_lanes(dpre + r * M + j, times_slope<acc_t>(d * up, gate, slope, a), n);
         store_lanes(dpre + r * M + N + j, d * value, n);
         value *= up;
       } else {
-        store_lanes(dpre + r * M + j, d * slope, n);
+        store_lanes(dpre + r * M + j, times_slope<acc_t>(d, gate, slope, a), n);
       }
       if (h != nullptr) store_lanes(h + r * N + j, value, n);
       dot += grad * value;  // zero-padded lanes of a tail add 0 * value

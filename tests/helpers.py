@@ -136,6 +136,32 @@ def torch_glu(h, activation, gated):
     return torch_act(gate, activation) * up
 
 
+BEYOND_EXP = [-math.inf, -3e38, -1e30, -1e4, -104.0, -90.0, -88.8, -88.6, -87.5, -86.0, -20.0, -1e-3, 0.0, 1e-3,
+              20.0, 86.0, 87.5, 88.6, 88.8, 90.0, 104.0, 1e4, 1e30, 3e38, math.inf, math.nan]
+
+
+def check_beyond_exp_range(activation, gated):
+    """grouped_mm on the current backend at float32 pre-activations from -inf to inf (float32's exp overflows past
+    88.72): the output and the input gradient are torch's activation of the same values, NaN where torch gives NaN;
+    magnitudes under 1e-36 aside, where torch's own exp has already overflowed to a zero that is 1e-37 off."""
+    from moe_kernels.ops import grouped_mm
+
+    pre = torch.tensor(BEYOND_EXP * 2, dtype=torch.float32)[torch.randperm(2 * len(BEYOND_EXP))]
+    a = pre[:, None].clone().requires_grad_()  # 52 rows in one group: a vectorised body and a tail
+    w = torch.ones(1, 2 if gated else 1, 1)  # pre = a exactly; gated: the up half equals the gate
+    offsets = torch.tensor([0, pre.numel()], dtype=torch.int32)
+    out = grouped_mm(a, w, offsets, activation=activation, gated=gated)
+    grad_a, = torch.autograd.grad(out, a, torch.ones_like(out))
+    x = pre[:, None].clone().requires_grad_()
+    want = torch_glu(torch.cat([x, x], 1) if gated else x, activation, gated)
+    want_grad, = torch.autograd.grad(want, x, torch.ones_like(want))
+    for name, got, expected in (("out", out, want), ("grad_a", grad_a, want_grad)):
+        ok = torch.isclose(got.flatten(), expected.flatten(), rtol=1e-5, atol=1e-36, equal_nan=True)
+        bad = sorted({(p, g, e) for p, g, e, o in zip(pre.tolist(), got.flatten().tolist(),
+                                                      expected.flatten().tolist(), ok.tolist()) if not o})
+        assert not bad, f"{name}: (pre-activation, got, torch's) {bad}"
+
+
 def assert_earned_dtype(fast, ref64, same_dtype, atol=1e-6, name="output"):
     """The earned tolerance. float32: tests/helpers.assert_earned, elementwise, with two roundings of each element
     on top. float16/bfloat16: the same rule taken over the whole tensor, as flash-attention's tests write it

@@ -1,5 +1,5 @@
 """The math of every op family in plain PyTorch: the spec, the test oracle, the CPU fallback."""
-from .activations import ACTIVATIONS, act, act_grad, glu, glu_backward
+from .activations import ACTIVATIONS, act, act_backward, act_grad, glu, glu_backward
 from .dense import dense_moe
 from .expert_mlp import moe_mlp
 from .grouped_gemm import grouped_mm, grouped_mm_backward

@@ -41,7 +41,7 @@ def act_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
         t = torch.tanh(u)
         return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h)
     if activation == "relu":
-        return (h > 0).to(h.dtype)
+        return (h <= 0).logical_not().to(h.dtype)  # 1 at NaN, as torch's threshold_backward passes the gradient
     if activation == "identity":
         return torch.ones_like(h)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -55,9 +55,17 @@ def glu(h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
     return act(gate, activation) * up
 
 
+def act_backward(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """grad * act'(h), elementwise; relu selects as torch's threshold_backward does (0 where h <= 0, grad
+    elsewhere), so an infinite gradient at a negative h gives 0, not 0 * inf."""
+    if activation == "relu":
+        return torch.where(h <= 0, torch.zeros_like(grad), grad)
+    return grad * act_grad(h, activation)
+
+
 def glu_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
     """Gradient of `glu` w.r.t. its pre-activation h, given the gradient of its output."""
     if not gated:
-        return grad * act_grad(h, activation)
+        return act_backward(grad, h, activation)
     gate, up = h.chunk(2, dim=-1)
-    return torch.cat([grad * up * act_grad(gate, activation), grad * act(gate, activation)], dim=-1)
+    return torch.cat([act_backward(grad * up, gate, activation), grad * act(gate, activation)], dim=-1)

@@ -57,7 +57,7 @@ def _activation(h, ACT: tl.constexpr):
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         return h / (1.0 + tl.exp(-2.0 * u))
     elif ACT == 4:
-        return tl.where(h > 0, h, 0.0)
+        return tl.where((h > 0) | (h != h), h, 0.0)  # NaN stays, as in torch
     else:
         return h
 

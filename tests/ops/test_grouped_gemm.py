@@ -19,7 +19,8 @@ from moe_kernels import _backend
 from moe_kernels import reference as ref
 from moe_kernels.ops import grouped_mm
 from moe_kernels.reference.activations import ACTIVATIONS
-from tests.helpers import assert_close64, assert_earned_dtype, naive_glu, num_threads, poison_, torch_glu
+from tests.helpers import (assert_close64, assert_earned_dtype, check_beyond_exp_range, naive_glu, num_threads,
+                           poison_, torch_glu)
 
 F64 = torch.float64
 
@@ -199,6 +200,12 @@ def test_backward_matches_naive_autograd_and_reference(backend, activation, gate
     assert bool((got[0][int(offsets[-1]):] == 0).all())  # dropped rows get no gradient
 
 
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_float32_pre_activations_beyond_exp_range(backend, activation, gated):
+    check_beyond_exp_range(activation, gated)
+
+
 def test_empty_backward(backend):
     # N=0: gradients of w and bias are exact zeros of their shapes
     a, w, offsets, bias = make_inputs(0, 7, 6, 3, "random", with_bias=True)
@@ -337,8 +344,8 @@ def test_native_kernels_at_every_isa_level(isa):
     got = subprocess.run([sys.executable, "-c", "from moe_kernels import _backend; print(_backend.native_cpu_isa())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert got in order[:order.index(isa) + 1], f"MOE_KERNELS_CPU_ISA={isa} ran with {got}"
-    tests = ["tests/ops/test_grouped_gemm.py::test_native_streaming_groups", "tests/ops/test_expert_mlp.py",
-             "-k", "native_streaming or ((decode or every_activation or wide_pre or low_precision) and native)"]
+    tests = ["tests/ops/test_grouped_gemm.py", "tests/ops/test_expert_mlp.py", "-k",
+             "native_streaming or ((decode or every_activation or wide_pre or beyond_exp or low_precision) and native)"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

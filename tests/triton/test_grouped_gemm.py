@@ -20,8 +20,8 @@ import moe_kernels  # noqa: E402
 import moe_kernels.triton.grouped_gemm as gg  # noqa: E402
 from moe_kernels import _backend, ops  # noqa: E402
 from moe_kernels.reference.activations import ACTIVATIONS  # noqa: E402
-from tests.helpers import (assert_close64, assert_earned_dtype, naive_glu, poisoned_empty,  # noqa: E402
-                           reordered_sum_atol, torch_glu)
+from tests.helpers import (assert_close64, assert_earned_dtype, check_beyond_exp_range, naive_glu,  # noqa: E402
+                           poisoned_empty, reordered_sum_atol, torch_glu)
 
 F64 = torch.float64
 DTYPES = (torch.float32, torch.float16)
@@ -345,6 +345,13 @@ def test_grouped_mm_op_triton_backend(activation, gated, bias, dtype):
         # chained reductions over K=20 (forward) and M=26 (backward), summed in tile order, not torch's
         assert_earned_dtype(f, r, s, atol=reordered_sum_atol(r, dtype, 20 + 26), name=name)
     assert (fast[0][offsets[-1]:] == 0).all() and (fast[1][offsets[-1]:] == 0).all()
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_grouped_mm_op_triton_beyond_exp_range(activation, gated):
+    with moe_kernels.use_backend("triton"), poisoned_empty():
+        check_beyond_exp_range(activation, gated)
 
 
 # --- on a GPU: bf16 at a real size ------------------------------------------------------------------------------
