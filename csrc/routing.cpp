@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "grouped_gemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,23 +27,37 @@ namespace {
 constexpr double kEps = 1e-20;       // the reference's guard in the renormalisation
 constexpr int64_t kChunk = 128;      // tokens per chunk of the parallel loop (fixed: the sums do not depend on it)
 
-// i ranks before j: larger value first, NaN above everything, ties to the lower index.
+// A value met later in the scan ranks before b, met earlier: torch.sort's order, descending and stable (NaN above
+// every number, ties to the lower index).
 template <typename T>
-struct RanksBefore {
-  const T* v;
-  bool operator()(int64_t i, int64_t j) const {
-    const T a = v[i], b = v[j];
-    const bool na = std::isnan(a), nb = std::isnan(b);
-    if (na != nb) return na;
-    if (!na && a != b) return a > b;
-    return i < j;
-  }
-};
+inline bool later_ranks_before(T a, T b) {
+  return std::isnan(a) ? !std::isnan(b) : a > b;  // a > b is false when b is NaN
+}
 
-double sigmoid(double z) {
-  if (z >= 0) return 1.0 / (1.0 + std::exp(-z));
-  const double e = std::exp(z);
-  return e / (1.0 + e);
+// top[0..k) = offset + the indices of the k values of v[0..n) that rank first, in rank order (k <= n). One scan
+// keeping the k best sorted: a value that does not beat the k-th costs one comparison.
+template <typename T>
+void top_k(const T* v, int64_t n, int64_t k, int64_t offset, int64_t* top) {
+  int64_t filled = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = v[i];
+    if (filled == k && !later_ranks_before(x, v[top[k - 1] - offset])) continue;
+    int64_t j = filled < k ? filled++ : k - 1;
+    for (; j > 0 && later_ranks_before(x, v[top[j - 1] - offset]); --j) top[j] = top[j - 1];
+    top[j] = offset + i;
+  }
+}
+
+// s[e] = sigmoid(z[e]) over a row, from exp(-|z|): 1 / (1 + exp(-z)) for z >= 0, exp(z) * (1 / (1 + exp(z)))
+// below (neither overflows).
+template <typename in_t>
+void sigmoid_row(const in_t* z, int64_t E, double* s) {
+  for (int64_t e = 0; e < E; ++e) s[e] = -std::abs(static_cast<double>(z[e]));
+  exp_into(s, E, s);
+  for (int64_t e = 0; e < E; ++e) {
+    const double r = 1.0 / (1.0 + s[e]);
+    s[e] = static_cast<double>(z[e]) >= 0 ? r : s[e] * r;
+  }
 }
 
 // Softmax statistics of one row of logits: max m (NaN when the row has a NaN), exp(z - m) into `ex`, their sum.
@@ -59,8 +75,10 @@ Softmax softmax_row(const in_t* z, int64_t E, double* ex) {
     m = v > m ? v : m;
   }
   if (nan) m = std::numeric_limits<double>::quiet_NaN();
+  for (int64_t e = 0; e < E; ++e) ex[e] = static_cast<double>(z[e]) - m;
+  exp_into(ex, E, ex);
   double sum = 0;
-  for (int64_t e = 0; e < E; ++e) sum += (ex[e] = std::exp(static_cast<double>(z[e]) - m));
+  for (int64_t e = 0; e < E; ++e) sum += ex[e];
   return {m, sum};
 }
 
@@ -99,18 +117,20 @@ struct TokenRouter {
     *lse = static_cast<out_t>(logsumexp_row(z, E, st));
     if (a.sigmoid) {
       double total = 0;
-      for (int64_t e = 0; e < E; ++e) total += (s[e] = sigmoid(static_cast<double>(z[e])));
-      for (int64_t e = 0; e < E; ++e) prob_acc[e] += s[e] / (total + kEps);
+      sigmoid_row(z, E, s.data());
+      for (int64_t e = 0; e < E; ++e) total += s[e];
+      const double inv = 1.0 / (total + kEps);
+      for (int64_t e = 0; e < E; ++e) prob_acc[e] += s[e] * inv;
     } else {
-      for (int64_t e = 0; e < E; ++e) prob_acc[e] += (s[e] = ex[e] / st.sum);
+      const double inv = 1.0 / st.sum;
+      for (int64_t e = 0; e < E; ++e) prob_acc[e] += (s[e] = ex[e] * inv);
     }
     for (int64_t e = 0; e < E; ++e) {
       choice[e] = static_cast<out_t>(s[e]);
       if (bias != nullptr) choice[e] = choice[e] + bias[e];
     }
     if (a.groups > 1) restrict_to_top_groups();
-    for (int64_t e = 0; e < E; ++e) idx[e] = e;
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), RanksBefore<out_t>{choice.data()});
+    top_k(choice.data(), E, k, 0, idx.data());
     double total = 0;
     for (int64_t j = 0; j < k; ++j) total += s[idx[j]];
     const double denom = a.renormalize ? total + kEps : 1.0;
@@ -125,19 +145,16 @@ struct TokenRouter {
   void restrict_to_top_groups() {
     const int64_t size = a.E / a.groups;
     for (int64_t g = 0; g < a.groups; ++g) {
-      auto first = idx.begin() + g * size, last = first + size;
-      for (int64_t i = 0; i < size; ++i) first[i] = g * size + i;
+      int64_t first[2];
       const int64_t top = std::min<int64_t>(2, size);
-      std::partial_sort(first, first + top, last, RanksBefore<out_t>{choice.data()});
+      top_k(choice.data() + g * size, size, top, g * size, first);
       group_score[g] = top == 2 ? static_cast<out_t>(choice[first[0]] + choice[first[1]]) : choice[first[0]];
-      gidx[g] = g;
     }
-    std::partial_sort(gidx.begin(), gidx.begin() + a.topk_groups, gidx.end(),
-                      RanksBefore<out_t>{group_score.data()});
+    top_k(group_score.data(), a.groups, a.topk_groups, 0, gidx.data());
     std::vector<char> keep(a.groups, 0);
     for (int64_t i = 0; i < a.topk_groups; ++i) keep[gidx[i]] = 1;
-    for (int64_t e = 0; e < a.E; ++e) {
-      if (!keep[e / size]) choice[e] = -std::numeric_limits<out_t>::infinity();
+    for (int64_t g = 0; g < a.groups; ++g) {
+      if (!keep[g]) std::fill_n(choice.begin() + g * size, size, -std::numeric_limits<out_t>::infinity());
     }
   }
 };
@@ -233,10 +250,16 @@ void route_backward_all(const double* gw, const double* gp, const double* gl, co
                         double scale, in_t* grad) {
   at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(E, 1)), [&](int64_t t0, int64_t t1) {
     std::vector<double> ex(E), s(E), gs(E), g(k);
+    const bool softmax = !sig || gl != nullptr;  // sigmoid scores need the softmax only for lse's gradient
     for (int64_t t = t0; t < t1; ++t) {
       const in_t* z = logits + t * E;
-      const Softmax st = softmax_row(z, E, ex.data());
-      for (int64_t e = 0; e < E; ++e) s[e] = sig ? sigmoid(static_cast<double>(z[e])) : ex[e] / st.sum;
+      const Softmax st = softmax ? softmax_row(z, E, ex.data()) : Softmax{0, 0};
+      if (sig) {
+        sigmoid_row(z, E, s.data());
+      } else {
+        const double inv = 1.0 / st.sum;
+        for (int64_t e = 0; e < E; ++e) s[e] = ex[e] * inv;
+      }
       std::fill(gs.begin(), gs.end(), 0.0);
       if (gw != nullptr) {
         const int64_t* ids = experts + t * k;
@@ -259,7 +282,8 @@ void route_backward_all(const double* gw, const double* gp, const double* gl, co
             dot += gp[e] * s[e];
           }
           const double Z = total + kEps;
-          for (int64_t e = 0; e < E; ++e) gs[e] += gp[e] / Z - dot / (Z * Z);
+          const double inv = 1.0 / Z, shift = dot / (Z * Z);
+          for (int64_t e = 0; e < E; ++e) gs[e] += gp[e] * inv - shift;
         } else {
           for (int64_t e = 0; e < E; ++e) gs[e] += gp[e];
         }

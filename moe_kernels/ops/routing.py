@@ -67,6 +67,7 @@ def _setup_context(ctx, inputs, output):
     logits, k, score, renormalize, bias, num_groups, topk_groups, scale = inputs
     ctx.save_for_backward(logits, output[1])
     ctx.args = (score, renormalize, scale)
+    ctx.set_materialize_grads(False)  # outputs without a gradient (often prob_sum, lse) come as None: no work
 
 
 def _backward(ctx, grad_weights, grad_experts, grad_counts, grad_prob_sum, grad_lse):

@@ -336,16 +336,17 @@ def test_native_streaming_groups(K, dtype):
                     reason="native extension not built, or not x86-64")
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_native_kernels_at_every_isa_level(isa):
-    # the vectorised kernels are built for each ISA level and picked once per process: run the streaming, decode
-    # and activation-epilogue tests in a process capped at each level (a level the CPU lacks runs the widest it
-    # has below it)
+    # the vectorised kernels are built for each ISA level and picked once per process: run the streaming, decode,
+    # activation-epilogue and routing (float64 exp) tests in a process capped at each level (a level the CPU lacks
+    # runs the widest it has below it)
     env = {**os.environ, "MOE_KERNELS_CPU_ISA": isa}
     order = ["baseline", "avx2", "avx512"]
     got = subprocess.run([sys.executable, "-c", "from moe_kernels import _backend; print(_backend.native_cpu_isa())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert got in order[:order.index(isa) + 1], f"MOE_KERNELS_CPU_ISA={isa} ran with {got}"
-    tests = ["tests/ops/test_grouped_gemm.py", "tests/ops/test_expert_mlp.py", "-k",
-             "native_streaming or ((decode or every_activation or wide_pre or beyond_exp or low_precision) and native)"]
+    tests = ["tests/ops/test_grouped_gemm.py", "tests/ops/test_expert_mlp.py", "tests/ops/test_routing.py", "-k",
+             "native_streaming or ((decode or every_activation or wide_pre or beyond_exp or low_precision or route) "
+             "and native)"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -161,6 +161,17 @@ def test_topk_route_groups(backend, E, G, tg, k, score, with_bias):
     assert all(len(set(g)) <= tg for g in groups_used)
 
 
+@pytest.mark.parametrize("kwargs", [pytest.param({}, id="softmax"),
+                                    pytest.param(dict(score="sigmoid", num_groups=4, topk_groups=2), id="groups")])
+def test_tied_scores_rank_lower_index_first(backend, kwargs):
+    # logits on a grid of five values: most tokens tie within their top k and many between groups; every backend
+    # ranks as a stable descending sort does (ties to the lower index), as the naive loops' sorted() does
+    T, E, k = 41, 16, 5
+    logits = torch.randint(-2, 3, (T, E)).double()
+    r = ops.topk_route(logits, k, **kwargs)
+    assert_route_equal(r, naive_route(logits, k, **kwargs))
+
+
 def test_topk_route_one_group_is_no_groups(backend):
     # num_groups=1 (DeepSeek configs with n_group=1) is plain top-k
     logits = rand_logits(19, 10)
