@@ -104,11 +104,12 @@ struct TokenRouter {
   const out_t* bias;  // [E] in out_t, or nullptr
   std::vector<double> ex, s;
   std::vector<out_t> choice, group_score;
-  std::vector<int64_t> idx, gidx;
+  std::vector<int64_t> idx, gidx;  // the chosen experts [k], the best groups [topk_groups]
+  std::vector<char> keep;            // [groups]: one of the best groups
 
   TokenRouter(const RouteArgs& args, const out_t* b)
       : a(args), bias(b), ex(args.E), s(args.E), choice(args.E), group_score(std::max<int64_t>(args.groups, 1)),
-        idx(args.E), gidx(std::max<int64_t>(args.groups, 1)) {}
+        idx(args.k), gidx(std::max<int64_t>(args.topk_groups, 1)), keep(std::max<int64_t>(args.groups, 1)) {}
 
   // z [E] -> weights [k], experts [k], lse; adds the token's load-balancing distribution to prob_acc [E].
   void route(const in_t* z, out_t* weights, int64_t* experts, out_t* lse, double* prob_acc) {
@@ -151,7 +152,7 @@ struct TokenRouter {
       group_score[g] = top == 2 ? static_cast<out_t>(choice[first[0]] + choice[first[1]]) : choice[first[0]];
     }
     top_k(group_score.data(), a.groups, a.topk_groups, 0, gidx.data());
-    std::vector<char> keep(a.groups, 0);
+    std::fill(keep.begin(), keep.end(), 0);
     for (int64_t i = 0; i < a.topk_groups; ++i) keep[gidx[i]] = 1;
     for (int64_t g = 0; g < a.groups; ++g) {
       if (!keep[g]) std::fill_n(choice.begin() + g * size, size, -std::numeric_limits<out_t>::infinity());
