@@ -301,8 +301,10 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
     estimates = {name: first[name] for name in timed}   # sets the number of samples only
 
     limits = {}
-    if p.work.gemms:
-        limits["limit: dense matmul"] = dense_matmul(p.work.gemms, dtype, device, backward)
+    # each provider's compute limit is the dense matmul in its own dtype (bf16 GEMMs can run several times faster)
+    gemm_dtypes = sorted({prov.dtype for prov in timed.values()} | {dtype}, key=str) if p.work.gemms else []
+    for dt in gemm_dtypes:
+        limits[f"limit: dense matmul {dt}"] = dense_matmul(p.work.gemms, dt, device, backward)
     byte_dtypes = sorted({prov.dtype for prov in timed.values()}, key=str) if p.work.bytes else []
     for dt in byte_dtypes:
         limits[f"limit: copy {dt}"] = copy_bytes(p.work.bytes(dt), device)
@@ -313,7 +315,7 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
     measured = timeit(fns, estimates, device, budget_s=budget_s, min_repeats=min_repeats) if fns else {}
     times = {name: median for name, (median, _) in measured.items()}
 
-    t_dense = times.get("limit: dense matmul")
+    t_dense = times.get(f"limit: dense matmul {dtype}")
     rows = []
     for prov in p.providers:
         t = times.get(prov.name)
@@ -323,8 +325,9 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
                "rel_err": errors.get(prov.name), "flops": p.work.flops, "seconds": t}
         if t is not None:
             limit_t, bound = None, None
-            if t_dense is not None:
-                limit_t, bound = t_dense, "compute"
+            t_dense_own = times.get(f"limit: dense matmul {prov.dtype}")
+            if t_dense_own is not None:
+                limit_t, bound = t_dense_own, "compute"
             if p.work.bytes:
                 t_copy = times[f"limit: copy {prov.dtype}"]
                 if limit_t is None or t_copy > limit_t:
@@ -338,6 +341,9 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
     _speedups(rows)
     limit_rows = {"dense_matmul_ms": t_dense * 1e3 if t_dense else None,
                   "dense_gflops": gemm_flops(p.work.gemms, backward) / t_dense / 1e9 if t_dense else None}
+    for dt in gemm_dtypes:
+        if dt != dtype and times.get(f"limit: dense matmul {dt}"):
+            limit_rows[f"dense_matmul_ms_{str(dt).replace('torch.', '')}"] = times[f"limit: dense matmul {dt}"] * 1e3
     wall = time.perf_counter() - wall
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None   # this run's own threads included
     for r in rows:
@@ -361,7 +367,10 @@ def _speedups(rows):
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name().replace(" ", "-")
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    # the native kernels' ISA level names the machine too: with bf16 dot products, bf16 runs at several times the rate
+    isa = _backend.native_cpu_isa()
+    isa = "" if isa is None else f"-{isa}" + ("bf16" if _backend.native_cpu_bf16_gemm() else "")
+    return f"cpu-{platform.machine()}{isa}-{torch.get_num_threads()}threads"
 
 
 def _cpu_model() -> str:
@@ -411,4 +420,5 @@ def machine(device: str) -> dict:
     with moe_kernels.use_backend("auto"):
         info["auto_backend"] = {op: _backend.resolve(op, device) for op in sorted(_backend.IMPLS)}
     info["native"], info["triton_state"], info["cpu_isa"] = b["native"], b["triton"], b["cpu_isa"]
+    info["cpu_bf16_gemm"] = b.get("cpu_bf16_gemm")
     return info

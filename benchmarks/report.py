@@ -13,7 +13,8 @@ COLUMNS_HELP = """\
 - **% limit**: the time of the device's own limit for this work, measured in the same run, over the provider's
   time: a dense matmul of the same FLOPs in the same GEMM shapes (no routing, no grouping) and, where memory is
   the bound (decode, routing, permutation), a copy moving the same bytes (half read, half written); the longer of
-  the two when both apply. On CPU the dense matmul runs in float32 (no bf16 matrix units on the machine). Above
+  the two when both apply. The dense matmul runs in the provider's own dtype (ours bf16 on CPU: a bf16 matmul,
+  which oneDNN runs several times faster than float32 where the CPU has bf16 dot products). Above
   100% means the op's own GEMMs ran faster than the dense ones of the same FLOPs (smaller, cache-friendlier
   blocks), or noise.
 - **peak MB**: peak bytes allocated during one call above what was allocated before it (CUDA: allocator
@@ -127,7 +128,10 @@ def header(meta) -> str:
     after = m.get("load_average_after") or [None]
     what = m["gpu"] if m.get("gpu") else f"{m['cpu']}, {m['logical_cpus']} logical CPUs"
     if not m.get("gpu") and m.get("cpu_isa"):
-        what += f" (native kernels: {m['cpu_isa']})"
+        what += f" (native kernels: {m['cpu_isa']}"
+        if m.get("cpu_bf16_gemm") is not None:
+            what += ", bf16 GEMMs in bf16" if m["cpu_bf16_gemm"] else ", bf16 GEMMs widened to fp32"
+        what += ")"
     return (f"{what}; torch {m['torch']} ({m['torch_threads']} threads), transformers {pk.get('transformers')}, "
             f"soft-moe-pytorch {pk.get('soft-moe-pytorch')}, triton {pk.get('triton')}; moe_kernels "
             f"{m['moe_kernels']} at {m.get('commit')}; {m['date']}, {m['size']} set in {m['duration_s']:.0f} s; "

@@ -4,7 +4,7 @@
 // Forward: sort the (token, slot) pairs by expert (index only). Per expert, in cache: gather its token rows of x
 // (the gather fused into the GEMM's input, no [T*k, D] permuted copy of x), GEMM1 with bias into the saved
 // pre-activation, the activation, GEMM2 with bias into that expert's rows of an expert-ordered [T*k, D] buffer
-// in the compute dtype. Then every token sums its own k rows, times their routing weights, in slot order
+// in the GEMM dtype. Then every token sums its own k rows, times their routing weights, in slot order
 // (the weighted combine of unpermute: deterministic, no atomics).
 // Backward, per expert: dH = dOut[token] @ W_down (gather fused), the routing-weight gradient dH . act(h) +
 // dOut . b_down (no [T*k, D] expert output is kept), dW_down = (w * dOut)^T act(h), dH_pre through the
@@ -72,7 +72,7 @@ void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t
               weights.scalar_type());
 }
 
-at::Tensor bias_row(const at::Tensor& bias, int64_t e) { return bias.defined() ? to_compute(bias[e]) : at::Tensor(); }
+at::Tensor bias_row(const at::Tensor& bias, int64_t e) { return bias.defined() ? to_gemm(bias[e]) : at::Tensor(); }
 
 // Row e of a bias [E, n] widened, or empty without a bias.
 template <typename x_t, typename acc_t>
@@ -84,11 +84,11 @@ std::vector<acc_t> widened_row(const at::Tensor& bias, int64_t e, int64_t n) {
 
 // The forward of an expert with at most kStreamRows rows (decode), on raw pointers: its tokens' rows of x
 // gathered and widened, GEMM1 streaming gate_up[e] (+ bias, into the saved pre-activation), the activation, GEMM2
-// streaming down[e] (+ bias) into its rows of y. The tensor path costs tens of ATen calls per expert, which is
-// most of the time of a group of a row or two.
-template <typename x_t, typename acc_t>
+// streaming down[e] (+ bias) into its rows of y (y_t: the GEMM dtype). The tensor path costs tens of ATen calls per
+// expert, which is most of the time of a group of a row or two.
+template <typename x_t, typename acc_t, typename y_t>
 void few_rows_forward(const MlpArgs& m, int64_t e, int64_t lo, int64_t hi, const int32_t* token, x_t* h_pre,
-                      acc_t* y) {
+                      y_t* y) {
   const int64_t rows = hi - lo, D = m.D, H2 = m.H2, H = m.H, O = m.O;
   std::vector<acc_t> xe(rows * D), pre(rows * H2), h(rows * H);
   const x_t* x = m.x.const_data_ptr<x_t>();
@@ -109,8 +109,15 @@ void few_rows_forward(const MlpArgs& m, int64_t e, int64_t lo, int64_t hi, const
       h[r * H + j] = m.gated ? a * pre[r * H2 + H + j] : a;
     }
   }
-  stream_rows(h.data(), rows, H, m.down.const_data_ptr<x_t>() + e * O * H, O, b_down.empty() ? nullptr : b_down.data(),
-              y + lo * O);
+  if constexpr (std::is_same_v<y_t, acc_t>) {
+    stream_rows(h.data(), rows, H, m.down.const_data_ptr<x_t>() + e * O * H, O,
+                b_down.empty() ? nullptr : b_down.data(), y + lo * O);
+  } else {
+    std::vector<acc_t> out(rows * O);
+    stream_rows(h.data(), rows, H, m.down.const_data_ptr<x_t>() + e * O * H, O,
+                b_down.empty() ? nullptr : b_down.data(), out.data());
+    for (int64_t i = 0; i < rows * O; ++i) y[lo * O + i] = static_cast<y_t>(out[i]);
+  }
 }
 
 // -> (out [T, O], pre-activation [T*k, H2] in x's dtype (rows of pairs not kept zero; [0] unless saved),
@@ -133,27 +140,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
   auto [order, inverse, offsets] = sort_by_expert(experts, m.E, capacity);
   const auto bounds = read_offsets(offsets, N, "moe_mlp_forward");
   const int64_t kept = bounds.back();
-  const auto ct = compute_dtype(m.x.scalar_type());
+  const auto gt = gemm_dtype(m.x.scalar_type());
   const auto token = at::div(order.narrow(0, 0, kept), k, "floor");  // token of each expert-ordered row
   auto h_pre = save_for_backward ? at::empty({N, m.H2}, m.x.options()) : at::empty({0}, m.x.options());
   if (save_for_backward) h_pre.narrow(0, kept, N - kept).zero_();
-  const bool pre_in_place = save_for_backward && m.x.scalar_type() == ct;
-  const Scratch y_scratch({N, m.O}, m.x.options().dtype(ct));
+  const bool pre_in_place = save_for_backward && m.x.scalar_type() == gt;
+  const Scratch y_scratch({N, m.O}, m.x.options().dtype(gt));
   const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     if (hi - lo <= kStreamRows) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.x.scalar_type(), "moe_mlp_forward_few_rows", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        few_rows_forward<scalar_t, acc_t>(m, e, lo, hi, token.const_data_ptr<int32_t>(),
-                                          save_for_backward ? h_pre.mutable_data_ptr<scalar_t>() : nullptr,
-                                          y.mutable_data_ptr<acc_t>());
+        scalar_t* saved = save_for_backward ? h_pre.mutable_data_ptr<scalar_t>() : nullptr;
+        if (gt == m.x.scalar_type()) {
+          few_rows_forward<scalar_t, acc_t, scalar_t>(m, e, lo, hi, token.const_data_ptr<int32_t>(), saved,
+                                                      y.mutable_data_ptr<scalar_t>());
+        } else {
+          few_rows_forward<scalar_t, acc_t, acc_t>(m, e, lo, hi, token.const_data_ptr<int32_t>(), saved,
+                                                   y.mutable_data_ptr<acc_t>());
+        }
       });
       return;
     }
     const auto xe = gather_rows(m.x, token.slice(0, lo, hi));
-    const auto pre = pre_in_place ? h_pre.slice(0, lo, hi) : kept_empty(Kept::pre, {hi - lo, m.H2}, ct);
+    const auto pre = pre_in_place ? h_pre.slice(0, lo, hi) : kept_empty(Kept::pre, {hi - lo, m.H2}, gt);
     gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
-    const auto h = kept_empty(Kept::act, {hi - lo, m.H}, ct);
+    const auto h = kept_empty(Kept::act, {hi - lo, m.H}, gt);
     gated_act_into(h, pre, m.act, m.gated,
                    save_for_backward && !pre_in_place ? h_pre.slice(0, lo, hi) : at::Tensor());
     gemm_bias_out(y.slice(0, lo, hi), h, m.down[e], bias_row(m.down_bias, e));
@@ -189,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "moe_mlp_backward: h_pre must be the [T*k, ", m.H2, "] = [", N, ", ", m.H2,
               "] pre-activation saved by the forward (save_for_backward=True), got ", h_pre.sizes());
   const auto ct = compute_dtype(m.x.scalar_type());
+  const auto gt = gemm_dtype(m.x.scalar_type());
   const auto grad = grad_in.contiguous();
   const auto kept_order = order.narrow(0, 0, kept).to(at::kLong);
   const auto token = at::div(kept_order, k, "floor");
@@ -205,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (m.gate_up_bias.defined()) grad_up_b[e].zero_();
     if (m.down_bias.defined()) grad_down_b[e].zero_();
   }
-  const Scratch dx_scratch({N, m.D}, m.x.options().dtype(ct));
+  const Scratch dx_scratch({N, m.D}, m.x.options().dtype(gt));
   const at::Tensor& dx = dx_scratch.tensor();  // expert-ordered rows of dX, summed per token below
   auto dw = at::empty({kept}, m.x.options().dtype(ct));    // routing-weight gradient of each expert-ordered row
 
@@ -214,20 +227,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const auto s = scale.slice(0, lo, hi);
     const auto pre = h_pre.slice(0, lo, hi);  // read in its storage dtype by the activation's backward
     auto g = gather_rows(grad, tok);  // dOut rows of this expert's tokens
-    const auto w_down = to_compute_kept(Kept::weight_a, m.down[e]);
+    const auto w_down = to_gemm_kept(Kept::weight_a, m.down[e]);
     const auto dh = at::mm(g, w_down);  // [rows, H], before the routing weight
     // y = w * (h @ W_down^T + b), so dL/dw = dH . h + dOut . b
-    const auto h = kept_empty(Kept::act, {hi - lo, m.H}, ct);
-    const auto dpre = kept_empty(Kept::pre, {hi - lo, m.H2}, ct);
+    const auto h = kept_empty(Kept::act, {hi - lo, m.H}, gt);
+    const auto dpre = kept_empty(Kept::pre, {hi - lo, m.H2}, gt);
     auto dw_e = dw.slice(0, lo, hi);
     gated_act_backward_into(dpre, dh, pre, m.act, m.gated, s, h, dw_e);
-    if (m.down_bias.defined()) dw_e.add_(at::mv(g, to_compute(m.down_bias[e])));
+    if (m.down_bias.defined()) dw_e.add_(at::mv(g.to(ct), to_compute(m.down_bias[e])));
     g.mul_(s);
     mm_into(grad_down[e], g.t(), h);
     if (m.down_bias.defined()) grad_down_b[e].copy_(g.sum(0));
     mm_into(grad_up[e], dpre.t(), gather_rows(m.x, tok));
     if (m.gate_up_bias.defined()) grad_up_b[e].copy_(dpre.sum(0));
-    mm_into(dx.slice(0, lo, hi), dpre, to_compute_kept(Kept::weight_b, m.gate_up[e]));
+    mm_into(dx.slice(0, lo, hi), dpre, to_gemm_kept(Kept::weight_b, m.gate_up[e]));
   });
 
   auto grad_x = unpermute_to(dx, inverse, at::Tensor(), m.x.scalar_type());

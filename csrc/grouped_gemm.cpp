@@ -5,8 +5,9 @@
 // output: MKL or oneDNN underneath), the activation runs on the slice while it is in cache, and the backward
 // recomputes the pre-activation per expert and writes dA, dW and the bias gradient of that expert only.
 // Small groups are not left to tiny multi-threaded GEMMs: experts are spread over the threads (see
-// for_each_group). float16/bfloat16 operands are widened to float32 one slice at a time: CPU BLAS has no fast
-// 16-bit GEMM here, and the widened slice is cache-resident, so 16-bit runs at the float32 rate or better.
+// for_each_group). bfloat16 GEMMs run in bfloat16 where the CPU has bf16 dot products (bf16_gemm: oneDNN, about 4x
+// the float32 rate); elsewhere float16/bfloat16 operands are widened to float32 one slice at a time (CPU BLAS has no
+// fast 16-bit GEMM there, and the widened slice is cache-resident). Epilogues compute in float32 either way.
 // Rows outside every group (at or past offsets[E]) are zero in the output and get zero gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -60,10 +61,19 @@ at::Tensor kept_empty(Kept slot, at::IntArrayRef shape, at::ScalarType dtype) {
   return buf.narrow(0, 0, bytes).view(dtype).view(shape);
 }
 
-at::Tensor to_compute_kept(Kept slot, const at::Tensor& t) {
-  const auto ct = compute_dtype(t.scalar_type());
-  if (t.scalar_type() == ct) return t.contiguous();
-  auto out = kept_empty(slot, t.sizes(), ct);
+at::ScalarType gemm_dtype(at::ScalarType t) {
+  return t == at::kBFloat16 && bf16_gemm() ? at::kBFloat16 : compute_dtype(t);
+}
+
+at::Tensor to_gemm(const at::Tensor& t) {
+  const auto gt = gemm_dtype(t.scalar_type());
+  return t.scalar_type() == gt ? t.contiguous() : t.to(gt).contiguous();
+}
+
+at::Tensor to_gemm_kept(Kept slot, const at::Tensor& t) {
+  const auto gt = gemm_dtype(t.scalar_type());
+  if (t.scalar_type() == gt) return t.contiguous();
+  auto out = kept_empty(slot, t.sizes(), gt);
   out.copy_(t);
   return out;
 }
@@ -91,14 +101,14 @@ at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& idx_in) {
   const auto src = src_in.contiguous();
   const auto idx = idx_in.contiguous();
   const int64_t rows = idx.size(0), T = src.size(0), D = src.size(1);
-  const auto ct = compute_dtype(src.scalar_type());
-  auto out = at::empty({rows, D}, src.options().dtype(ct));
+  const auto gt = gemm_dtype(src.scalar_type());
+  auto out = at::empty({rows, D}, src.options().dtype(gt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_rows", [&] {
     using src_t = scalar_t;
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "gather_rows_index", [&] {
-      if (ct == at::kDouble) {
-        gather_kernel<src_t, double, index_t>(src.const_data_ptr<src_t>(), idx.const_data_ptr<index_t>(), rows, T, D,
-                                              out.mutable_data_ptr<double>());
+      if (gt == src.scalar_type()) {
+        gather_kernel<src_t, src_t, index_t>(src.const_data_ptr<src_t>(), idx.const_data_ptr<index_t>(), rows, T, D,
+                                             out.mutable_data_ptr<src_t>());
       } else {
         gather_kernel<src_t, float, index_t>(src.const_data_ptr<src_t>(), idx.const_data_ptr<index_t>(), rows, T, D,
                                              out.mutable_data_ptr<float>());
@@ -221,6 +231,19 @@ CpuIsa cpu_isa() {
 }
 
 const char* cpu_isa_name() { return kIsaNames[static_cast<int>(cpu_isa())]; }
+
+bool bf16_gemm() {
+  static const bool native = [] {
+#if MOE_KERNELS_X86
+    __builtin_cpu_init();
+    return cpu_isa() == CpuIsa::avx512 &&
+           (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"));
+#else
+    return false;
+#endif
+  }();
+  return native;
+}
 
 // Vectors of 32 bytes (8 floats, 4 doubles) in GCC/clang's generic vector extension: each ISA clone lowers them to
 // its own registers (two SSE halves on the baseline).
@@ -363,7 +386,7 @@ MOE_KERNELS_STREAM_ROWS(double, double, stream_rows_f64)
 void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tensor& w_in, const at::Tensor& bias) {
   auto& out = const_cast<at::Tensor&>(out_c);
   if (a.size(0) > kStreamRows || !out.is_contiguous()) {
-    const auto w = to_compute_kept(Kept::gemm_weight, w_in);
+    const auto w = to_gemm_kept(Kept::gemm_weight, w_in);
     if (bias.defined()) {
       at::addmm_out(out, bias, a, w.t());
     } else {
@@ -372,16 +395,19 @@ void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tenso
     return;
   }
   const auto w = w_in.contiguous();
-  const auto ac = a.contiguous();
+  const auto ct = compute_dtype(w.scalar_type());
+  // a bfloat16 a (bf16_gemm) is widened: a few rows
+  const auto ac = a.scalar_type() == ct ? a.contiguous() : a.to(ct).contiguous();
+  const auto bc = !bias.defined() || bias.scalar_type() == ct ? bias : bias.to(ct);
+  const auto res = out.scalar_type() == ct ? out : at::empty(out.sizes(), out.options().dtype(ct));
   const int64_t rows = ac.size(0), K = ac.size(1), M = w.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "gemm_bias_out", [&] {
     using w_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<w_t, double>, double, float>;  // the compute dtype
-    TORCH_CHECK(out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && ac.scalar_type() == out.scalar_type(),
-                "gemm_bias_out: a and out must be in w's compute dtype");
     stream_rows(ac.const_data_ptr<acc_t>(), rows, K, w.const_data_ptr<w_t>(), M,
-                bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<acc_t>());
+                bc.defined() ? bc.const_data_ptr<acc_t>() : nullptr, res.mutable_data_ptr<acc_t>());
   });
+  if (!res.is_same(out)) out.copy_(res);
 }
 
 at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
@@ -532,6 +558,23 @@ inline __attribute__((always_inline)) void store_lanes(acc_t* p, Vec<acc_t> v, i
   }
 }
 
+// store_lanes into a GEMM operand of dtype o_t: acc_t itself, or float32 narrowed to bfloat16 (round to nearest
+// even, NaN kept NaN, as c10::BFloat16 rounds).
+template <typename o_t, typename acc_t>
+inline __attribute__((always_inline)) void store_narrowed_lanes(o_t* p, Vec<acc_t> v, int64_t n) {
+  if constexpr (std::is_same_v<o_t, acc_t>) {
+    store_lanes(p, v, n);
+  } else {
+    static_assert(std::is_same_v<o_t, c10::BFloat16> && std::is_same_v<acc_t, float>);
+    U32x8 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    U32x8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    rounded = v != v ? U32x8{} + 0x7fc0u : rounded;
+    const U16x8 h = __builtin_convertvector(rounded, U16x8);
+    std::memcpy(p, &h, std::min<int64_t>(n, 8) * sizeof(o_t));
+  }
+}
+
 template <typename acc_t>
 inline __attribute__((always_inline)) acc_t sum_lanes(Vec<acc_t> v) {
   constexpr int64_t L = 32 / sizeof(acc_t);
@@ -543,104 +586,108 @@ inline __attribute__((always_inline)) acc_t sum_lanes(Vec<acc_t> v) {
   return lanes[0];
 }
 
-// out [rows, N] = act(h[:, :N]) * h[:, N:] (gated, M = 2N) or act(h) (M = N), for h [rows, M]; save [rows, M]
-// (nullable) gets h narrowed to s_t in the same pass.
-template <typename s_t, typename acc_t>
-inline __attribute__((always_inline)) void act_rows_impl(const acc_t* h, int64_t rows, int64_t M, Activation a,
-                                                         bool gated, acc_t* out, s_t* save) {
+// out [rows, N] = act(h[:, :N]) * h[:, N:] (gated, M = 2N) or act(h) (M = N), for h [rows, M]; h and out in g_t
+// (the GEMM dtype: acc_t, or bfloat16 under bf16_gemm); save [rows, M] (nullable) gets h narrowed to s_t in the
+// same pass.
+template <typename s_t, typename g_t, typename acc_t>
+inline __attribute__((always_inline)) void act_rows_impl(const g_t* h, int64_t rows, int64_t M, Activation a,
+                                                         bool gated, g_t* out, s_t* save) {
   constexpr int64_t L = 32 / sizeof(acc_t);
   const int64_t N = gated ? M / 2 : M;
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t* hr = h + r * M;
+    const g_t* hr = h + r * M;
     for (int64_t j = 0; j < N; j += L) {
       const int64_t n = N - j;
       Vec<acc_t> value, unused;
-      act_lanes<acc_t, false>(load_lanes(hr + j, n), a, value, unused);
-      if (gated) value *= load_lanes(hr + N + j, n);
-      store_lanes(out + r * N + j, value, n);
+      act_lanes<acc_t, false>(load_widened_lanes<g_t, acc_t>(hr + j, n), a, value, unused);
+      if (gated) value *= load_widened_lanes<g_t, acc_t>(hr + N + j, n);
+      store_narrowed_lanes<g_t, acc_t>(out + r * N + j, value, n);
     }
     if (save != nullptr) {
-      for (int64_t j = 0; j < M; ++j) save[r * M + j] = static_cast<s_t>(hr[j]);
+      for (int64_t j = 0; j < M; ++j) save[r * M + j] = static_cast<s_t>(static_cast<acc_t>(hr[j]));
     }
   }
 }
 
 // From pre [rows, M] in its storage dtype p_t and dh [rows, N]: dpre [rows, M] = the gradient of act_rows' output
 // w.r.t. pre given dh * scale[r] (scale nullable: 1); h [rows, N] = act_rows(pre) and hdot[r] = sum_j dh * h
-// (unscaled; lanes summed in a fixed order), each nullable.
-template <typename p_t, typename acc_t>
+// (unscaled; lanes summed in a fixed order), each nullable. dh, dpre and h in g_t (the GEMM dtype), scale and
+// hdot in acc_t.
+template <typename p_t, typename g_t, typename acc_t>
 inline __attribute__((always_inline)) void act_backward_rows_impl(const p_t* pre, int64_t rows, int64_t M,
-                                                                  Activation a, bool gated, const acc_t* dh,
-                                                                  const acc_t* scale, acc_t* dpre, acc_t* h,
+                                                                  Activation a, bool gated, const g_t* dh,
+                                                                  const acc_t* scale, g_t* dpre, g_t* h,
                                                                   acc_t* hdot) {
   constexpr int64_t L = 32 / sizeof(acc_t);
   const int64_t N = gated ? M / 2 : M;
   for (int64_t r = 0; r < rows; ++r) {
     const p_t* pr = pre + r * M;
-    const acc_t* dr = dh + r * N;
+    const g_t* dr = dh + r * N;
     const Vec<acc_t> s = splat(scale != nullptr ? scale[r] : acc_t(1));
     Vec<acc_t> dot = {};
     for (int64_t j = 0; j < N; j += L) {
       const int64_t n = N - j;
-      const Vec<acc_t> gate = load_widened_lanes<p_t, acc_t>(pr + j, n), grad = load_lanes(dr + j, n);
+      const Vec<acc_t> gate = load_widened_lanes<p_t, acc_t>(pr + j, n);
+      const Vec<acc_t> grad = load_widened_lanes<g_t, acc_t>(dr + j, n);
       Vec<acc_t> value, slope = {};
       act_lanes<acc_t, true>(gate, a, value, slope);
       const Vec<acc_t> d = grad * s;
       if (gated) {
         const Vec<acc_t> up = load_widened_lanes<p_t, acc_t>(pr + N + j, n);
-        store_lanes(dpre + r * M + j, times_slope<acc_t>(d * up, gate, slope, a), n);
-        store_lanes(dpre + r * M + N + j, d * value, n);
+        store_narrowed_lanes<g_t, acc_t>(dpre + r * M + j, times_slope<acc_t>(d * up, gate, slope, a), n);
+        store_narrowed_lanes<g_t, acc_t>(dpre + r * M + N + j, d * value, n);
         value *= up;
       } else {
-        store_lanes(dpre + r * M + j, times_slope<acc_t>(d, gate, slope, a), n);
+        store_narrowed_lanes<g_t, acc_t>(dpre + r * M + j, times_slope<acc_t>(d, gate, slope, a), n);
       }
-      if (h != nullptr) store_lanes(h + r * N + j, value, n);
+      if (h != nullptr) store_narrowed_lanes<g_t, acc_t>(h + r * N + j, value, n);
       dot += grad * value;  // zero-padded lanes of a tail add 0 * value
     }
     if (hdot != nullptr) hdot[r] = sum_lanes<acc_t>(dot);
   }
 }
 
-#define MOE_KERNELS_ACT_ROWS(p_t, acc_t, name)                                                                    \
-  static void name##_fwd_baseline(const acc_t* h, int64_t rows, int64_t M, Activation a, bool gated, acc_t* out,  \
+#define MOE_KERNELS_ACT_ROWS(p_t, g_t, acc_t, name)                                                               \
+  static void name##_fwd_baseline(const g_t* h, int64_t rows, int64_t M, Activation a, bool gated, g_t* out,      \
                                   p_t* save) {                                                                    \
-    act_rows_impl<p_t, acc_t>(h, rows, M, a, gated, out, save);                                                   \
+    act_rows_impl<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                             \
   }                                                                                                               \
-  MOE_KERNELS_AVX2 static void name##_fwd_avx2(const acc_t* h, int64_t rows, int64_t M, Activation a, bool gated, \
-                                               acc_t* out, p_t* save) {                                           \
-    act_rows_impl<p_t, acc_t>(h, rows, M, a, gated, out, save);                                                   \
+  MOE_KERNELS_AVX2 static void name##_fwd_avx2(const g_t* h, int64_t rows, int64_t M, Activation a, bool gated,   \
+                                               g_t* out, p_t* save) {                                             \
+    act_rows_impl<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                             \
   }                                                                                                               \
-  MOE_KERNELS_AVX512 static void name##_fwd_avx512(const acc_t* h, int64_t rows, int64_t M, Activation a,         \
-                                                   bool gated, acc_t* out, p_t* save) {                           \
-    act_rows_impl<p_t, acc_t>(h, rows, M, a, gated, out, save);                                                   \
+  MOE_KERNELS_AVX512 static void name##_fwd_avx512(const g_t* h, int64_t rows, int64_t M, Activation a,           \
+                                                   bool gated, g_t* out, p_t* save) {                             \
+    act_rows_impl<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                             \
   }                                                                                                               \
   static void name##_bwd_baseline(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated,              \
-                                  const acc_t* dh, const acc_t* scale, acc_t* dpre, acc_t* h, acc_t* hdot) {      \
-    act_backward_rows_impl<p_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                         \
+                                  const g_t* dh, const acc_t* scale, g_t* dpre, g_t* h, acc_t* hdot) {            \
+    act_backward_rows_impl<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                    \
   }                                                                                                               \
   MOE_KERNELS_AVX2 static void name##_bwd_avx2(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated, \
-                                               const acc_t* dh, const acc_t* scale, acc_t* dpre, acc_t* h,        \
+                                               const g_t* dh, const acc_t* scale, g_t* dpre, g_t* h,              \
                                                acc_t* hdot) {                                                     \
-    act_backward_rows_impl<p_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                         \
+    act_backward_rows_impl<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                    \
   }                                                                                                               \
   MOE_KERNELS_AVX512 static void name##_bwd_avx512(const p_t* pre, int64_t rows, int64_t M, Activation a,         \
-                                                   bool gated, const acc_t* dh, const acc_t* scale, acc_t* dpre,  \
-                                                   acc_t* h, acc_t* hdot) {                                       \
-    act_backward_rows_impl<p_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                         \
+                                                   bool gated, const g_t* dh, const acc_t* scale, g_t* dpre,      \
+                                                   g_t* h, acc_t* hdot) {                                         \
+    act_backward_rows_impl<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                    \
   }                                                                                                               \
-  void act_rows(const acc_t* h, int64_t rows, int64_t M, Activation a, bool gated, acc_t* out, p_t* save) {       \
+  void act_rows(const g_t* h, int64_t rows, int64_t M, Activation a, bool gated, g_t* out, p_t* save) {           \
     static const auto fn = pick_isa(&name##_fwd_baseline, &name##_fwd_avx2, &name##_fwd_avx512);                  \
     fn(h, rows, M, a, gated, out, save);                                                                          \
   }                                                                                                               \
-  void act_backward_rows(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated, const acc_t* dh,      \
-                         const acc_t* scale, acc_t* dpre, acc_t* h, acc_t* hdot) {                                \
+  void act_backward_rows(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated, const g_t* dh,        \
+                         const acc_t* scale, g_t* dpre, g_t* h, acc_t* hdot) {                                    \
     static const auto fn = pick_isa(&name##_bwd_baseline, &name##_bwd_avx2, &name##_bwd_avx512);                  \
     fn(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                                                         \
   }
-MOE_KERNELS_ACT_ROWS(float, float, act_rows_f32)
-MOE_KERNELS_ACT_ROWS(c10::BFloat16, float, act_rows_bf16)
-MOE_KERNELS_ACT_ROWS(c10::Half, float, act_rows_f16)
-MOE_KERNELS_ACT_ROWS(double, double, act_rows_f64)
+MOE_KERNELS_ACT_ROWS(float, float, float, act_rows_f32)
+MOE_KERNELS_ACT_ROWS(c10::BFloat16, float, float, act_rows_bf16)
+MOE_KERNELS_ACT_ROWS(c10::Half, float, float, act_rows_f16)
+MOE_KERNELS_ACT_ROWS(double, double, double, act_rows_f64)
+MOE_KERNELS_ACT_ROWS(c10::BFloat16, c10::BFloat16, float, act_rows_bf16_gemm)
 #undef MOE_KERNELS_ACT_ROWS
 
 inline __attribute__((always_inline)) void exp_doubles_impl(const double* x, int64_t n, double* out) {
@@ -693,6 +740,15 @@ void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, 
   auto& dst = const_cast<at::Tensor&>(dst_c);
   const auto ct = compute_dtype(h.scalar_type());
   const int64_t rows = h.size(0), M = h.size(1);
+  if (fused_activation(a) && fused_rows(h) && h.scalar_type() == at::kBFloat16 && !save.defined()) {
+    const auto out = dst.scalar_type() == at::kBFloat16 && fused_rows(dst)
+                         ? dst
+                         : kept_empty(Kept::act, dst.sizes(), at::kBFloat16);
+    act_rows(h.const_data_ptr<c10::BFloat16>(), rows, M, a, gated, out.mutable_data_ptr<c10::BFloat16>(),
+             static_cast<c10::BFloat16*>(nullptr));
+    if (!out.is_same(dst)) dst.copy_(out);
+    return;
+  }
   if (fused_activation(a) && h.scalar_type() == ct && fused_rows(h) &&
       (!save.defined() || (fused_rows(save) && compute_dtype(save.scalar_type()) == ct))) {
     const auto out = dst.scalar_type() == ct && fused_rows(dst) ? dst : kept_empty(Kept::act, dst.sizes(), ct);
@@ -706,12 +762,18 @@ void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, 
     return;
   }
   if (save.defined()) const_cast<at::Tensor&>(save).copy_(h);
+  // ATen's kernels, in the compute dtype (a bfloat16 h is widened)
+  const auto hc = h.to(ct);
   if (!gated) {
-    dst.copy_(act(h, a));
+    dst.copy_(act(hc, a));
     return;
   }
   const int64_t half = M / 2;
-  at::mul_out(dst, act(h.narrow(1, 0, half), a), h.narrow(1, half, half));
+  if (dst.scalar_type() == ct) {
+    at::mul_out(dst, act(hc.narrow(1, 0, half), a), hc.narrow(1, half, half));
+  } else {
+    dst.copy_(act(hc.narrow(1, 0, half), a) * hc.narrow(1, half, half));
+  }
 }
 
 at::Tensor gated_act(const at::Tensor& h, Activation a, bool gated) {
@@ -725,10 +787,12 @@ void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, con
   auto &dpre = const_cast<at::Tensor&>(dpre_c), &h = const_cast<at::Tensor&>(h_c),
        &hdot = const_cast<at::Tensor&>(hdot_c);
   const auto ct = compute_dtype(pre.scalar_type());
+  const auto gt = dh.scalar_type();  // the GEMM dtype: ct, or bfloat16 under bf16_gemm
   const int64_t rows = pre.size(0), M = pre.size(1), N = gated ? M / 2 : M;
-  TORCH_CHECK(dpre.sizes() == pre.sizes() && dpre.scalar_type() == ct && dh.sizes() == at::IntArrayRef({rows, N}) &&
-                  dh.scalar_type() == ct && (!scale.defined() || scale.numel() == rows) &&
-                  (!h.defined() || (h.sizes() == dh.sizes() && h.scalar_type() == ct)) &&
+  TORCH_CHECK(dpre.sizes() == pre.sizes() && dpre.scalar_type() == gt && dh.sizes() == at::IntArrayRef({rows, N}) &&
+                  (gt == ct || (gt == at::kBFloat16 && pre.scalar_type() == at::kBFloat16)) &&
+                  (!scale.defined() || (scale.numel() == rows && scale.scalar_type() == ct)) &&
+                  (!h.defined() || (h.sizes() == dh.sizes() && h.scalar_type() == gt)) &&
                   (!hdot.defined() || (hdot.numel() == rows && hdot.scalar_type() == ct)),
               "gated_act_backward_into: shapes or dtypes disagree");
   if (fused_activation(a) && fused_rows(pre) && fused_rows(dpre) && fused_rows(dh) &&
@@ -736,27 +800,39 @@ void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, con
       (!hdot.defined() || hdot.is_contiguous())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "gated_act_backward_into", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      act_backward_rows(pre.const_data_ptr<scalar_t>(), rows, M, a, gated, dh.const_data_ptr<acc_t>(),
-                        scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr, dpre.mutable_data_ptr<acc_t>(),
-                        h.defined() ? h.mutable_data_ptr<acc_t>() : nullptr,
-                        hdot.defined() ? hdot.mutable_data_ptr<acc_t>() : nullptr);
+      using g_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, acc_t>;
+      if (gt == ct || std::is_same_v<g_t, acc_t>) {
+        act_backward_rows(pre.const_data_ptr<scalar_t>(), rows, M, a, gated, dh.const_data_ptr<acc_t>(),
+                          scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr, dpre.mutable_data_ptr<acc_t>(),
+                          h.defined() ? h.mutable_data_ptr<acc_t>() : nullptr,
+                          hdot.defined() ? hdot.mutable_data_ptr<acc_t>() : nullptr);
+      } else {
+        act_backward_rows(pre.const_data_ptr<scalar_t>(), rows, M, a, gated, dh.const_data_ptr<g_t>(),
+                          scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr, dpre.mutable_data_ptr<g_t>(),
+                          h.defined() ? h.mutable_data_ptr<g_t>() : nullptr,
+                          hdot.defined() ? hdot.mutable_data_ptr<acc_t>() : nullptr);
+      }
     });
     return;
   }
+  // ATen's kernels, in the compute dtype; results narrowed into the GEMM dtype where that is bfloat16
   const auto p = to_compute(pre);
+  const auto dhc = dh.to(ct);
   const auto gate = gated ? p.narrow(1, 0, N) : p;
   const auto a_gate = act(gate, a);
   const auto value = gated ? a_gate * p.narrow(1, N, N) : a_gate;
   if (h.defined()) h.copy_(value);
-  if (hdot.defined()) hdot.copy_((dh * value).sum(1));
-  const auto d = scale.defined() ? dh * scale.reshape({rows, 1}) : dh;
+  if (hdot.defined()) hdot.copy_((dhc * value).sum(1));
+  const auto d = scale.defined() ? dhc * scale.reshape({rows, 1}) : dhc;
+  auto dp = gt == ct ? dpre : at::empty(dpre.sizes(), dpre.options().dtype(ct));
   if (!gated) {
-    act_backward_out(dpre, d, p, a);
-    return;
+    act_backward_out(dp, d, p, a);
+  } else {
+    act_backward_out(dp.narrow(1, 0, N), d * p.narrow(1, N, N), gate, a);
+    auto d_up = dp.narrow(1, N, N);
+    at::mul_out(d_up, d, a_gate);
   }
-  act_backward_out(dpre.narrow(1, 0, N), d * p.narrow(1, N, N), gate, a);
-  auto d_up = dpre.narrow(1, N, N);
-  at::mul_out(d_up, d, a_gate);
+  if (!dp.is_same(dpre)) dpre.copy_(dp);
 }
 
 namespace {
@@ -844,11 +920,11 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& w_in, const at::
   auto out = at::empty({N, gated ? M / 2 : M}, g.a.options());
   zero_outside(out, g.bounds);
   const bool in_place = !gated && g.act == Activation::identity &&
-                        g.a.scalar_type() == compute_dtype(g.a.scalar_type());
+                        g.a.scalar_type() == gemm_dtype(g.a.scalar_type());
   for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
-    const auto a = to_compute_kept(Kept::input, g.a.slice(0, lo, hi));
+    const auto a = to_gemm_kept(Kept::input, g.a.slice(0, lo, hi));
     const auto w = g.w[e];
-    const auto b = g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor();
+    const auto b = g.bias.defined() ? to_gemm(g.bias[e]) : at::Tensor();
     if (in_place) {
       gemm_bias_out(out.slice(0, lo, hi), a, w, b);
     } else {
@@ -882,11 +958,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
   }
   const bool recompute = gated || g.act != Activation::identity;
   for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
-    const auto a = to_compute_kept(Kept::input, g.a.slice(0, lo, hi));
-    const auto w = to_compute_kept(Kept::weight_a, g.w[e]);
-    auto dh = to_compute_kept(Kept::grad, grad.slice(0, lo, hi));
+    const auto a = to_gemm_kept(Kept::input, g.a.slice(0, lo, hi));
+    const auto w = to_gemm_kept(Kept::weight_a, g.w[e]);
+    auto dh = to_gemm_kept(Kept::grad, grad.slice(0, lo, hi));
     if (recompute) {
-      const auto pre = gemm_bias(a, w, g.bias.defined() ? to_compute(g.bias[e]) : at::Tensor());
+      const auto pre = gemm_bias(a, w, g.bias.defined() ? to_gemm(g.bias[e]) : at::Tensor());
       auto dpre = kept_empty(Kept::pre, pre.sizes(), pre.scalar_type());
       gated_act_backward_into(dpre, dh, pre, g.act, g.gated);
       dh = dpre;
@@ -905,6 +981,7 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
   m.def("grouped_mm_backward(Tensor grad, Tensor a, Tensor w, Tensor offsets, Tensor? bias, str activation, "
         "bool gated) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", []() { return std::string(cpu_isa_name()); });
+  m.def("cpu_bf16_gemm() -> bool", []() { return bf16_gemm(); });
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) {

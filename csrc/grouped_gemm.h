@@ -16,12 +16,23 @@ enum class Activation { silu, gelu, gelu_tanh, relu, identity };
 // "silu" | "gelu" | "gelu_tanh" | "relu" | "identity"; anything else is an error naming `op`.
 Activation parse_activation(c10::string_view name, const char* op);
 
-// The dtype the GEMMs and epilogues run in: float64 for float64 data, float32 for everything else (CPU BLAS has
-// no fast 16-bit GEMM without AVX512-BF16/AMX, so 16-bit operands are widened slice by slice).
+// The dtype epilogues accumulate in: float64 for float64 data, float32 for everything else.
 at::ScalarType compute_dtype(at::ScalarType t);
 
 // t in its compute dtype: t itself when it already is, else a widened copy.
 at::Tensor to_compute(const at::Tensor& t);
+
+// Whether bfloat16 GEMMs run in bfloat16: on CPUs with bf16 dot products (AVX512-BF16, AMX-BF16) at the avx512 ISA
+// level, where oneDNN runs them at about 4x the float32 rate. Elsewhere CPU BLAS has no fast 16-bit GEMM and
+// widening each slice to float32 is faster.
+bool bf16_gemm();
+
+// The dtype the GEMMs read and write for data of dtype t: bfloat16 itself where bf16_gemm(), else compute_dtype(t).
+// A GEMM's inputs and output share it; epilogues read it and accumulate in compute_dtype.
+at::ScalarType gemm_dtype(at::ScalarType t);
+
+// t in its GEMM dtype: t itself (contiguous) when it already is, else a widened copy.
+at::Tensor to_gemm(const at::Tensor& t);
 
 // Memory for one expert's temporaries, kept per thread from call to call (up to kKeptSlotBytes a slot; larger
 // requests get a fresh allocation). A fresh buffer costs a page fault per 4 KiB touched, which for the widened
@@ -30,8 +41,8 @@ at::Tensor to_compute(const at::Tensor& t);
 enum class Kept { gemm_weight, weight_a, weight_b, input, grad, pre, act, result, count };
 constexpr int64_t kKeptSlotBytes = int64_t(8) << 20;
 at::Tensor kept_empty(Kept slot, at::IntArrayRef shape, at::ScalarType dtype);
-// to_compute into slot's memory (t itself when already in its compute dtype and contiguous).
-at::Tensor to_compute_kept(Kept slot, const at::Tensor& t);
+// to_gemm into slot's memory (t itself when already in its GEMM dtype and contiguous).
+at::Tensor to_gemm_kept(Kept slot, const at::Tensor& t);
 
 // A tensor for data that lives only within one call (the expert-ordered [T*k, D] buffers of the expert MLP).
 // Its memory is kept for the next call (one buffer, up to kMaxBytes): a fresh buffer of that size costs a page
@@ -51,8 +62,8 @@ class Scratch {
   bool kept_ = false;
 };
 
-// Rows idx [rows] (int32 or int64) of src [T, D] in src's compute dtype: a gather fused with the widening of
-// 16-bit data, one pass. idx values are checked against T.
+// Rows idx [rows] (int32 or int64) of src [T, D] in src's GEMM dtype: a gather fused with the widening of
+// 16-bit data where that applies, one pass. idx values are checked against T.
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx);
 
 // offsets [E+1] int32 read on the host, checked: 0 <= offsets[0] <= ... <= offsets[E] <= rows.
@@ -110,26 +121,26 @@ T activate(T v, Activation a) {
 }
 
 // out = a @ w^T (+ bias): a [rows, K], out [rows, M] (a row slice of a larger tensor is fine) and bias [M] in
-// the compute dtype; w [M, K] in its storage dtype. Up to kStreamRows rows, stream_rows; else ATen's matmul on w
-// widened to the compute dtype.
+// the GEMM dtype; w [M, K] in its storage dtype. Up to kStreamRows rows, stream_rows (a bfloat16 a widened, the
+// result narrowed); else ATen's matmul on w in the GEMM dtype.
 void gemm_bias_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
 at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
 
 // dst = a @ b: straight into dst when it has a's dtype, else computed in a's dtype and narrowed into dst.
 void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b);
 
-// The expert MLP's activation on a pre-activation h [rows, M] in the compute dtype: dst [rows, N] =
-// act(h[:, :N]) * h[:, N:] when gated (M = 2N), act(h) otherwise (N = M). save ([rows, M], undefined to skip) gets
-// a copy of h in its own dtype. silu, relu and identity run as one vectorised pass (float32's exp within 1.02 ulp);
-// gelu and gelu_tanh through ATen's kernels.
+// The expert MLP's activation on a pre-activation h [rows, M] in the GEMM dtype: dst [rows, N] =
+// act(h[:, :N]) * h[:, N:] when gated (M = 2N), act(h) otherwise (N = M), computed in the compute dtype. save
+// ([rows, M], undefined to skip) gets a copy of h in its own dtype. silu, relu and identity
+// run as one vectorised pass (float32's exp within 1.02 ulp); gelu and gelu_tanh through ATen's kernels.
 void gated_act_into(const at::Tensor& dst, const at::Tensor& h, Activation act, bool gated,
                     const at::Tensor& save = at::Tensor());
 at::Tensor gated_act(const at::Tensor& h, Activation act, bool gated);
 
 // The backward of gated_act at pre [rows, M] (any floating dtype, read as it is): dpre [rows, M] = the gradient
 // w.r.t. pre given the output's gradient dh [rows, N] times scale [rows] (1 when undefined). h [rows, N] and
-// hdot [rows], when defined, get gated_act(pre) and sum_j dh[:, j] * h[:, j] (unscaled) from the same pass. All
-// outputs in the compute dtype.
+// hdot [rows], when defined, get gated_act(pre) and sum_j dh[:, j] * h[:, j] (unscaled) from the same pass. dh,
+// dpre and h in the GEMM dtype (bfloat16 only with a bfloat16 pre), scale and hdot in the compute dtype.
 void gated_act_backward_into(const at::Tensor& dpre, const at::Tensor& dh, const at::Tensor& pre, Activation act,
                              bool gated, const at::Tensor& scale = at::Tensor(), const at::Tensor& h = at::Tensor(),
                              const at::Tensor& hdot = at::Tensor());

@@ -109,8 +109,18 @@ def native_cpu_isa() -> Optional[str]:
     return torch.ops.moe_kernels_C.cpu_isa()
 
 
+def native_cpu_bf16_gemm() -> Optional[bool]:
+    """Whether the native CPU ops run bfloat16 GEMMs in bfloat16 (oneDNN, on CPUs with AVX512-BF16 or AMX-BF16 at
+    the avx512 ISA level) rather than widened to float32; None without the native extension."""
+    if not NATIVE:
+        return None
+    import torch
+    return torch.ops.moe_kernels_C.cpu_bf16_gemm()
+
+
 def backends() -> dict:
-    """What is available and what `auto` picks, per op: {'requested', 'native', 'cpu_isa', 'triton', 'ops'}."""
+    """What is available and what `auto` picks, per op: {'requested', 'native', 'cpu_isa', 'cpu_bf16_gemm',
+    'triton', 'ops'}."""
     try:
         import triton  # noqa: F401
         triton_state = "available"
@@ -130,6 +140,7 @@ def backends() -> dict:
         "requested": requested,
         "native": "available" if NATIVE else f"unavailable, CPU ops fall back to reference ({_native_error})",
         "cpu_isa": native_cpu_isa(),
+        "cpu_bf16_gemm": native_cpu_bf16_gemm(),
         "triton": triton_state,
         "ops": {op: {"implemented": sorted(impls), "cpu": cpu_choice(op)} for op, impls in sorted(IMPLS.items())},
     }

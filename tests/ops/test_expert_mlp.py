@@ -389,15 +389,17 @@ def test_non_contiguous_inputs(backend):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"result {i}: {m}")
 
 
+@pytest.mark.parametrize("activation, gated", [("silu", True), ("gelu", False), ("relu", True)],
+                         ids=["silu-gated", "gelu-plain", "relu-gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_backward_low_precision_earned(backend, dtype):
+def test_backward_low_precision_earned(backend, dtype, activation, gated):
     # every gradient (x, routing weights, projections, biases) against autograd through the naive loop in float64
     # on the same rounded inputs, within twice the error of autograd through plain PyTorch in the same dtype, taken
     # over each tensor (assert_earned_max), plus what reordering a sum of up to T*k terms may add: the bias
     # gradients have few elements, too few for the baseline's maximum error to be a stable statistic alone
     T, D = 96, 31
-    inputs = list(make_inputs(T, D, 15, 7, 3, "sentinel", dtype=dtype))
-    kw = dict(activation="silu", gated=True, capacity=30)
+    inputs = list(make_inputs(T, D, 15, 7, 3, "sentinel", gated=gated, dtype=dtype))
+    kw = dict(activation=activation, gated=gated, capacity=30)
     grad_out = torch.randn(T, D, dtype=F64)
     leaf_idx = (0, 2, 3, 4, 5, 6)
 
