@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
 
 import torch
@@ -203,6 +204,11 @@ def main(argv=None):
     args = parse(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+        # as examples/expert_parallel.py: gloo's worker threads may still hold the last collective's tensors, and
+        # the interpreter's teardown would then abort the process (pytorch/pytorch#190489)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     else:
         mp.start_processes(_worker, args=(args.world, _free_port(), args), nprocs=args.world, start_method="spawn")
 

@@ -10,6 +10,7 @@ the experts' gradients already summing every rank's tokens) and prints the losse
 import argparse
 import copy
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -73,3 +74,10 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # gloo's worker threads can still be releasing the last collective's tensors; releasing one that Python has
+    # already let go of takes the GIL, which no thread gets once the interpreter is shutting down, and the process
+    # aborts (pytorch/pytorch#190489). Leave without the interpreter's teardown, as torch.multiprocessing's
+    # children do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -44,6 +44,8 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, send, recv, group):
+        # group as the caller gave it (None: the default one), not resolved: a graph kept alive must not keep the
+        # process group alive past destroy_process_group (gloo's worker threads would then outlive the interpreter)
         ctx.send, ctx.recv, ctx.group = send, recv, group
         out = rows.new_empty(sum(recv), rows.shape[1])
         dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group)
@@ -56,8 +58,8 @@ class _AllToAll(torch.autograd.Function):
 
 def exchange(rows: Tensor, send: list, recv: list, process_group=None) -> Tensor:
     """rows: [sum(send), D] -> [sum(recv), D] with all_to_all_single, differentiable."""
-    group, _, _ = group_info(process_group)
-    return _AllToAll.apply(rows, list(send), list(recv), group)
+    group_info(process_group)   # torch.distributed must be initialised
+    return _AllToAll.apply(rows, list(send), list(recv), process_group)
 
 
 class Plan(NamedTuple):
@@ -157,19 +159,20 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
 _EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 
-def _shard_transformers_experts(experts: nn.Module, group) -> None:
+def _shard_transformers_experts(experts: nn.Module, process_group) -> None:
     """A transformers experts module keeps its block of experts (every [E, ...] parameter sliced) and routes through
     `moe_mlp` above under the "moe_kernels" experts implementation."""
     from .integrations import transformers as hf
 
     E = experts.down_proj.shape[0]
-    block = local_block(E, group)
+    block = local_block(E, process_group)
     for name in _EXPERT_TENSORS:
         t = getattr(experts, name, None)
         if isinstance(t, torch.Tensor) and t.shape[:1] == (E,):
             setattr(experts, name, nn.Parameter(t.detach()[block.start:block.stop].clone(),
                                                 requires_grad=t.requires_grad))
-    experts.moe_kernels_process_group = group
+    experts.moe_kernels_process_group = process_group   # None: the default group, looked up at each call
+    experts.moe_kernels_sharded = True
     hf.register()
     experts.config._experts_implementation = "moe_kernels"
 
@@ -182,14 +185,14 @@ def expert_parallel(module: nn.Module, process_group=None) -> nn.Module:
     from .integrations.transformers import is_experts_module
     from .nn.sparse import SparseMoE
 
-    group, _, _ = group_info(process_group)
+    group_info(process_group)   # torch.distributed must be initialised
     found = 0
     for m in list(module.modules()):
         if isinstance(m, SparseMoE):
-            m.shard_experts(group)
+            m.shard_experts(process_group)
             found += 1
         elif is_experts_module(m):
-            _shard_transformers_experts(m, group)
+            _shard_transformers_experts(m, process_group)
             found += 1
     if not found:
         raise ValueError(f"expert_parallel found no SparseMoE and no transformers experts module in "
@@ -205,9 +208,9 @@ def sharded_parameters(module: nn.Module) -> list:
 
     out = []
     for m in module.modules():
-        if isinstance(m, SparseMoE) and m.process_group is not None:
+        if isinstance(m, SparseMoE) and m.sharded:
             out += list(m.experts.parameters())
-        elif is_experts_module(m) and getattr(m, "moe_kernels_process_group", None) is not None:
+        elif is_experts_module(m) and getattr(m, "moe_kernels_sharded", False):
             out += [p for name, p in m.named_parameters(recurse=False) if name in _EXPERT_TENSORS]
     return out
 

@@ -230,6 +230,28 @@ def scenario_transformers_sentinel(rank, W, group):
     torch.testing.assert_close(got, want)
 
 
+def scenario_default_group(rank, W, group):
+    """expert_parallel with no group shards over the default one, which neither the layer nor its autograd graph
+    holds: destroy_process_group can release it (and a new default group serves the same layer)."""
+    full = SparseMoE(D, H, 2 * W, K, aux_loss_coef=0.0, dtype=F64)
+    counts = _counts(W, "uneven")
+    xs, gs = _batches(counts), _batches(counts)
+    sharded = ep.expert_parallel(copy.deepcopy(full).float())
+    assert sharded.sharded and sharded.process_group is None
+    out = sharded(xs[rank].float().requires_grad_())
+    node, seen, groups = out.grad_fn, set(), []
+    stack = [node]
+    while stack:   # every node of the graph: none keeps a process group
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        groups += [v for v in vars(n).values() if isinstance(v, dist.ProcessGroup)] if hasattr(n, "__dict__") else []
+        stack += [f for f, _ in n.next_functions]
+    assert not groups, groups
+    _compare_layer(full, sharded, xs, gs, rank, W, group)
+
+
 def scenario_errors(rank, W, group):
     """E not divisible by W; resizing a sharded layer; a model with nothing to shard."""
     with pytest.raises(ValueError, match=rf"num_experts={2 * W + 1} must be divisible by the process group's size {W}"):

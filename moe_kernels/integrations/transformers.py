@@ -170,10 +170,9 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     [0, E) contribute zero), top_k_weights [T, k] -> [T, D] in hidden_states' dtype. hidden_states are cast to the
     weights' dtype first, as transformers' grouped_mm does under autocast. No host syncs here."""
     up, down, kw = experts_arguments(self)
-    group = getattr(self, "moe_kernels_process_group", None)
-    if group is not None:   # sharded by moe_kernels.distributed.expert_parallel: global ids, all-to-all
+    if getattr(self, "moe_kernels_sharded", False):   # by moe_kernels.distributed.expert_parallel: global ids
         out = distributed.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down,
-                                  process_group=group, **kw)
+                                  process_group=self.moe_kernels_process_group, **kw)
     else:
         out = ops.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down, **kw)
     return out.to(hidden_states.dtype)

@@ -80,11 +80,13 @@ class SparseMoE(nn.Module):
             raise ValueError("router_bias applies to the default nn.Linear router; pass a router with the bias it "
                              f"needs instead (got router={type(router).__name__} and router_bias=True)")
         f = dict(device=device, dtype=dtype)
-        self.process_group = None
+        # sharded: the experts are this rank's block, run by all-to-all over process_group (None there: the default
+        # group, looked up at each call, so that the layer does not keep it alive past destroy_process_group)
+        self.process_group, self.sharded = None, False
         local = num_experts
         if process_group is not None:
             local = len(distributed.local_block(num_experts, process_group))
-            self.process_group = process_group
+            self.process_group, self.sharded = process_group, True
         self.experts = Experts(dim, hidden_dim, local, out_dim=out_dim, activation=activation, gated=gated,
                                bias=bias, **f)
         self.router = router if router is not None else nn.Linear(dim, num_experts, bias=router_bias, **f)
@@ -121,12 +123,11 @@ class SparseMoE(nn.Module):
     def shard_experts(self, process_group=None) -> "SparseMoE":
         """Keeps only this rank's block of E / W experts (in place) and runs them by all-to-all from now on (see
         moe_kernels.distributed); the router and shared experts stay whole. ValueError unless W divides E."""
-        if self.process_group is not None:
+        if self.sharded:
             raise RuntimeError("the experts are already sharded over a process group")
-        group, _, _ = distributed.group_info(process_group)
-        block = distributed.local_block(self.num_experts, group)
+        block = distributed.local_block(self.num_experts, process_group)
         self.experts.reindex_(list(block))
-        self.process_group = group
+        self.process_group, self.sharded = process_group, True
         return self
 
     # --- forward --------------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class SparseMoE(nn.Module):
     def _routed_experts(self, x, experts, weights, capacity):
         """The routed experts on x [T, D] -> [T, O]: this rank's experts and an all-to-all under expert
         parallelism (capacity already applied to `experts` there), else all of them here."""
-        if self.process_group is not None:
+        if self.sharded:
             return distributed.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj,
                                        process_group=self.process_group, **self.experts.kwargs())
         return ops.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj, capacity=capacity,
@@ -174,7 +175,7 @@ class SparseMoE(nn.Module):
         routed = r.counts.detach()
         if self.capacity_factor is None:
             return r.experts, None, routed, None
-        if self.process_group is None:
+        if not self.sharded:
             capacity = self.capacity(num_tokens)
             cap = torch.full((), capacity, dtype=torch.int64, device=routed.device)
             return r.experts, capacity, routed.clamp(max=capacity), cap
@@ -288,7 +289,7 @@ class SparseMoE(nn.Module):
         return r
 
     def _reindex(self, keep: list, add: int) -> None:
-        if self.process_group is not None:
+        if self.sharded:
             raise RuntimeError("cannot resize a layer whose experts are sharded over a process group: resize it "
                                "before expert_parallel / shard_experts")
         E = len(keep) + add
