@@ -571,7 +571,11 @@ inline __attribute__((always_inline)) void store_narrowed_lanes(o_t* p, Vec<acc_
     U32x8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     rounded = v != v ? U32x8{} + 0x7fc0u : rounded;
     const U16x8 h = __builtin_convertvector(rounded, U16x8);
-    std::memcpy(p, &h, std::min<int64_t>(n, 8) * sizeof(o_t));
+    if (n >= 8) {
+      std::memcpy(p, &h, sizeof(h));  // a fixed size: one vector store, not a call
+    } else {
+      std::memcpy(p, &h, n * sizeof(o_t));
+    }
   }
 }
 

@@ -21,7 +21,9 @@
 #include "permutation.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace moe_kernels {
@@ -103,6 +105,23 @@ void check_rows(const char* op, const char* name, const at::Tensor& t, int64_t r
               t.scalar_type());
 }
 
+// o[d] = acc[d] in out_t. float to bfloat16 rounds to nearest even (NaN stays NaN), as c10::BFloat16 does, in
+// integer operations that the compiler vectorises.
+template <typename acc_t, typename out_t>
+void store_row(const acc_t* acc, int64_t D, out_t* o) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<out_t, c10::BFloat16>) {
+    uint16_t* bits_out = reinterpret_cast<uint16_t*>(o);
+    for (int64_t d = 0; d < D; ++d) {
+      uint32_t u;
+      std::memcpy(&u, acc + d, sizeof(u));
+      const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      bits_out[d] = static_cast<uint16_t>(acc[d] != acc[d] ? 0x7fc0u : rounded);
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(acc[d]);
+  }
+}
+
 // out[t] = sum over kept j of w[t, j] * y[inverse[t, j]]; acc_t: the accumulation type, w already in acc_t.
 template <typename in_t, typename out_t, typename acc_t>
 void unpermute_kernel(const in_t* y, const int32_t* inverse, const acc_t* w, int64_t T, int64_t k, int64_t D,
@@ -123,8 +142,7 @@ void unpermute_kernel(const in_t* y, const int32_t* inverse, const acc_t* w, int
           for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
         }
       }
-      out_t* o = out + t * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(acc[d]);
+      store_row(acc.data(), D, out + t * D);
     }
   });
 }
