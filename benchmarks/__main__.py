@@ -95,14 +95,20 @@ def main(argv=None, families=FAMILIES):
         if fam_rows:
             print(f"## {fam}\n\n{report.table(fam_rows, args.device)}\n")
     print(f"## summary (ours)\n\n{report.summary(rows, args.device)}\n")
+    target_rows = [t for fam in families if hasattr(family_module(fam), "targets")
+                   for t in family_module(fam).targets(rows, args.device)]
+    if target_rows:
+        print(f"## acceptance targets\n\n{report.targets(target_rows)}\n")
     for line in notes + report.problems(rows):
         print(f"note: {line}")
     stem = os.path.join(args.out, _stem(meta, families, size, args.only))
-    written = report.write(stem, meta, rows, notes, plots=not args.no_plots)
+    written = report.write(stem, meta, rows, notes, plots=not args.no_plots, target_rows=target_rows)
     print("\nwrote " + ", ".join(os.path.relpath(p) for p in written))
     if args.update_readme:
         rel = os.path.relpath(stem + ".md", os.path.dirname(README))
         block = (f"{report.header(meta)}. Full report with plots: [{rel}]({rel}).\n\n{report.summary(rows, args.device)}")
+        if target_rows:
+            block += f"\n\nAcceptance targets (benchmarks/bench_expert_mlp.py), in this run:\n\n{report.targets(target_rows)}"
         if report.update_readme(README, args.device, block):
             print(f"updated the results:{args.device} block of {os.path.relpath(README)}")
         else:

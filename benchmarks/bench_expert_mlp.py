@@ -129,6 +129,65 @@ def build(device, dtype, T, D, H, E, k):
     return pass_of
 
 
+# --- the acceptance targets of the docstring, evaluated on a run's rows ------------------------------------------
+def _row(rows, shape, T, pass_name, provider):
+    for r in rows:
+        if (r["family"] == FAMILY and r["label"].startswith(shape + " ") and r["tokens"] == T
+                and r["pass"] == pass_name and r["provider"] == provider and r.get("seconds")):
+            return r
+    return None
+
+
+def targets(rows, device) -> list:
+    """[(target, measured, met)] for each target whose case ran (met: None where a provider is missing)."""
+    out = []
+
+    def ratio(name, shape, T, pass_name, peers, at_least):
+        ours = _row(rows, shape, T, pass_name, "ours")
+        found = [r for r in (_row(rows, shape, T, pass_name, p) for p in peers) if r is not None]
+        if ours is None:
+            return
+        if not found:
+            out.append((name, "peer not run", None))
+            return
+        peer = min(found, key=lambda r: r["seconds"])
+        x = peer["seconds"] / ours["seconds"]
+        ms = lambda v: f"{v:.3g}" if v < 1000 else f"{v:.0f}"  # noqa: E731
+        out.append((name, f"{x:.2f}x ({ms(ours['ms'])} vs {ms(peer['ms'])} ms, {peer['provider']})", x >= at_least))
+
+    def share(name, shape, T, pass_name, at_least, provider="ours"):
+        r = _row(rows, shape, T, pass_name, provider)
+        if r is not None and r.get("pct_limit") is not None:
+            out.append((name, f"{r['pct_limit']:.0f}% ({r['bound']})", r["pct_limit"] >= at_least))
+
+    transformers = [f"transformers {impl}" for impl in peers.EXPERTS_IMPLEMENTATIONS]
+    if device == "cpu":
+        ratio("OLMoE/4 T2048 fwd+bwd >= 1.25x transformers grouped_mm", "OLMoE/4", 2048, "fwd+bwd",
+              ["transformers grouped_mm"], 1.25)
+        ratio("OLMoE/4 T2048 fwd+bwd >= 5x transformers eager", "OLMoE/4", 2048, "fwd+bwd",
+              ["transformers eager"], 5.0)
+        share("OLMoE/4 T2048 fwd+bwd >= 75% of the dense rate", "OLMoE/4", 2048, "fwd+bwd", 75)
+        share("Mixtral/8 T2048 fwd >= 85% of the dense rate", "Mixtral/8", 2048, "fwd", 85)
+        share("Mixtral/8 T2048 fwd+bwd >= 85% of the dense rate", "Mixtral/8", 2048, "fwd+bwd", 85)
+        ratio("OLMoE/4 T4 fwd >= 2x the fastest transformers implementation", "OLMoE/4", 4, "fwd", transformers, 2.0)
+        pairs = [(r, _row(rows, r["label"].split(" ")[0], r["tokens"], r["pass"], "ours bf16")) for r in rows
+                 if r["family"] == FAMILY and r["provider"] == "ours" and r.get("seconds")]
+        speedups = [(ours["seconds"] / b["seconds"], f"{ours['label'].split(' ')[0]} T{ours['tokens']} {ours['pass']}")
+                    for ours, b in pairs if b is not None]
+        if speedups:
+            worst = min(speedups)
+            out.append(("bf16 at least as fast as fp32 (every case)",
+                        f"{worst[0]:.2f}x at worst ({worst[1]}), {max(speedups)[0]:.2f}x at best", worst[0] >= 1.0))
+    else:
+        share("Mixtral T16384 fwd >= 85% of the dense rate", "Mixtral", 16384, "fwd", 85)
+        share("Mixtral T16384 fwd+bwd >= 75% of the dense rate", "Mixtral", 16384, "fwd+bwd", 75)
+        ratio("Qwen3-30B-A3B T32768 fwd+bwd >= 1.3x the grouped_mm layer", "Qwen3-30B-A3B", 32768, "fwd+bwd",
+              ["torch grouped_mm"], 1.3)
+        for T in DECODE:
+            share(f"Mixtral T{T} fwd >= 70% of copy bandwidth", "Mixtral", T, "fwd", 70)
+    return out
+
+
 def main(argv=None):
     from .__main__ import main as run_suite
     run_suite(argv, families=(FAMILY,))

@@ -96,6 +96,14 @@ def summary(rows, device) -> str:
     return "\n".join(lines)
 
 
+def targets(target_rows) -> str:
+    """The families' acceptance targets as evaluated on this run: [(target, measured, met)] -> a Markdown table."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for name, measured, met in target_rows:
+        lines.append(f"| {name} | {measured} | {'?' if met is None else 'yes' if met else '**no**'} |")
+    return "\n".join(lines)
+
+
 def _groups(rows):
     """[((case, pass), rows)] in run order."""
     out = {}
@@ -138,12 +146,14 @@ def header(meta) -> str:
             f"load average {_fmt(load[0], '.2f')} before, {_fmt(after[0], '.2f')} after")
 
 
-def markdown(meta, rows, notes, plots) -> str:
+def markdown(meta, rows, notes, plots, target_rows=()) -> str:
     unit = "TFLOP/s" if meta["device_kind"] == "cuda" else "GFLOP/s"
     out = [f"# moe_kernels benchmarks: {meta['device']}", "", header(meta), "",
            f"Data type {meta['dtype']} unless a provider says otherwise. Compare providers within this run: other "
            "work on a shared machine moves absolute times, the interleaved samples keep the ratios.", "",
            "## Summary", "", summary(rows, meta["device_kind"]), ""]
+    if target_rows:
+        out += ["## Acceptance targets", "", targets(target_rows), ""]
     for title, path in plots:
         out += [f"![{title}]({os.path.basename(path)})", ""]
     out += ["## Columns", "", COLUMNS_HELP.format(unit=unit)]
@@ -166,16 +176,17 @@ def markdown(meta, rows, notes, plots) -> str:
     return "\n".join(out)
 
 
-def write(stem, meta, rows, notes, plots=True) -> list:
+def write(stem, meta, rows, notes, plots=True, target_rows=()) -> list:
     """<stem>.json, <stem>.md and the plots beside them; returns the paths written."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     made = []
     if plots:
         made = plot(stem, rows, meta)
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "notes": notes, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "notes": notes, "rows": rows,
+                   "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in target_rows]}, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(markdown(meta, rows, notes, made))
+        f.write(markdown(meta, rows, notes, made, target_rows))
     return [stem + ".json", stem + ".md"] + [p for _, p in made]
 
 
