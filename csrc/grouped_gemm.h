@@ -81,7 +81,7 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
 // would first pack w (and 16-bit w would first be widened).
 constexpr int64_t kStreamRows = 8;
 
-// The instruction set the vectorised CPU kernels run with: the widest the CPU has of AVX-512 and AVX2 with FMA,
+// The instruction set the vectorised CPU kernels run with: the widest the CPU has of AVX-512 and AVX2 (with FMA, F16C),
 // capped by MOE_KERNELS_CPU_ISA=avx512|avx2|baseline; picked once per process.
 enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };
 CpuIsa cpu_isa();

@@ -370,6 +370,26 @@ def cpu_flags():
         return set()
 
 
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_native_streaming_every_16bit_value(dtype):
+    # the streaming kernel widens 16-bit weights in vector code (fp16: exponent and mantissa rebased, subnormals,
+    # inf and NaN by hand): every one of the 65536 bit patterns, at every lane of a 32-element step, through rows of
+    # a that are one-hot, must come back as itself, as float64 computes it (NaN where a zero meets inf or NaN)
+    values = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    w = values.view(1, 2048, 32)                      # one expert, M = 2048 weight rows of K = 32
+    offsets = torch.tensor([0, 8], dtype=torch.int32)
+    for lo in range(0, 32, 8):                        # 8 rows a call: the streaming path (up to 8 rows)
+        a = torch.zeros(8, 32, dtype=dtype)
+        a[torch.arange(8), torch.arange(lo, lo + 8)] = 1
+        with moe_kernels.use_backend("native"):
+            out = grouped_mm(a, w, offsets)           # out[r, m] = w[0, m, lo + r]
+        want = (a.double() @ w[0].double().t()).to(dtype)
+        assert bool((want[~want.isnan()] == w[0, :, lo:lo + 8].t()[~want.isnan()]).all())  # the values themselves
+        same = (out == want) | (out.isnan() & want.isnan())
+        assert bool(same.all()), f"{int((~same).sum())} values differ, e.g. {want[~same][:4]} -> {out[~same][:4]}"
+
+
 @pytest.mark.skipif(not _backend.NATIVE or platform.machine() not in ("x86_64", "AMD64"),
                     reason="native extension not built, or not x86-64")
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
