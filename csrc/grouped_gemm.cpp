@@ -193,9 +193,8 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
 // --- the few-row streaming GEMM (decode) ---
 // Built once per ISA level (AVX-512, AVX2 with FMA and F16C, the baseline) and picked on first use from the
 // features the CPU reports, capped by MOE_KERNELS_CPU_ISA=avx512|avx2|baseline when set. (target_clones with
-// "arch=x86-64-v3"
-// resolves through the CPU model and falls back to the baseline on CPUs that have every v3 feature, AMD EPYC in
-// virtual machines among them.)
+// "arch=x86-64-v3" resolves through the CPU model and falls back to the baseline on CPUs that have every v3
+// feature, AMD EPYC in virtual machines among them.)
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MOE_KERNELS_X86 1
 #define MOE_KERNELS_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
