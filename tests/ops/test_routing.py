@@ -381,6 +381,20 @@ def test_nan_logit_isolated_to_its_token(backend, score):
     assert torch.equal(r.weights[others], clean.weights[others])
     assert torch.equal(r.experts[others], clean.experts[others])
     assert torch.equal(r.lse[others], clean.lse[others])
+    # the gradient from the weights alone (the native sigmoid backward then touches only the k chosen experts of a
+    # token; the NaN expert is always among them): the other tokens' rows as without the NaN, the NaN token's as
+    # the reference gives it
+    gw = torch.rand(T, k, dtype=logits.dtype)
+
+    def grad_of(z):
+        z = z.clone().requires_grad_()
+        return torch.autograd.grad((ops.topk_route(z, k, score=score).weights * gw).nansum(), z)[0]
+
+    g_bad = grad_of(bad)
+    assert torch.equal(g_bad[others], grad_of(logits)[others])
+    with moe_kernels.use_backend("reference"):
+        want = grad_of(bad)[11]
+    torch.testing.assert_close(g_bad[11], want, equal_nan=True, rtol=1e-12, atol=0)
 
 
 # --- the native kernel's parallel chunks ------------------------------------------------------------
