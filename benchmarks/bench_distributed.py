@@ -124,6 +124,11 @@ def _worker(rank, world, port, args):
     if rank == 0:
         single = _single_process(args, dtype, world)
         _report(args, dtype, world, rows, single)
+    # as examples/expert_parallel.py ends (torchrun and spawned processes alike): gloo's worker threads may still
+    # hold the last collective's tensors, and the interpreter's teardown would then abort (pytorch/pytorch#190489)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _single_process(args, dtype, world):
@@ -204,11 +209,6 @@ def main(argv=None):
     args = parse(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
-        # as examples/expert_parallel.py: gloo's worker threads may still hold the last collective's tensors, and
-        # the interpreter's teardown would then abort the process (pytorch/pytorch#190489)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     else:
         mp.start_processes(_worker, args=(args.world, _free_port(), args), nprocs=args.world, start_method="spawn")
 

@@ -76,8 +76,8 @@ if __name__ == "__main__":
     main()
     # gloo's worker threads can still be releasing the last collective's tensors; releasing one that Python has
     # already let go of takes the GIL, which no thread gets once the interpreter is shutting down, and the process
-    # aborts (pytorch/pytorch#190489). Leave without the interpreter's teardown, as torch.multiprocessing's
-    # children do.
+    # aborts (pytorch/pytorch#190489). Leave without the interpreter's teardown, as a forked multiprocessing child
+    # does.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

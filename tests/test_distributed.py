@@ -11,6 +11,7 @@ import datetime
 import os
 import random
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -287,6 +288,11 @@ def _worker(rank, W, port, seed, out_dir):
             dist.barrier(group)
     finally:
         dist.destroy_process_group()
+    # as examples/expert_parallel.py ends: gloo's worker threads may still hold the last collective's tensors, and
+    # the interpreter's teardown would then abort the process (pytorch/pytorch#190489); the results are on disk
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port():
