@@ -259,6 +259,8 @@ typedef uint16_t U16x8 __attribute__((vector_size(16)));
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x8 __attribute__((vector_size(32)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
 
 // One vector of acc_t (VB bytes) loaded from p, widened from the storage dtype w_t.
 template <typename w_t, typename acc_t, int VB = 32>
@@ -277,22 +279,22 @@ inline __attribute__((always_inline)) Vec<acc_t, VB> load_widened(const w_t* p) 
     const U32 bits = __builtin_convertvector(h, U32) << 16;
     std::memcpy(&v, &bits, sizeof(v));
   } else if constexpr (std::is_same_v<w_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    // in integer and float vector operations (a conversion per lane is several times slower): the exponent and
-    // mantissa moved into float32's fields, rescaled by 2^112 (exact; subnormal halves become normal floats), inf
-    // and NaN given float32's all-ones exponent, the sign put back
+    // in vector integer and float operations (a conversion per lane is several times slower), without denormal
+    // floats anywhere (flush-to-zero modes leave it exact): a normal half's exponent rebased by 112, a subnormal one
+    // as its mantissa times 2^-24, inf and NaN given float32's all-ones exponent, the sign put back
     static_assert(L == 8 || L == 16);
     using U16 = std::conditional_t<L == 16, U16x16, U16x8>;
     using U32 = std::conditional_t<L == 16, U32x16, U32x8>;
+    using I32 = std::conditional_t<L == 16, I32x16, I32x8>;
     U16 h;
     std::memcpy(&h, p, sizeof(h));
     const U32 x = __builtin_convertvector(h, U32);
-    const U32 em = (x & 0x7fffu) << 13;
-    Vec<float, VB> f;
-    std::memcpy(&f, &em, sizeof(f));
-    f *= 0x1.0p112f;
-    U32 bits;
-    std::memcpy(&bits, &f, sizeof(bits));
-    bits = (x & 0x7c00u) == 0x7c00u ? (em | 0x7f800000u) : bits;
+    const U32 em = (x & 0x7fffu) << 13, exponent = x & 0x7c00u;
+    const Vec<float, VB> sub = __builtin_convertvector(__builtin_convertvector(x & 0x3ffu, I32), Vec<float, VB>) *
+                               0x1.0p-24f;
+    U32 sub_bits;
+    std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
+    U32 bits = exponent == 0u ? sub_bits : (exponent == 0x7c00u ? (em | 0x7f800000u) : em + (112u << 23));
     bits |= (x & 0x8000u) << 16;
     std::memcpy(&v, &bits, sizeof(v));
   } else {

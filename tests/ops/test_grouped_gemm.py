@@ -371,19 +371,27 @@ def cpu_flags():
 
 
 @pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_native_streaming_every_16bit_value(dtype):
+@pytest.mark.parametrize("dtype, flush_denormal", [(torch.bfloat16, False), (torch.float16, False),
+                                                    (torch.float16, True)],
+                         ids=["bf16", "fp16", "fp16-flush-denormal"])
+def test_native_streaming_every_16bit_value(dtype, flush_denormal):
     # the streaming kernel widens 16-bit weights in vector code (fp16: exponent and mantissa rebased, subnormals,
     # inf and NaN by hand): every one of the 65536 bit patterns, at every lane of a 32-element step, through rows of
-    # a that are one-hot, must come back as itself, as float64 computes it (NaN where a zero meets inf or NaN)
+    # a that are one-hot, must come back as itself, as float64 computes it (NaN where a zero meets inf or NaN).
+    # fp16 under torch.set_flush_denormal(True) too: its subnormals are normal float32 values and must stay exact
+    # (bf16's subnormals are float32's own, which that mode flushes by its meaning)
     values = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     w = values.view(1, 2048, 32)                      # one expert, M = 2048 weight rows of K = 32
     offsets = torch.tensor([0, 8], dtype=torch.int32)
     for lo in range(0, 32, 8):                        # 8 rows a call: the streaming path (up to 8 rows)
         a = torch.zeros(8, 32, dtype=dtype)
         a[torch.arange(8), torch.arange(lo, lo + 8)] = 1
-        with moe_kernels.use_backend("native"):
-            out = grouped_mm(a, w, offsets)           # out[r, m] = w[0, m, lo + r]
+        with moe_kernels.use_backend("native"), num_threads(1):
+            torch.set_flush_denormal(flush_denormal)
+            try:
+                out = grouped_mm(a, w, offsets)       # out[r, m] = w[0, m, lo + r]
+            finally:
+                torch.set_flush_denormal(False)
         want = (a.double() @ w[0].double().t()).to(dtype)
         assert bool((want[~want.isnan()] == w[0, :, lo:lo + 8].t()[~want.isnan()]).all())  # the values themselves
         same = (out == want) | (out.isnan() & want.isnan())
