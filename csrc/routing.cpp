@@ -245,37 +245,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_rout
 // Gradient w.r.t. the logits of one token, in float64 (the reference's formulas):
 //   weights: w_j = scale * p_j / (sum_j p_j + eps) with p_j = s[e_j] (renormalised) or scale * p_j;
 //   prob_sum: s (softmax) or s / (sum s + eps) (sigmoid);   lse: softmax(z).
-// One token's logit gradient [E] for sigmoid scores when only the weights have a gradient gw [k]: zero but at the k
-// chosen experts, whose scores s (k of them, into s) are the same sigmoids sigmoid_row gives. zk, g: [k] scratch.
-template <typename in_t>
-void chosen_sigmoid_backward(int64_t t, const double* gw, const in_t* z, const int64_t* ids, int64_t E, int64_t k,
-                             bool renormalize, double scale, in_t* zk, double* s, double* g, in_t* out) {
-  for (int64_t j = 0; j < k; ++j) {
-    TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "topk_route_backward: experts[", t, ", ", j, "] = ", ids[j],
-                " is outside [0, E = ", E, ")");
-    zk[j] = z[ids[j]];
-  }
-  sigmoid_row(zk, k, s);
-  double total = 0, dot = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    g[j] = gw[j] * scale;
-    total += s[j];
-    dot += g[j] * s[j];
-  }
-  const double Z = total + kEps;
-  std::fill(out, out + E, in_t(0));
-  for (int64_t j = 0; j < k; ++j) {
-    double gs = 0;  // an expert chosen twice (not from topk_route) sums its slots, as the full path does
-    bool first = true;
-    for (int64_t i = 0; i < k; ++i) {
-      if (ids[i] != ids[j]) continue;
-      first = first && i >= j;
-      gs += renormalize ? g[i] / Z - dot / (Z * Z) : g[i];
-    }
-    if (first) out[ids[j]] = static_cast<in_t>(gs * s[j] * (1 - s[j]));
-  }
-}
-
 template <typename in_t>
 void route_backward_all(const double* gw, const double* gp, const double* gl, const in_t* logits,
                         const int64_t* experts, int64_t T, int64_t E, int64_t k, bool sig, bool renormalize,
@@ -283,38 +252,52 @@ void route_backward_all(const double* gw, const double* gp, const double* gl, co
   // sigmoid scores with a gradient from the weights alone: only the k chosen experts get one (each sigmoid is its
   // own), so a token needs k sigmoids, not E. (A NaN logit is always chosen, top-k ranking NaN first: the full
   // path's 0 * NaN never arises outside the chosen.)
-  const bool chosen_only = sig && gp == nullptr && gl == nullptr;
+  const bool chosen_only = sig && gw != nullptr && gp == nullptr && gl == nullptr;
   at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(E, 1)), [&](int64_t t0, int64_t t1) {
-    std::vector<double> ex(E), s(E), gs(E), g(k);
+    std::vector<double> ex(E), s(E), gs(E), g(k), sk(k);  // sk: the chosen experts' scores
     std::vector<in_t> zk(k);
     const bool softmax = !sig || gl != nullptr;  // sigmoid scores need the softmax only for lse's gradient
     for (int64_t t = t0; t < t1; ++t) {
       const in_t* z = logits + t * E;
-      if (chosen_only && gw != nullptr) {
-        chosen_sigmoid_backward(t, gw + t * k, z, experts + t * k, E, k, renormalize, scale, zk.data(), s.data(),
-                                g.data(), grad + t * E);
-        continue;
-      }
-      const Softmax st = softmax ? softmax_row(z, E, ex.data()) : Softmax{0, 0};
-      if (sig) {
-        sigmoid_row(z, E, s.data());
-      } else {
-        const double inv = 1.0 / st.sum;
-        for (int64_t e = 0; e < E; ++e) s[e] = ex[e] * inv;
-      }
-      std::fill(gs.begin(), gs.end(), 0.0);
+      const int64_t* ids = experts + t * k;
       if (gw != nullptr) {
-        const int64_t* ids = experts + t * k;
-        double total = 0, dot = 0;
         for (int64_t j = 0; j < k; ++j) {
           TORCH_CHECK(ids[j] >= 0 && ids[j] < E, "topk_route_backward: experts[", t, ", ", j, "] = ", ids[j],
                       " is outside [0, E = ", E, ")");
+        }
+      }
+      Softmax st{0, 0};
+      if (chosen_only) {
+        for (int64_t j = 0; j < k; ++j) zk[j] = z[ids[j]];
+        sigmoid_row(zk.data(), k, sk.data());
+      } else {
+        if (softmax) st = softmax_row(z, E, ex.data());
+        if (sig) {
+          sigmoid_row(z, E, s.data());
+        } else {
+          const double inv = 1.0 / st.sum;
+          for (int64_t e = 0; e < E; ++e) s[e] = ex[e] * inv;
+        }
+        if (gw != nullptr) {
+          for (int64_t j = 0; j < k; ++j) sk[j] = s[ids[j]];
+        }
+      }
+      std::fill(gs.begin(), gs.end(), 0.0);
+      if (gw != nullptr) {
+        double total = 0, dot = 0;
+        for (int64_t j = 0; j < k; ++j) {
           g[j] = gw[t * k + j] * scale;
-          total += s[ids[j]];
-          dot += g[j] * s[ids[j]];
+          total += sk[j];
+          dot += g[j] * sk[j];
         }
         const double Z = total + kEps;
         for (int64_t j = 0; j < k; ++j) gs[ids[j]] += renormalize ? g[j] / Z - dot / (Z * Z) : g[j];
+      }
+      in_t* out = grad + t * E;
+      if (chosen_only) {
+        std::fill(out, out + E, in_t(0));
+        for (int64_t j = 0; j < k; ++j) out[ids[j]] = static_cast<in_t>(gs[ids[j]] * sk[j] * (1 - sk[j]));
+        continue;
       }
       if (gp != nullptr) {
         if (sig) {
@@ -330,7 +313,6 @@ void route_backward_all(const double* gw, const double* gp, const double* gl, co
           for (int64_t e = 0; e < E; ++e) gs[e] += gp[e];
         }
       }
-      in_t* out = grad + t * E;
       double dot = 0;
       if (!sig) {
         for (int64_t e = 0; e < E; ++e) dot += gs[e] * s[e];
