@@ -401,8 +401,8 @@ inline __attribute__((always_inline)) void stream_rows_impl(const acc_t* a, int6
     static const auto fn = pick_isa(&name##_baseline, &name##_avx2, &name##_avx512);                               \
     fn(a, rows, K, w, M, bias, out);                                                                               \
   }
-// 16-bit weights take 64-byte vectors in the AVX-512 build: widening them bounds the loop there (0.39 -> 0.30 ms on a
-// decode step of the OLMoE-like layer in bf16), where 32-bit weights run faster on 32-byte ones (0.35 against 0.60).
+// 16-bit weights take 64-byte vectors in the AVX-512 build: widening them bounds the loop there (0.42 -> 0.30 ms on a
+// decode step of the OLMoE-like layer in bf16). 32-bit weights gained nothing measurable from them.
 MOE_KERNELS_STREAM_ROWS(float, float, 32, stream_rows_f32)
 MOE_KERNELS_STREAM_ROWS(c10::BFloat16, float, 64, stream_rows_bf16)
 MOE_KERNELS_STREAM_ROWS(c10::Half, float, 64, stream_rows_f16)
@@ -594,8 +594,7 @@ inline __attribute__((always_inline)) void store_narrowed_lanes(o_t* p, Vec<acc_
     static_assert(std::is_same_v<o_t, c10::BFloat16> && std::is_same_v<acc_t, float>);
     U32x8 bits;
     std::memcpy(&bits, &v, sizeof(bits));
-    U32x8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    rounded = v != v ? U32x8{} + 0x7fc0u : rounded;
+    const U32x8 rounded = v != v ? U32x8{} + 0x7fc0u : bf16_rounded_bits(bits);
     const U16x8 h = __builtin_convertvector(rounded, U16x8);
     if (n >= 8) {
       std::memcpy(p, &h, sizeof(h));  // a fixed size: one vector store, not a call

@@ -34,6 +34,13 @@ at::ScalarType gemm_dtype(at::ScalarType t);
 // t in its GEMM dtype: t itself (contiguous) when it already is, else a widened copy.
 at::Tensor to_gemm(const at::Tensor& t);
 
+// The bits of bfloat16(f) from the bits u of a float32 f, rounded to nearest even as c10::BFloat16 rounds; a NaN
+// is the caller's to map (to 0x7fc0). U: uint32_t, or a vector of them.
+template <typename U>
+inline U bf16_rounded_bits(U u) {
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
 // Memory for one expert's temporaries, kept per thread from call to call (up to kKeptSlotBytes a slot; larger
 // requests get a fresh allocation). A fresh buffer costs a page fault per 4 KiB touched, which for the widened
 // weights of 16-bit runs cost more than reading half the bytes saves. A slot holds one live tensor per thread:

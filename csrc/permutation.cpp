@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "grouped_gemm.h"
 #include "permutation.h"
 
 #include <algorithm>
@@ -114,8 +115,7 @@ void store_row(const acc_t* acc, int64_t D, out_t* o) {
     for (int64_t d = 0; d < D; ++d) {
       uint32_t u;
       std::memcpy(&u, acc + d, sizeof(u));
-      const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-      bits_out[d] = static_cast<uint16_t>(acc[d] != acc[d] ? 0x7fc0u : rounded);
+      bits_out[d] = static_cast<uint16_t>(acc[d] != acc[d] ? 0x7fc0u : bf16_rounded_bits(u));
     }
   } else {
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(acc[d]);
