@@ -13,8 +13,9 @@ COLUMNS_HELP = """\
 - **% limit**: the time of the device's own limit for this work, measured in the same run, over the provider's
   time: a dense matmul of the same FLOPs in the same GEMM shapes (no routing, no grouping) and, where memory is
   the bound (decode, routing, permutation), a copy moving the same bytes (half read, half written); the longer of
-  the two when both apply. The dense matmul runs in the provider's own dtype (ours bf16 on CPU: a bf16 matmul,
-  which oneDNN runs several times faster than float32 where the CPU has bf16 dot products). Above
+  the two when both apply. The dense matmul runs in the provider's own dtype or the run's, whichever is faster
+  (ours bf16 on CPU: a bf16 matmul where oneDNN runs it several times faster than float32, on CPUs with bf16 dot
+  products; elsewhere the float32 one, which torch's bf16 matmul there falls far behind). Above
   100% means the op's own GEMMs ran faster than the dense ones of the same FLOPs (smaller, cache-friendlier
   blocks), or noise.
 - **peak MB**: peak bytes allocated during one call above what was allocated before it (CUDA: allocator
