@@ -232,16 +232,15 @@ def scenario_transformers_sentinel(rank, W, group):
 
 
 def scenario_default_group(rank, W, group):
-    """expert_parallel with no group shards over the default one, which neither the layer nor its autograd graph
-    holds: destroy_process_group can release it (and a new default group serves the same layer)."""
+    """expert_parallel with no group shards over the default one, looked up at each call: neither the layer nor its
+    autograd graph holds a process group."""
     full = SparseMoE(D, H, 2 * W, K, aux_loss_coef=0.0, dtype=F64)
     counts = _counts(W, "uneven")
     xs, gs = _batches(counts), _batches(counts)
     sharded = ep.expert_parallel(copy.deepcopy(full).float())
     assert sharded.sharded and sharded.process_group is None
     out = sharded(xs[rank].float().requires_grad_())
-    node, seen, groups = out.grad_fn, set(), []
-    stack = [node]
+    seen, groups, stack = set(), [], [out.grad_fn]
     while stack:   # every node of the graph: none keeps a process group
         n = stack.pop()
         if n is None or n in seen:
