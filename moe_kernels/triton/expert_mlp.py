@@ -1,48 +1,241 @@
-"""The fused expert MLP on the triton backend (ScatterMoE's scatter-to-scatter idea).
+"""The fused expert MLP on the triton backend.
 
-Forward: sort the (token, slot) pairs by expert (index only); GEMM1 gathers its input rows straight from the
-unsorted tokens and adds bias; the activation runs on the pre-activation (fused into GEMM1's epilogue when no
-backward is needed); GEMM2 multiplies each row by its routing weight and scatters it to its (token, slot)
-row; each token sums its k rows in slot order (deterministic, no atomics).
-Backward: dH = dOut[token] @ W_down (gather fused), the routing-weight gradient from dH . H (no [T*k, D]
-expert output is kept), dW by variable-K grouped X^T dY, dX by a grouped GEMM with W_up and a per-token
-sum of its rows. Only the pre-activation [T*k, 2H] is saved; the activation is recomputed from it.
+Forward: sort the (token, slot) pairs by expert (index only); GEMM1 ("up") on the token rows, gathered in its
+loads (triton engine) or materialised once in expert order (torch and tma engines), bias and the (gated)
+activation in its epilogue or in one pass after it (_glu_forward_kernel); GEMM2 ("down") writes the expert
+outputs in expert order; each token sums its k rows times their routing weights in slot order (unpermute:
+deterministic, no atomics).
+Backward: dH = dOut rows @ W_down; then one pass (_glu_backward_kernel) computes from dH and the saved
+pre-activation the routing-weight gradient dH . h, the pre-activation gradient w * dH * act' (the gated
+product rule), and w * h for dW_down; dX by a grouped GEMM with W_up and a per-token sum of its rows in slot
+order; dW by variable-K grouped X^T dY. Only the pre-activation [T*k, 2H] is saved. No elementwise torch kernel
+runs between the GEMMs.
+Each of the six GEMMs runs on the engine moe_kernels.triton.engines chooses for it (torch's grouped_mm, our
+Hopper TMA kernels, or our pointer kernels).
 """
 import torch
+import triton
+import triton.language as tl
 
 from ..reference import expert_mlp as ref
-from ..reference.activations import glu, glu_backward
+from . import engines as _engines
 from . import grouped_gemm as gg
+from . import grouped_gemm_tma as gt
 from . import permutation as perm
+from .grouped_gemm import _ACT_CODE, _TL_TYPE, _activation, GEMM_BLOCK_E
 
 
+@triton.jit
+def _act_backward(grad, h, ACT: tl.constexpr):
+    """grad * act'(h) (fp32); relu selects as torch's threshold_backward: 0 where h <= 0, grad elsewhere."""
+    if ACT == 1:
+        s = 1.0 / (1.0 + tl.exp(-h))
+        return grad * (s * (1.0 + h * (1.0 - s)))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        return grad * (cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327)
+    elif ACT == 3:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))      # tanh(u), saturating to +-1
+        return grad * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h))
+    elif ACT == 4:
+        return tl.where(h <= 0, 0.0, grad)
+    else:
+        return grad
+
+
+@triton.jit
+def _row_expert(offsets_ptr, p, E, BLOCK_E: tl.constexpr):
+    """Expert of each sorted row p: the number of experts whose rows end at or before p (clamped to E - 1)."""
+    lanes = tl.arange(0, BLOCK_E)
+    e = tl.zeros(p.shape, tl.int32)
+    for e0 in range(0, E, BLOCK_E):
+        ends = tl.load(offsets_ptr + 1 + e0 + lanes, mask=e0 + lanes < E, other=2147483647)
+        e += tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), axis=1)
+    return tl.minimum(e, E - 1)
+
+
+# --- glu_forward: h = glu(pre + bias) after a GEMM that wrote the raw pre-activation ---------------------------------
+@triton.jit
+def _glu_forward_kernel(pre_ptr, h_ptr, offsets_ptr, bias_ptr, N, H, E,
+                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
+    """pre [N, MW] (MW = 2H gated: gate columns c, up columns H + c) -> h [N, H]. The bias is added into pre (the
+    saved pre-activation includes it); rows at or past offsets[E] become zero in both (whatever the GEMM left)."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = p < N
+    kept = p < tl.load(offsets_ptr + E)
+    MW = 2 * H if GATED else H
+    rewrite = row_ok & (~kept | HAS_BIAS)     # pre is written back only where it changes
+    if HAS_BIAS:
+        b_row = bias_ptr + _row_expert(offsets_ptr, p, E, BLOCK_E).to(tl.int64) * MW
+    pre_row = pre_ptr + p.to(tl.int64) * MW
+    for h0 in range(0, H, BLOCK_H):
+        c = h0 + tl.arange(0, BLOCK_H)
+        c_ok = c < H
+        m = kept[:, None] & c_ok[None, :]
+        g = tl.load(pre_row[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            g += tl.load(b_row[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+        g = tl.where(m, g, 0.0)
+        v = _activation(g, ACT)
+        st = rewrite[:, None] & c_ok[None, :]
+        tl.store(pre_row[:, None] + c[None, :], g.to(pre_ptr.dtype.element_ty), mask=st)
+        if GATED:
+            u = tl.load(pre_row[:, None] + H + c[None, :], mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                u += tl.load(b_row[:, None] + H + c[None, :], mask=m, other=0.0).to(tl.float32)
+            u = tl.where(m, u, 0.0)
+            v = v * u
+            tl.store(pre_row[:, None] + H + c[None, :], u.to(pre_ptr.dtype.element_ty), mask=st)
+        tl.store(h_ptr + p.to(tl.int64)[:, None] * H + c[None, :], tl.where(m, v, 0.0).to(h_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & c_ok[None, :])
+
+
+GLU_CONFIG = (16, 128, 4)   # BLOCK_M rows, BLOCK_H columns per step, num_warps
+
+
+def glu_forward(pre, offsets, bias, activation, gated):
+    """pre [N, MW] (modified in place: + bias, zero rows past offsets[E]) -> h [N, H] in pre's dtype."""
+    N, MW = pre.shape
+    H = MW // 2 if gated else MW
+    E = offsets.shape[0] - 1
+    h = torch.empty(N, H, dtype=pre.dtype, device=pre.device)
+    if N == 0 or H == 0:
+        return h
+    BM, BH, warps = GLU_CONFIG
+    _glu_forward_kernel[(triton.cdiv(N, BM),)](
+        pre, h, offsets, pre if bias is None else bias, N, H, E, HAS_BIAS=bias is not None,
+        ACT=_ACT_CODE[activation], GATED=bool(gated), BLOCK_M=BM, BLOCK_H=BH, BLOCK_E=GEMM_BLOCK_E, num_warps=warps)
+    return h
+
+
+# --- glu_backward: the one pass between dH and the backward GEMMs ----------------------------------------------------
+@triton.jit
+def _glu_backward_kernel(dh_ptr, pre_ptr, scale_ptr, order_ptr, offsets_ptr, extra_ptr, dpre_ptr, hs_ptr, gw_ptr,
+                         N, H, E, HAS_EXTRA: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Sorted row p (kept when p < offsets[E]), s = scale[p], h = glu(pre[p]):
+        dpre[p] = d glu / d pre applied to s * dh[p]      [N, MW]
+        hs[p]   = s * h                                   [N, H] (the dY of dW_down = dOut^T (s h))
+        gw[order[p]] = dh[p] . h (+ extra[p])             the routing-weight gradient, in pair order
+    Rows not kept give zeros everywhere (whatever dh holds there)."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = p < N
+    kept = p < tl.load(offsets_ptr + E)
+    s = tl.load(scale_ptr + p, mask=kept, other=0.0).to(tl.float32)
+    MW = 2 * H if GATED else H
+    pre_row = pre_ptr + p.to(tl.int64) * MW
+    gw = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        c = h0 + tl.arange(0, BLOCK_H)
+        c_ok = c < H
+        m = kept[:, None] & c_ok[None, :]
+        st = row_ok[:, None] & c_ok[None, :]
+        g = tl.load(pre_row[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+        d = tl.load(dh_ptr + p.to(tl.int64)[:, None] * H + c[None, :], mask=m, other=0.0).to(tl.float32)
+        a = _activation(g, ACT)
+        ds = d * s[:, None]
+        if GATED:
+            u = tl.load(pre_row[:, None] + H + c[None, :], mask=m, other=0.0).to(tl.float32)
+            h = a * u
+            dgate = _act_backward(ds * u, g, ACT)
+            dup = ds * a
+            tl.store(dpre_ptr + p.to(tl.int64)[:, None] * MW + c[None, :],
+                     tl.where(m, dgate, 0.0).to(dpre_ptr.dtype.element_ty), mask=st)
+            tl.store(dpre_ptr + p.to(tl.int64)[:, None] * MW + H + c[None, :],
+                     tl.where(m, dup, 0.0).to(dpre_ptr.dtype.element_ty), mask=st)
+        else:
+            h = a
+            tl.store(dpre_ptr + p.to(tl.int64)[:, None] * MW + c[None, :],
+                     tl.where(m, _act_backward(ds, g, ACT), 0.0).to(dpre_ptr.dtype.element_ty), mask=st)
+        gw += tl.sum(tl.where(m, d * h, 0.0), axis=1)
+        tl.store(hs_ptr + p.to(tl.int64)[:, None] * H + c[None, :],
+                 tl.where(m, h * s[:, None], 0.0).to(hs_ptr.dtype.element_ty), mask=st)
+    if HAS_EXTRA:
+        gw += tl.load(extra_ptr + p, mask=kept, other=0.0)
+    o = tl.load(order_ptr + p, mask=row_ok, other=0)
+    tl.store(gw_ptr + o, tl.where(kept, gw, 0.0), mask=row_ok)
+
+
+def glu_backward(dh, pre, scale, order, offsets, activation, gated, extra=None):
+    """dh [N, H] (any float dtype), pre [N, MW], scale [N] fp32, order [N] -> (dpre [N, MW] and hs [N, H] in pre's
+    dtype, grad of the routing weights [N] fp32 in pair order)."""
+    N, MW = pre.shape
+    H = MW // 2 if gated else MW
+    E = offsets.shape[0] - 1
+    dpre = torch.empty(N, MW, dtype=pre.dtype, device=pre.device)
+    hs = torch.empty(N, H, dtype=pre.dtype, device=pre.device)
+    gw = torch.empty(N, dtype=torch.float32, device=pre.device)
+    if N == 0:
+        return dpre, hs, gw
+    BM, BH, warps = GLU_CONFIG
+    _glu_backward_kernel[(triton.cdiv(N, BM),)](
+        dh, pre, scale, order, offsets, scale if extra is None else extra, dpre, hs, gw, N, H, E,
+        HAS_EXTRA=extra is not None, ACT=_ACT_CODE[activation], GATED=bool(gated), BLOCK_M=BM, BLOCK_H=BH,
+        num_warps=warps)
+    return dpre, hs, gw
+
+
+# --- the expert MLP ----------------------------------------------------------------------------------------------
 def _routing_rows(experts, weights, num_experts, capacity):
     order, inverse, offsets = perm.sort_by_expert(experts, num_experts, capacity)
-    k = experts.shape[1]
+    return order, inverse, offsets, *_row_metadata(order, weights, experts.shape[1])
+
+
+def _row_metadata(order, weights, k):
+    """token [N] int32 and routing weight scale [N] fp32 of each sorted row."""
     token = torch.div(order, k, rounding_mode="floor").to(torch.int32)
-    scale = weights.reshape(-1).index_select(0, order.long()).float()  # routing weight of each sorted row
-    return order, inverse, offsets, token, scale
+    scale = weights.reshape(-1).index_select(0, order.long()).float()
+    return token, scale
+
+
+def _choose(role, x, shape, rows, widths, bias=False):
+    return _engines.choose(role, x.device, x.dtype, shape, rows, widths, bias)
 
 
 def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,
                     capacity, save_for_backward):
-    """-> (out [T, D], pre-activation [N, 2H] (or [0] when not saved), order, inverse, offsets). float64 runs the
-    reference (the kernels take 16-bit and fp32 data)."""
+    """-> (out [T, O], pre-activation [N, MW] (or [0] when not saved), order, inverse, offsets), N = T*k. float64
+    runs the reference (the kernels take 16-bit and fp32 data)."""
     if x.dtype == torch.float64:
         return ref.moe_mlp_fused(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
                                  gated, capacity, save_for_backward)
     T, k = experts.shape
-    E = gate_up_proj.shape[0]
-    order, inverse, offsets, token, scale = _routing_rows(experts, weights, E, capacity)
-    if save_for_backward:
-        h_pre = gg.grouped_gemm(x, gate_up_proj, offsets, gather=token, bias=gate_up_bias)
-        h = glu(h_pre, activation, gated)
+    E, MW, D = gate_up_proj.shape
+    H = MW // 2 if gated else MW
+    O = down_proj.shape[1]
+    N = T * k
+    shape = (E, D, H)
+    order, inverse, offsets, token, _ = _routing_rows(experts, weights, E, capacity)
+    x = x.contiguous()
+    up_engine = _choose("up", x, shape, N, (D, MW, H))
+    if up_engine == "triton":
+        if save_for_backward:
+            h_pre = gg.grouped_gemm(x, gate_up_proj, offsets, gather=token, bias=gate_up_bias)
+            h = glu_forward(h_pre, offsets, None, activation, gated)
+        else:
+            h_pre = x.new_empty(0)
+            h = gg.grouped_gemm(x, gate_up_proj, offsets, gather=token, bias=gate_up_bias, activation=activation,
+                                gated=gated)
     else:
-        h_pre = x.new_empty(0)
-        h = gg.grouped_gemm(x, gate_up_proj, offsets, gather=token, bias=gate_up_bias, activation=activation,
-                            gated=gated)
-    y = gg.grouped_gemm(h, down_proj, offsets, bias=down_bias, row_scale=scale, scatter=order, num_out_rows=T * k)
-    out = y.view(T, k, y.shape[1]).sum(1, dtype=torch.float32).to(x.dtype) if k > 1 else y.view(T, y.shape[1])
+        xs = perm.permute(x, order, inverse)                       # token rows materialised in expert order
+        if up_engine == "tma":
+            h, h_pre = gt.grouped_gemm_tma(xs, gate_up_proj.contiguous(), offsets, bias=gate_up_bias,
+                                           activation=activation, gated=gated, save_pre=True)
+        else:
+            h_pre = _engines.torch_gemm(xs, gate_up_proj, offsets)
+            h = glu_forward(h_pre, offsets, gate_up_bias, activation, gated)
+        if not save_for_backward:
+            h_pre = x.new_empty(0)
+    down_engine = _choose("down", x, shape, N, (H, O), bias=down_bias is not None)
+    if down_engine == "torch":
+        ys = _engines.torch_gemm(h, down_proj, offsets)
+    elif down_engine == "tma":
+        ys = gt.grouped_gemm_tma(h, down_proj.contiguous(), offsets, bias=down_bias)
+    else:
+        ys = gg.grouped_gemm(h, down_proj, offsets, bias=down_bias)
+    out = perm.unpermute(ys, inverse, weights)            # w * y summed per token in slot order, in fp32
     return out, h_pre, order, inverse, offsets
 
 
@@ -54,29 +247,90 @@ def moe_mlp_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, do
         return ref.moe_mlp_fused_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre,
                                           order, inverse, offsets, activation, gated)
     T, k = inverse.shape
-    E = gate_up_proj.shape[0]
+    E, MW, D = gate_up_proj.shape
+    H = MW // 2 if gated else MW
+    O = down_proj.shape[1]
     N = order.shape[0]
-    token = torch.div(order, k, rounding_mode="floor").to(torch.int32)
-    scale = weights.reshape(-1).index_select(0, order.long()).float()
-    rows = torch.arange(N, device=x.device)
-    kept = rows < offsets[-1]
-    h = glu(h_pre, activation, gated)
-    # dOut[t] @ W_down[e], kept in fp32: it feeds both the routing-weight gradient and the scaled dH
-    dh = gg.grouped_gemm(grad, down_proj, offsets, gather=token, trans_w=False, out_dtype=torch.float32)
-    # routing weight: y = w * (h @ W_down^T + b), so dL/dw = dH . h + dOut . b
-    grad_w = (dh * h.float()).sum(-1)
+    shape = (E, D, H)
+    token, scale = _row_metadata(order, weights, k)
+    grad = grad.to(x.dtype).contiguous()
+    dh_engine = _choose("dh", x, shape, N, (O, H))
+    dwd_engine = _choose("dw_down", x, shape, N, (O, H))
+    # dOut rows materialised in expert order, where an engine that takes no gathered rows needs them
+    gs = perm.permute(grad, order, inverse) if dh_engine != "triton" or dwd_engine != "triton" else None
+    # dH = dOut[t] @ W_down[e]; fp32 where our kernels write it (it feeds both the weight gradient and dH_pre)
+    if dh_engine == "torch":
+        dh = _engines.torch_gemm(gs, down_proj, offsets, trans_w=False)
+    elif dh_engine == "tma":
+        dh = gt.grouped_gemm_tma(gs, down_proj.contiguous(), offsets, trans_w=False, out_dtype=torch.float32)
+    else:
+        dh = gg.grouped_gemm(grad, down_proj, offsets, gather=token, trans_w=False, out_dtype=torch.float32)
+    extra = None
     if down_bias is not None:
+        # y = w * (h @ W_down^T + b): the weight gradient also holds dOut . b[e] (biased layers only)
+        rows = torch.arange(N, device=x.device)
         expert_of_row = torch.searchsorted(offsets[1:].long(), rows, right=True).clamp(max=E - 1)
-        grad_w = grad_w + (grad.index_select(0, token.long()).float()
-                           * down_bias.index_select(0, expert_of_row).float()).sum(-1)
-    grad_w = torch.where(kept, grad_w, 0.0)
-    grad_weights = torch.zeros(T * k, dtype=torch.float32, device=x.device)
-    grad_weights.index_copy_(0, order.long(), grad_w)                                    # a permutation: exact
-    grad_down = gg.grouped_gemm_tn(h, grad, offsets, E, gather_dy=token, row_scale=scale)
+        extra = (grad.index_select(0, token.long()).float()
+                 * down_bias.index_select(0, expert_of_row).float()).sum(-1)
+    dh_pre, hs, gw = glu_backward(dh, h_pre, scale, order, offsets, activation, gated, extra)
+    if dwd_engine == "torch":
+        grad_down = _engines.torch_gemm_tn(hs, gs, offsets, E)
+    elif dwd_engine == "tma":
+        grad_down = gt.grouped_gemm_tn_tma(hs, gs, offsets, E)
+    else:
+        grad_down = gg.grouped_gemm_tn(hs, grad, offsets, E, gather_dy=token)
     grad_down_bias = (gg.grouped_colsum(grad, offsets, E, gather=token, row_scale=scale)
                       if down_bias is not None else None)
-    dh_pre = glu_backward((dh * scale.unsqueeze(-1)).to(h_pre.dtype), h_pre, activation, gated)
-    grad_x = perm.permute_backward(gg.grouped_gemm(dh_pre, gate_up_proj, offsets, trans_w=False), inverse)
-    grad_up = gg.grouped_gemm_tn(x, dh_pre, offsets, E, gather_x=token)
+    dx_engine = _choose("dx", x, shape, N, (MW, D))
+    if dx_engine == "torch":
+        dxs = _engines.torch_gemm(dh_pre, gate_up_proj, offsets, trans_w=False)
+    elif dx_engine == "tma":
+        dxs = gt.grouped_gemm_tma(dh_pre, gate_up_proj.contiguous(), offsets, trans_w=False)
+    else:
+        dxs = gg.grouped_gemm(dh_pre, gate_up_proj, offsets, trans_w=False)
+    grad_x = perm.permute_backward(dxs, inverse)         # each token sums its kept rows in slot order
+    dwu_engine = _choose("dw_up", x, shape, N, (MW, D))
+    if dwu_engine == "triton":
+        grad_up = gg.grouped_gemm_tn(x, dh_pre, offsets, E, gather_x=token)
+    else:
+        xs = perm.permute(x.contiguous(), order, inverse)
+        grad_up = (_engines.torch_gemm_tn(xs, dh_pre, offsets, E) if dwu_engine == "torch"
+                   else gt.grouped_gemm_tn_tma(xs, dh_pre, offsets, E))
     grad_up_bias = gg.grouped_colsum(dh_pre, offsets, E) if gate_up_bias is not None else None
-    return (grad_x, grad_weights.view(T, k).to(weights.dtype), grad_up, grad_down, grad_up_bias, grad_down_bias)
+    return grad_x, gw.view(T, k).to(weights.dtype), grad_up, grad_down, grad_up_bias, grad_down_bias
+
+
+# --- ahead-of-time compile list -----------------------------------------------------------------------------------
+def _aot_configs():
+    out = []
+    BM, BH, warps = GLU_CONFIG
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        ty = _TL_TYPE[dtype]
+        for act, gated, bias in (("silu", True, False), ("gelu", True, True), ("relu", False, True),
+                                 ("gelu_tanh", False, False)):
+            out.append({
+                "name": f"glu_forward-{ty}-{act}{'-gated' if gated else ''}{'-bias' if bias else ''}",
+                "fn": _glu_forward_kernel,
+                "signature": {"pre_ptr": f"*{ty}", "h_ptr": f"*{ty}", "offsets_ptr": "*i32", "bias_ptr": f"*{ty}",
+                              "N": "i32", "H": "i32", "E": "i32",
+                              **{c: "constexpr" for c in ("HAS_BIAS", "ACT", "GATED", "BLOCK_M", "BLOCK_H",
+                                                          "BLOCK_E")}},
+                "constexprs": {"HAS_BIAS": bias, "ACT": _ACT_CODE[act], "GATED": gated, "BLOCK_M": BM, "BLOCK_H": BH,
+                               "BLOCK_E": GEMM_BLOCK_E},
+                "num_warps": warps, "num_stages": 2})
+            for dh_ty in sorted({ty, "fp32"}):
+                out.append({
+                    "name": f"glu_backward-{ty}-dh{dh_ty}-{act}{'-gated' if gated else ''}{'-extra' if bias else ''}",
+                    "fn": _glu_backward_kernel,
+                    "signature": {"dh_ptr": f"*{dh_ty}", "pre_ptr": f"*{ty}", "scale_ptr": "*fp32",
+                                  "order_ptr": "*i32", "offsets_ptr": "*i32", "extra_ptr": "*fp32",
+                                  "dpre_ptr": f"*{ty}", "hs_ptr": f"*{ty}", "gw_ptr": "*fp32",
+                                  "N": "i32", "H": "i32", "E": "i32",
+                                  **{c: "constexpr" for c in ("HAS_EXTRA", "ACT", "GATED", "BLOCK_M", "BLOCK_H")}},
+                    "constexprs": {"HAS_EXTRA": bias, "ACT": _ACT_CODE[act], "GATED": gated, "BLOCK_M": BM,
+                                   "BLOCK_H": BH},
+                    "num_warps": warps, "num_stages": 2})
+    return out
+
+
+AOT_CONFIGS = _aot_configs()

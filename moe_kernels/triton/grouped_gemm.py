@@ -64,6 +64,18 @@ def _activation(h, ACT: tl.constexpr):
 
 # --- grouped_gemm -----------------------------------------------------------------------------------------
 @triton.jit
+def _expert_of_tile(tile_end_ptr, m, E, BLOCK_E: tl.constexpr):
+    """Expert of row tile m of the device schedule: the number of experts whose tiles end at or before m (empty
+    experts end where they start); E for a tile past the last expert tile."""
+    lanes_e = tl.arange(0, BLOCK_E)
+    e = 0
+    for e0 in range(0, E, BLOCK_E):
+        ends = tl.load(tile_end_ptr + e0 + lanes_e, mask=e0 + lanes_e < E, other=2147483647)
+        e += tl.sum((ends <= m).to(tl.int32), axis=0)
+    return e
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, out_ptr, offsets_ptr, tile_end_ptr, gather_ptr, scatter_ptr, scale_ptr, bias_ptr,
     R, K, MW, MO, E,
@@ -76,12 +88,7 @@ def _grouped_gemm_kernel(
     ALIGNED: a, w start on 16 bytes and K, MW, MO are multiples of 16 (every real model shape)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # expert of this row tile: experts whose tiles end at or before pid_m (empty experts end where they start)
-    lanes_e = tl.arange(0, BLOCK_E)
-    e = 0
-    for e0 in range(0, E, BLOCK_E):
-        ends = tl.load(tile_end_ptr + e0 + lanes_e, mask=e0 + lanes_e < E, other=2147483647)
-        e += tl.sum((ends <= pid_m).to(tl.int32), axis=0)
+    e = _expert_of_tile(tile_end_ptr, pid_m, E, BLOCK_E)
     lanes_m = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < MO
@@ -285,6 +292,12 @@ def _torch_grouped_gemm(a, w, offsets, trans_w, gather, scatter, row_scale, bias
     return out
 
 
+def tile_schedule(offsets, block_m):
+    """tile_end [E] int32 on the device: tile_end[e] = sum_{j <= e} cdiv(count_j, block_m) (no host sync)."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.cumsum(torch.div(counts + (block_m - 1), block_m, rounding_mode="floor"), 0, dtype=torch.int32)
+
+
 def _aligned(*tensors):
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
@@ -321,8 +334,7 @@ def grouped_gemm(a, w, offsets, *, trans_w=True, gather=None, scatter=None, row_
     BM, BN, BK, warps, stages = gemm_config(N, E, a.dtype, gated, out.dtype == torch.float32, N=MW, K=K,
                                             device=device)
     offsets = offsets.to(device=device, dtype=torch.int32).contiguous()
-    counts = offsets[1:] - offsets[:-1]
-    tile_end = torch.cumsum(torch.div(counts + (BM - 1), BM, rounding_mode="floor"), 0, dtype=torch.int32)
+    tile_end = tile_schedule(offsets, BM)
     rows = N if scatter is not None else R
     grid = (triton.cdiv(rows, BM) + E, triton.cdiv(MO, BN))
     a = a.contiguous()
