@@ -120,7 +120,8 @@ def native_cpu_bf16_gemm() -> Optional[bool]:
 
 def backends() -> dict:
     """What is available and what `auto` picks, per op: {'requested', 'native', 'cpu_isa', 'cpu_bf16_gemm',
-    'triton', 'ops'}."""
+    'triton', 'gemm_engines' (the engine of each grouped GEMM role of the expert MLP on CUDA: moe_kernels.triton.engines),
+    'ops'}."""
     try:
         import triton  # noqa: F401
         triton_state = "available"
@@ -136,11 +137,17 @@ def backends() -> dict:
         requested = _requested()
     except ValueError as exc:
         requested = f"error: {exc}"
+    try:
+        from .triton import engines
+        gemm_engines = engines.report()
+    except Exception as exc:  # no triton: the expert MLP's GEMMs run on the native or reference backend
+        gemm_engines = f"unavailable ({type(exc).__name__}: {exc})"
     return {
         "requested": requested,
         "native": "available" if NATIVE else f"unavailable, CPU ops fall back to reference ({_native_error})",
         "cpu_isa": native_cpu_isa(),
         "cpu_bf16_gemm": native_cpu_bf16_gemm(),
         "triton": triton_state,
+        "gemm_engines": gemm_engines,
         "ops": {op: {"implemented": sorted(impls), "cpu": cpu_choice(op)} for op, impls in sorted(IMPLS.items())},
     }

@@ -1,0 +1,265 @@
+"""The expert MLP's GEMM engines: each engine (torch's grouped_mm, our TMA kernels, our pointer kernels) composed
+into ops.moe_mlp forward and backward against the float64 reference, on shapes where it applies (16-byte rows),
+with the edge cases of the routing; the fused activation passes; the choice of engine per role."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import moe_kernels  # noqa: E402
+from moe_kernels import ops  # noqa: E402
+from moe_kernels.reference.activations import ACTIVATIONS, glu, glu_backward  # noqa: E402
+from moe_kernels.triton import engines  # noqa: E402
+from moe_kernels.triton import expert_mlp as em  # noqa: E402
+from moe_kernels.triton import grouped_gemm_tma as gt  # noqa: E402
+from tests.helpers import assert_earned_max, poisoned_empty, rand_experts, reordered_sum_atol  # noqa: E402
+
+F64 = torch.float64
+DIFF = ("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+
+
+def _ids_one_expert(T, k, E):
+    ids = rand_experts(T, k, E)
+    ids[:, 0] = E - 1
+    return ids
+
+
+def _ids_sentinel(T, k, E):
+    ids = rand_experts(T, k, E)
+    ids[::3, 0] = -1
+    ids[1::4, -1] = E
+    return ids
+
+
+def _ids_two_experts(T, k, E):
+    return torch.stack([torch.zeros(T, dtype=torch.int64), torch.full((T,), 3, dtype=torch.int64)], 1)[:, :k]
+
+
+# T, D, H, E, k, activation, gated, bias, capacity, ids: 16-byte rows (D, H multiples of 8) so every engine applies
+CASES = [
+    pytest.param(37, 32, 16, 7, 3, "silu", True, False, None, rand_experts, id="T37-prime-E7-k3"),  # T*k not a tile multiple
+    pytest.param(1, 16, 8, 4, 1, "silu", True, True, None, rand_experts, id="T1-k1-bias"),
+    pytest.param(9, 16, 24, 4, 4, "gelu", True, False, None, rand_experts, id="k=E"),
+    pytest.param(11, 24, 16, 1, 1, "relu", False, True, None, rand_experts, id="E1-relu-plain-bias"),
+    pytest.param(21, 16, 16, 6, 2, "silu", True, False, None, _ids_one_expert, id="all-to-one"),
+    pytest.param(13, 16, 8, 8, 2, "gelu_tanh", True, False, None, _ids_two_experts, id="empty-experts"),
+    pytest.param(29, 16, 16, 5, 2, "silu", True, False, 3, rand_experts, id="capacity3-drops"),
+    pytest.param(23, 16, 8, 6, 3, "gelu", False, False, None, _ids_sentinel, id="sentinels-plain"),
+]
+
+
+def _inputs(T, D, H, E, k, gated, bias, make, dtype):
+    up = 2 * H if gated else H
+    return dict(x=torch.randn(T, D, dtype=dtype), experts=make(T, k, E), weights=torch.rand(T, k) + 0.1,
+                gate_up_proj=torch.randn(E, up, D, dtype=dtype) / D**0.5,
+                down_proj=torch.randn(E, D, H, dtype=dtype) / H**0.5,
+                gate_up_bias=torch.randn(E, up, dtype=dtype) if bias else None,
+                down_bias=torch.randn(E, D, dtype=dtype) if bias else None)
+
+
+def _run(backend, inputs, grad, **kw):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if n in DIFF and t is not None}
+    args = {n: leaves.get(n, t) for n, t in inputs.items()}
+    with moe_kernels.use_backend(backend):
+        out = ops.moe_mlp(args.pop("x"), args.pop("experts"), args.pop("weights"), args.pop("gate_up_proj"),
+                          args.pop("down_proj"), **args, **kw)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad)
+    return out.detach(), dict(zip(leaves, grads))
+
+
+def _expected_engine(engine, role, dtype, bias):
+    """What a forced engine gives each role: the engine where it applies, else the pointer kernels."""
+    if engine == "tma" and dtype == torch.float32:
+        return "triton"
+    if engine == "torch" and role == "down" and bias:
+        return "triton"     # torch's grouped_mm takes no bias per group
+    return engine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("T,D,H,E,k,activation,gated,bias,capacity,make", CASES)
+def test_engine_matches_reference(monkeypatch, engine, T, D, H, E, k, activation, gated, bias, capacity, make, dtype):
+    monkeypatch.setenv(engines.ENGINE_ENV, engine)
+    monkeypatch.setenv(gt.TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    monkeypatch.setenv(gt.TN_TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    inputs = _inputs(T, D, H, E, k, gated, bias, make, dtype)
+    grad = torch.randn(T, D, dtype=dtype)
+    kw = dict(activation=activation, gated=gated, capacity=capacity)
+    engines.LAST.clear()
+    with poisoned_empty():
+        out, grads = _run("triton", inputs, grad, **kw)
+    for role in engines.ROLES:
+        assert engines.LAST[role][0] == _expected_engine(engine, role, dtype, bias), (role, engines.LAST[role])
+    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    out64, grads64 = _run("reference", as64, grad.to(F64), **kw)
+    same, grads_same = _run("reference", inputs, grad, **kw)
+    ulp = lambda ref: reordered_sum_atol(ref, dtype, D + H)  # noqa: E731
+    assert_earned_max(out, out64, same, atol=ulp(out64))
+    for name in grads:
+        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=ulp(grads64[name]), name=f"grad {name}")
+
+
+def test_engines_mixed_per_role(monkeypatch):
+    # every role on another engine: the compositions meet in the materialised / gathered rows
+    monkeypatch.setenv(engines.ENGINE_ENV, "up=tma,down=torch,dh=triton,dx=tma,dw_up=torch,dw_down=tma")
+    monkeypatch.setenv(gt.TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    monkeypatch.setenv(gt.TN_TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    T, D, H, E, k = 30, 16, 16, 5, 2
+    inputs = _inputs(T, D, H, E, k, True, False, rand_experts, torch.float16)
+    grad = torch.randn(T, D, dtype=torch.float16)
+    out, grads = _run("triton", inputs, grad)
+    assert {r: engines.LAST[r][0] for r in engines.ROLES} == {"up": "tma", "down": "torch", "dh": "triton",
+                                                              "dx": "tma", "dw_up": "torch", "dw_down": "tma"}
+    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    out64, grads64 = _run("reference", as64, grad.to(F64))
+    same, grads_same = _run("reference", inputs, grad)
+    ulp = lambda ref: reordered_sum_atol(ref, torch.float16, D + H)  # noqa: E731
+    assert_earned_max(out, out64, same, atol=ulp(out64))
+    for name in grads:
+        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=ulp(grads64[name]), name=f"grad {name}")
+
+
+def test_unaligned_rows_fall_back_to_the_pointer_kernels(monkeypatch):
+    # D = 12 halves is 24 bytes: neither grouped_mm nor TMA takes such rows
+    monkeypatch.setenv(engines.ENGINE_ENV, "tma")
+    engines.LAST.clear()
+    inputs = _inputs(8, 12, 8, 3, 2, True, False, rand_experts, torch.float16)
+    _run("triton", inputs, torch.randn(8, 12, dtype=torch.float16))
+    assert engines.LAST["up"][0] == "triton" and engines.LAST["dw_up"][0] == "triton"
+
+
+# --- the fused passes around the GEMMs ----------------------------------------------------------------------------
+def _kept_rows(N, E):
+    counts = torch.randint(0, 5, (E,))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).clamp(max=N).to(torch.int32)
+    return offsets
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_glu_forward_matches_reference(activation, gated, bias):
+    N, H, E = 23, 20, 5
+    offsets = _kept_rows(N, E)
+    end = int(offsets[-1])
+    MW = 2 * H if gated else H
+    pre = torch.randn(N, MW) * 3
+    pre[end:] = float("nan")          # whatever a GEMM left past offsets[E]
+    pre[0, 1] = float("nan")          # NaN in a kept row stays in that row
+    b = torch.randn(E, MW) if bias else None
+    want = pre.double().clone()
+    if bias:
+        rows = torch.arange(N)
+        e = torch.searchsorted(offsets[1:].long(), rows, right=True).clamp(max=E - 1)
+        want += b.double()[e]
+    want[end:] = 0
+    h64 = glu(want, activation, gated)
+    got_pre = pre.clone()
+    with poisoned_empty():
+        h = em.glu_forward(got_pre, offsets, b, activation, gated)
+    same = glu(want.float(), activation, gated)
+    assert_earned_max(h, h64, same, atol=1e-6)
+    torch.testing.assert_close(got_pre.double(), want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("dh_dtype", [torch.float32, torch.float16], ids=["dh32", "dh16"])
+def test_glu_backward_matches_reference(activation, gated, dh_dtype):
+    N, H, E = 29, 20, 4
+    offsets = _kept_rows(N, E)
+    end = int(offsets[-1])
+    MW = 2 * H if gated else H
+    pre = torch.randn(N, MW, dtype=torch.float16) * 3
+    pre[end:] = 0
+    dh = torch.randn(N, H).to(dh_dtype)
+    dh[end:] = float("nan")           # the torch engine leaves rows past offsets[E] unwritten
+    scale = torch.rand(N) + 0.1
+    order = torch.randperm(N).to(torch.int32)
+    extra = torch.randn(N)
+    with poisoned_empty():
+        dpre, hs, gw = em.glu_backward(dh, pre, scale, order, offsets, activation, gated, extra)
+
+    def ref(dtype):
+        p, d, s = pre[:end].to(dtype), dh[:end].to(dtype), scale[:end].to(dtype)
+        h = glu(p, activation, gated)
+        dp = torch.zeros(N, MW, dtype=dtype)
+        dp[:end] = glu_backward(d * s[:, None], p, activation, gated)
+        hs_ = torch.zeros(N, H, dtype=dtype)
+        hs_[:end] = h * s[:, None]
+        g = torch.zeros(N, dtype=dtype)
+        g[order[:end].long()] = (d * h).sum(-1) + extra[:end].to(dtype)
+        return dp, hs_, g
+    for got, want, same, name in zip((dpre, hs, gw), ref(F64), ref(torch.float32), ("dpre", "hs", "grad_w")):
+        assert not got.isnan().any(), f"{name}: NaN leaked from rows past offsets[E]"
+        assert_earned_max(got, want, same, atol=reordered_sum_atol(want, torch.float16, H), name=name)
+
+
+# --- the choice --------------------------------------------------------------------------------------------------
+def test_engine_env_is_parsed_and_checked(monkeypatch):
+    monkeypatch.setenv(engines.ENGINE_ENV, "dh=tma, dx=torch")
+    assert engines._forced() == {"dh": "tma", "dx": "torch"}
+    monkeypatch.setenv(engines.ENGINE_ENV, "triton")
+    assert set(engines._forced().values()) == {"triton"} and set(engines._forced()) == set(engines.ROLES)
+    for bad in ("cutlass", "dh=cutlass", "dgrad=tma"):
+        monkeypatch.setenv(engines.ENGINE_ENV, bad)
+        with pytest.raises(ValueError, match=engines.ENGINE_ENV):
+            engines._forced()
+
+
+def test_tuned_engine_file_is_read(monkeypatch, tmp_path):
+    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
+    monkeypatch.setattr(engines, "CONFIG_DIR", str(tmp_path))
+    engines._load_engines.cache_clear()
+    path = engines.engine_file("cpu", torch.float16)
+    with open(path, "w") as f:
+        json.dump({"E4-D16-H8": {"up": {"64": "tma", "4096": "torch"}, "dh": {"64": "tma"}}}, f)
+    cpu = torch.device("cpu")
+    try:
+        assert engines.choose("up", cpu, torch.float16, (4, 16, 8), 100, (16, 16, 8)) == "tma"    # nearest: 64
+        assert engines.choose("up", cpu, torch.float16, (4, 16, 8), 3000, (16, 16, 8)) == "torch"
+        # a tuned engine that does not apply to these operands is not taken
+        assert engines.choose("dh", cpu, torch.float16, (4, 16, 8), 64, (16, 12)) == "triton"
+        assert engines.choose("dx", cpu, torch.float16, (4, 16, 8), 64, (16, 16)) == "triton"  # no entry: default
+        assert engines.choose("up", cpu, torch.float16, (5, 16, 8), 64, (16, 16, 8)) == "triton"  # other shape
+        assert "gemm_engines-cpu-float16.json" in engines.report()["tuned_files"]
+    finally:
+        engines._load_engines.cache_clear()
+
+
+def test_default_on_cpu_is_the_pointer_kernels(monkeypatch):
+    # torch's grouped_mm is the default on GPUs only (on CPU it is a per-group loop)
+    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
+    for role in engines.ROLES:
+        assert engines.choose(role, torch.device("cpu"), torch.bfloat16, (8, 64, 64), 1 << 16, (64, 64)) == "triton"
+
+
+def test_applicability():
+    cpu = torch.device("cpu")
+    assert engines.applies("torch", cpu, torch.bfloat16, (16, 8))
+    assert not engines.applies("torch", cpu, torch.bfloat16, (16, 8), bias=True)
+    assert not engines.applies("torch", cpu, torch.bfloat16, (16, 12))
+    assert engines.applies("torch", cpu, torch.float32, (16, 12))      # 48 bytes
+    assert not engines.applies("tma", cpu, torch.float32, (16, 16))
+    assert engines.applies("triton", cpu, torch.float32, (3, 5), bias=True)
+
+
+def test_backends_reports_the_engine_of_each_role(monkeypatch):
+    monkeypatch.setenv(engines.ENGINE_ENV, "torch")
+    inputs = _inputs(8, 16, 8, 3, 2, True, False, rand_experts, torch.float32)
+    _run("triton", inputs, torch.randn(8, 16))
+    report = moe_kernels.backends()["gemm_engines"]
+    assert set(report["roles"]) == set(engines.ROLES)
+    assert report["roles"]["dw_up"].startswith("torch (last run: E3-D16-H8")
+    assert report["override"] == "torch" and "grouped_mm" in report["default"]
+
+
+def test_torch_gemm_tn_zeroes_empty_experts():
+    offsets = torch.tensor([0, 3, 3, 7, 7], dtype=torch.int32)
+    x, dy = torch.randn(9, 16), torch.randn(9, 8)
+    dw = engines.torch_gemm_tn(x, dy, offsets, 4)
+    assert not dw[1].any() and not dw[3].any()
+    torch.testing.assert_close(dw[2], dy[3:7].t() @ x[3:7])
