@@ -86,42 +86,44 @@ def _load_engines(path):
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _torch_applies(device, dtype, widths, bias) -> bool:
+def _torch_applies(device, dtype, widths, bias, tensors=()) -> bool:
     if bias or _GROUPED_MM is None:
         return False
     if device.type == "cuda":
         # bf16 only: every other dtype takes torch's per-group loop, which syncs on the offsets
         if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] < 9:
             return False
-    return all(w * torch.tensor([], dtype=dtype).element_size() % 16 == 0 for w in widths)
+    size = torch.empty((), dtype=dtype).element_size()
+    return (all(w * size % 16 == 0 for w in widths)
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors if t is not None))
 
 
 def applies(engine, device, dtype, widths, bias=False, tensors=()) -> bool:
-    """Whether `engine` takes a GEMM whose operands have these row widths (elements) on `device`."""
+    """Whether `engine` takes a GEMM whose operands have these row widths (elements) on `device`; `tensors`: the
+    operands the caller passes as they are (they must be contiguous on 16 bytes; fresh buffers always are)."""
     if engine == "triton":
         return True
     if engine == "torch":
-        return _torch_applies(device, dtype, widths, bias)
+        return _torch_applies(device, dtype, widths, bias, tensors)
     return _tma.tma_usable(device, dtype, *widths, tensors=tensors)
 
 
-def choose(role, device, dtype, shape, rows, widths, bias=False) -> str:
+def choose(role, device, dtype, shape, rows, widths, bias=False, tensors=()) -> str:
     """The engine of GEMM `role` of the expert MLP with shape (E, D, H) over `rows` sorted rows whose operands
-    have these row widths; `bias`: the GEMM adds a bias the engine would have to take."""
+    have these row widths; `bias`: the GEMM adds a bias the engine would have to take; `tensors`: see applies."""
     E, D, H = shape
     key = f"E{E}-D{D}-H{H}"
+    ok = lambda name: applies(name, device, dtype, widths, bias, tensors)  # noqa: E731
     engine = _forced().get(role)
-    if engine is None or not applies(engine, device, dtype, widths, bias):
+    if engine is None or not ok(engine):
         engine = None
         table = _load_engines(engine_file(_device_name(device), dtype)).get(key, {}).get(role)
         if table:
             tuned = table[min(table, key=lambda m: (abs(m - rows), m))]
-            if applies(tuned, device, dtype, widths, bias):
+            if ok(tuned):
                 engine = tuned
     if engine is None:
-        use_torch = (device.type == "cuda" and rows >= DEFAULT_MIN_ROWS * E
-                     and _torch_applies(device, dtype, widths, bias))
-        engine = "torch" if use_torch else "triton"
+        engine = "torch" if device.type == "cuda" and rows >= DEFAULT_MIN_ROWS * E and ok("torch") else "triton"
     LAST[role] = (engine, key, rows)
     return engine
 

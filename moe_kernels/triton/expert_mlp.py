@@ -190,8 +190,9 @@ def _row_metadata(order, weights, k):
     return token, scale
 
 
-def _choose(role, x, shape, rows, widths, bias=False):
-    return _engines.choose(role, x.device, x.dtype, shape, rows, widths, bias)
+def _choose(role, x, shape, rows, widths, weight, bias=False):
+    """The engine of `role`; `weight`, the expert weight the GEMM reads as it is (the other operands are fresh)."""
+    return _engines.choose(role, x.device, x.dtype, shape, rows, widths, bias, tensors=(weight,))
 
 
 def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,
@@ -209,7 +210,7 @@ def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, 
     shape = (E, D, H)
     order, inverse, offsets, token, _ = _routing_rows(experts, weights, E, capacity)
     x = x.contiguous()
-    up_engine = _choose("up", x, shape, N, (D, MW, H))
+    up_engine = _choose("up", x, shape, N, (D, MW, H), gate_up_proj)
     if up_engine == "triton":
         if save_for_backward:
             h_pre = gg.grouped_gemm(x, gate_up_proj, offsets, gather=token, bias=gate_up_bias)
@@ -221,18 +222,18 @@ def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, 
     else:
         xs = perm.permute(x, order, inverse)                       # token rows materialised in expert order
         if up_engine == "tma":
-            h, h_pre = gt.grouped_gemm_tma(xs, gate_up_proj.contiguous(), offsets, bias=gate_up_bias,
+            h, h_pre = gt.grouped_gemm_tma(xs, gate_up_proj, offsets, bias=gate_up_bias,
                                            activation=activation, gated=gated, save_pre=True)
         else:
             h_pre = _engines.torch_gemm(xs, gate_up_proj, offsets)
             h = glu_forward(h_pre, offsets, gate_up_bias, activation, gated)
         if not save_for_backward:
             h_pre = x.new_empty(0)
-    down_engine = _choose("down", x, shape, N, (H, O), bias=down_bias is not None)
+    down_engine = _choose("down", x, shape, N, (H, O), down_proj, bias=down_bias is not None)
     if down_engine == "torch":
         ys = _engines.torch_gemm(h, down_proj, offsets)
     elif down_engine == "tma":
-        ys = gt.grouped_gemm_tma(h, down_proj.contiguous(), offsets, bias=down_bias)
+        ys = gt.grouped_gemm_tma(h, down_proj, offsets, bias=down_bias)
     else:
         ys = gg.grouped_gemm(h, down_proj, offsets, bias=down_bias)
     out = perm.unpermute(ys, inverse, weights)            # w * y summed per token in slot order, in fp32
@@ -254,15 +255,15 @@ def moe_mlp_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, do
     shape = (E, D, H)
     token, scale = _row_metadata(order, weights, k)
     grad = grad.to(x.dtype).contiguous()
-    dh_engine = _choose("dh", x, shape, N, (O, H))
-    dwd_engine = _choose("dw_down", x, shape, N, (O, H))
+    dh_engine = _choose("dh", x, shape, N, (O, H), down_proj)
+    dwd_engine = _choose("dw_down", x, shape, N, (O, H), None)
     # dOut rows materialised in expert order, where an engine that takes no gathered rows needs them
     gs = perm.permute(grad, order, inverse) if dh_engine != "triton" or dwd_engine != "triton" else None
     # dH = dOut[t] @ W_down[e]; fp32 where our kernels write it (it feeds both the weight gradient and dH_pre)
     if dh_engine == "torch":
         dh = _engines.torch_gemm(gs, down_proj, offsets, trans_w=False)
     elif dh_engine == "tma":
-        dh = gt.grouped_gemm_tma(gs, down_proj.contiguous(), offsets, trans_w=False, out_dtype=torch.float32)
+        dh = gt.grouped_gemm_tma(gs, down_proj, offsets, trans_w=False, out_dtype=torch.float32)
     else:
         dh = gg.grouped_gemm(grad, down_proj, offsets, gather=token, trans_w=False, out_dtype=torch.float32)
     extra = None
@@ -273,6 +274,7 @@ def moe_mlp_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, do
         extra = (grad.index_select(0, token.long()).float()
                  * down_bias.index_select(0, expert_of_row).float()).sum(-1)
     dh_pre, hs, gw = glu_backward(dh, h_pre, scale, order, offsets, activation, gated, extra)
+    del dh, extra           # the [N, H] buffers are dropped as soon as they are consumed: a lower peak of memory
     if dwd_engine == "torch":
         grad_down = _engines.torch_gemm_tn(hs, gs, offsets, E)
     elif dwd_engine == "tma":
@@ -281,15 +283,17 @@ def moe_mlp_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, do
         grad_down = gg.grouped_gemm_tn(hs, grad, offsets, E, gather_dy=token)
     grad_down_bias = (gg.grouped_colsum(grad, offsets, E, gather=token, row_scale=scale)
                       if down_bias is not None else None)
-    dx_engine = _choose("dx", x, shape, N, (MW, D))
+    del gs, hs
+    dx_engine = _choose("dx", x, shape, N, (MW, D), gate_up_proj)
     if dx_engine == "torch":
         dxs = _engines.torch_gemm(dh_pre, gate_up_proj, offsets, trans_w=False)
     elif dx_engine == "tma":
-        dxs = gt.grouped_gemm_tma(dh_pre, gate_up_proj.contiguous(), offsets, trans_w=False)
+        dxs = gt.grouped_gemm_tma(dh_pre, gate_up_proj, offsets, trans_w=False)
     else:
         dxs = gg.grouped_gemm(dh_pre, gate_up_proj, offsets, trans_w=False)
     grad_x = perm.permute_backward(dxs, inverse)         # each token sums its kept rows in slot order
-    dwu_engine = _choose("dw_up", x, shape, N, (MW, D))
+    del dxs
+    dwu_engine = _choose("dw_up", x, shape, N, (MW, D), None)
     if dwu_engine == "triton":
         grad_up = gg.grouped_gemm_tn(x, dh_pre, offsets, E, gather_x=token)
     else:

@@ -222,10 +222,11 @@ def grouped_gemm_tma(a, w, offsets, *, trans_w=True, row_scale=None, bias=None, 
         return (out, pre) if save_pre else out
     BM, BN, BK, warps, stages, ws = tma_config(R, E, MW, K, a.dtype, gated, device)
     offsets = offsets.to(device=device, dtype=torch.int32).contiguous()
+    a, w = a.contiguous(), w.to(a.dtype).contiguous()
     _set_scratch_allocator(device)
     _grouped_gemm_tma_kernel[(_num_sms(device),)](
         a, w, out, out if pre is None else pre, offsets, tile_schedule(offsets, BM),
-        a if row_scale is None else row_scale, a if bias is None else bias,
+        a if row_scale is None else row_scale.contiguous(), a if bias is None else bias.to(a.dtype).contiguous(),
         R, K, MW, MO, E, _num_sms(device),
         TRANS_W=bool(trans_w), HAS_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
         ACT=_ACT_CODE[activation], GATED=bool(gated), SAVE_PRE=bool(save_pre),
@@ -276,6 +277,7 @@ def grouped_gemm_tn_tma(x, dy, offsets, num_experts):
         return dw
     BM, BN, BP, warps, stages, ws = tn_tma_config(R, E, M, K, x.dtype, device)
     offsets = offsets.to(device=device, dtype=torch.int32).contiguous()
+    x, dy = x.contiguous(), dy.to(x.dtype).contiguous()
     _set_scratch_allocator(device)
     _grouped_gemm_tn_tma_kernel[(_num_sms(device),)](
         x, dy, dw, offsets, M, K, E, _num_sms(device),

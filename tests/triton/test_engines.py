@@ -263,3 +263,22 @@ def test_torch_gemm_tn_zeroes_empty_experts():
     dw = engines.torch_gemm_tn(x, dy, offsets, 4)
     assert not dw[1].any() and not dw[3].any()
     torch.testing.assert_close(dw[2], dy[3:7].t() @ x[3:7])
+
+
+def test_weights_off_16_bytes_are_not_given_to_grouped_mm_or_tma(monkeypatch):
+    # a weight that is a view starting 2 bytes into its storage: TMA and grouped_mm need 16-byte aligned bases
+    monkeypatch.setenv(engines.ENGINE_ENV, "torch")
+    engines.LAST.clear()
+    i = _inputs(8, 16, 8, 3, 2, True, False, rand_experts, torch.float16)
+    up = i["gate_up_proj"]
+    shifted = torch.empty(up.numel() + 1, dtype=up.dtype)[1:].view(up.shape).copy_(up).requires_grad_()
+    assert shifted.data_ptr() % 16
+    with moe_kernels.use_backend("triton"):
+        out = ops.moe_mlp(i["x"], i["experts"], i["weights"], shifted, i["down_proj"])
+        grad_up, = torch.autograd.grad(out, shifted, torch.randn_like(out))
+    assert engines.LAST["up"][0] == "triton" and engines.LAST["dx"][0] == "triton"
+    assert engines.LAST["down"][0] == "torch" and engines.LAST["dw_up"][0] == "torch"
+    with moe_kernels.use_backend("reference"):
+        want = ops.moe_mlp(i["x"].double(), i["experts"], i["weights"], up.double(), i["down_proj"].double())
+        same = ops.moe_mlp(i["x"], i["experts"], i["weights"], up, i["down_proj"])
+    assert_earned_max(out, want, same, atol=reordered_sum_atol(want, torch.float16, 24))
