@@ -207,3 +207,26 @@ def assert_close64(actual, expected, name="output"):
     """float64 against float64: only rounding differences are allowed."""
     assert actual.dtype == F64 and expected.dtype == F64, (actual.dtype, expected.dtype)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def routing_weight_grad_atol(inputs, grad, activation, gated, dtype):
+    """sqrt(n) ulps of the largest sum of |terms| in the routing-weight gradient dL/dw[t, j] = dOut[t] . y_e(x[t])
+    = dH . h (+ dOut . b): its terms can cancel to far below the result's own magnitude, so the ulps are taken of
+    the terms (float64 of the inputs: x, experts, gate_up_proj, down_proj, biases; grad [T, O])."""
+    from moe_kernels.reference.activations import glu
+
+    x, ids, g = inputs["x"].double(), inputs["experts"], grad.double()
+    up, down = inputs["gate_up_proj"].double(), inputs["down_proj"].double()
+    up_b, down_b = inputs.get("gate_up_bias"), inputs.get("down_bias")
+    largest = 0.0
+    for e in range(up.shape[0]):
+        t = torch.nonzero(ids == e, as_tuple=True)[0]
+        if t.numel() == 0:
+            continue
+        pre = x[t] @ up[e].t() + (up_b[e].double() if up_b is not None else 0)
+        terms = ((g[t] @ down[e]) * glu(pre, activation, gated)).abs().sum(-1)
+        if down_b is not None:
+            terms = terms + (g[t] * down_b[e].double()).abs().sum(-1)
+        largest = max(largest, terms.max().item())
+    n = up.shape[2] + down.shape[2]
+    return torch.finfo(dtype).eps * n**0.5 * largest

@@ -1,12 +1,17 @@
 """Ahead-of-time compile check of every Triton kernel of the package, no GPU needed.
 
-    python -m moe_kernels.tools.aot_check [--arch 80 90] [--filter NAME]
+    python -m moe_kernels.tools.aot_check [--arch 80 90] [--filter NAME ...] [--jobs N]
 
 Compiles each entry of every `moe_kernels.triton.<family>.AOT_CONFIGS` (every config its launcher can launch
-with) for each architecture with `triton.compile(ASTSource, target=GPUTarget("cuda", arch, 32))`, reads
-registers, spills (STACK bytes) and shared memory from the cubin with the cuobjdump that ships with Triton,
-and prints a table kernel x arch x config. Entries with "wgmma": True must use wgmma on sm_90. Exits 1 on a
-compile failure, a spill or a missing wgmma.
+with) for each architecture asked for that the entry's "archs" allows (default: all) with
+`triton.compile(ASTSource, target=GPUTarget("cuda", arch, 32))`, reads registers, spills (STACK) and local
+memory from the cubin with the cuobjdump that ships with Triton, the total shared memory (static + dynamic)
+from the kernel's metadata, and the hardware paths from the PTX (and HGMMA from the SASS), and prints a table
+kernel x arch x config. Every compile must be free of spills and local memory and fit the architecture's
+shared memory per block. On sm_90 an entry's requirements must hold: "wgmma" (wgmma in the PTX, HGMMA in the
+SASS), "tma_load" / "tma_store" (cp.async.bulk.tensor global -> shared / shared -> global), "warp_specialized"
+(setmaxnreg, the producer / consumer register split), and any of them needs the PTX to target sm_90a.
+Exits 1 on a compile failure or any failed requirement, each named after `<-`.
 """
 import argparse
 import concurrent.futures
@@ -18,6 +23,12 @@ import re
 import subprocess
 import sys
 import tempfile
+
+# opt-in shared memory per block (bytes), CUDA C programming guide
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+HOPPER_KEYS = ("wgmma", "tma_load", "tma_store", "warp_specialized")
+_TMA_LOAD = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global")   # shared::cluster (3.6), ::cta (3.9)
+_TMA_STORE = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::")
 
 
 def _cuobjdump():
@@ -37,17 +48,25 @@ def configs():
     return out
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """REG / STACK / SHARED of the (single-kernel) cubin, from cuobjdump --dump-resource-usage."""
+def archs(entry: dict, asked) -> list:
+    """The architectures of `asked` that the entry compiles for."""
+    return [a for a in asked if a in entry.get("archs", asked)]
+
+
+def resource_usage(cubin: bytes, sass: bool = False) -> dict:
+    """REG / STACK / SHARED (static) / LOCAL of the (single-kernel) cubin, from cuobjdump --dump-resource-usage;
+    with sass also whether the SASS has HGMMA."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", *(["--dump-sass"] if sass else []), f.name],
+                              capture_output=True, text=True, check=True).stdout
     usage = {}
     for key in ("REG", "STACK", "SHARED", "LOCAL"):
         m = re.search(rf"\b{key}:(\d+)", text)
         usage[key.lower()] = int(m.group(1)) if m else None
+    if sass:
+        usage["hgmma"] = re.search(r"\bHGMMA\.", text) is not None
     return usage
 
 
@@ -59,9 +78,41 @@ def compile_one(entry: dict, arch: int) -> dict:
     src = ASTSource(fn=entry["fn"], signature=entry["signature"], constexprs=entry.get("constexprs", {}))
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": entry["num_warps"], "num_stages": entry.get("num_stages", 2)})
-    usage = resource_usage(kernel.asm["cubin"])
-    usage["wgmma"] = "wgmma" in kernel.asm["ptx"]
+    ptx = kernel.asm["ptx"]
+    usage = resource_usage(kernel.asm["cubin"], sass=arch // 10 == 9)
+    target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.M)
+    usage.update(smem=kernel.metadata.shared, target=target.group(1) if target else None,
+                 wgmma="wgmma.mma_async" in ptx, tma_load=_TMA_LOAD.search(ptx) is not None,
+                 tma_store=_TMA_STORE.search(ptx) is not None, setmaxnreg="setmaxnreg" in ptx)
     return usage
+
+
+def findings(entry: dict, arch: int, usage: dict) -> list:
+    """The requirements the compile of `entry` for sm_`arch` (resource usage `usage`) fails, named."""
+    bad = []
+    if usage["stack"]:
+        bad.append(f"spills {usage['stack']} B")
+    if usage["local"]:
+        bad.append(f"local memory {usage['local']} B")
+    limit = SMEM_LIMIT.get(arch)
+    if limit is not None and usage["smem"] > limit:
+        bad.append(f"smem {usage['smem']} B > {limit} B")
+    if arch // 10 != 9 or not any(entry.get(k) for k in HOPPER_KEYS):
+        return bad
+    if usage["target"] != "sm_90a":
+        bad.append(f"target {usage['target']}, not sm_90a")
+    if entry.get("wgmma"):
+        if not usage["wgmma"]:
+            bad.append("no wgmma")
+        elif usage.get("hgmma") is False:
+            bad.append("no HGMMA in the SASS")
+    if entry.get("tma_load") and not usage["tma_load"]:
+        bad.append("no TMA load")
+    if entry.get("tma_store") and not usage["tma_store"]:
+        bad.append("no TMA store")
+    if entry.get("warp_specialized") and not usage["setmaxnreg"]:
+        bad.append("no setmaxnreg (not warp-specialised)")
+    return bad
 
 
 _ENTRIES: list = []  # filled by main before the worker processes fork
@@ -80,6 +131,10 @@ def describe(entry: dict) -> str:
     return f"{consts} w{entry['num_warps']}s{entry.get('num_stages', 2)} [{ptrs}]"
 
 
+def _tma(u: dict) -> str:
+    return "+".join(s for s, k in (("ld", "tma_load"), ("st", "tma_store")) if u[k]) or "-"
+
+
 def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") or "TRITON_DEFAULT_FP_FUSION" not in os.environ:
         # @triton.jit reads TRITON_INTERPRET when the kernels are defined (at import), so a clean process is
@@ -91,14 +146,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moe_kernels.tools.aot_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    p.add_argument("--filter", default="", help="only kernels whose name contains this")
+    p.add_argument("--filter", nargs="+", default=[""], help="only kernels whose name contains one of these")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = p.parse_args(argv)
-    _ENTRIES[:] = [(fam, e) for fam, e in configs() if args.filter in e["name"]]
+    _ENTRIES[:] = [(fam, e) for fam, e in configs() if any(f in e["name"] for f in args.filter)]
     if not _ENTRIES:
         print("aot_check: no Triton kernel configs found", file=sys.stderr)
         return 1
-    jobs = [(i, arch) for i in range(len(_ENTRIES)) for arch in args.arch]
+    jobs = [(i, arch) for i, (_, e) in enumerate(_ENTRIES) for arch in archs(e, args.arch)]
+    skipped = len(_ENTRIES) * len(args.arch) - len(jobs)
+    if not jobs:
+        print(f"aot_check: no kernel compiles for sm_{', sm_'.join(map(str, args.arch))} (see their 'archs')",
+              file=sys.stderr)
+        return 1
     if args.jobs > 1:
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
@@ -106,24 +166,25 @@ def main(argv=None) -> int:
     else:
         results = [_compile_indexed(i, arch) for i, arch in jobs]
     failures = 0
-    print(f"{'kernel':<28} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'wgmma':>6}  config")
+    width = max(28, *(len(f"{fam}.{e['name']}") for fam, e in _ENTRIES))
+    print(f"{'kernel':<{width}} {'arch':>5} {'regs':>5} {'spill':>6} {'local':>6} {'smem':>7} {'wgmma':>6} "
+          f"{'tma':>6} {'ws':>4}  config")
     for (i, arch), (u, error) in zip(jobs, results):
         fam, e = _ENTRIES[i]
         name = f"{fam}.{e['name']}"
         if error:
             failures += 1
-            print(f"{name:<28} sm_{arch:<2} FAILED {error}  {describe(e)}")
+            print(f"{name:<{width}} sm_{arch:<2} FAILED {error}  {describe(e)}")
             continue
-        bad = []
-        if u["stack"]:
-            bad.append(f"spills {u['stack']} B")
-        if e.get("wgmma") and arch >= 90 and not u["wgmma"]:
-            bad.append("no wgmma")
+        bad = findings(e, arch, u)
         failures += bool(bad)
-        print(f"{name:<28} sm_{arch:<2} {u['reg']:>5} {u['stack']:>6} {u['shared']:>7} {str(u['wgmma']):>6}  "
-              f"{describe(e)}" + (f"  <- {'; '.join(bad)}" if bad else ""))
+        wgmma = "yes" if u["wgmma"] and u.get("hgmma", True) else "ptx" if u["wgmma"] else "-"
+        print(f"{name:<{width}} sm_{arch:<2} {u['reg']:>5} {u['stack']:>6} {u['local']:>6} {u['smem']:>7} "
+              f"{wgmma:>6} {_tma(u):>6} {'yes' if u['setmaxnreg'] else 'no':>4}  {describe(e)}"
+              + (f"  <- {'; '.join(bad)}" if bad else ""))
     total = len(jobs)
-    print(f"\n{total - failures} of {total} kernel x arch compiles clean" + (f", {failures} failed" if failures else ""))
+    print(f"\n{total - failures} of {total} kernel x arch compiles clean" + (f", {failures} failed" if failures else "")
+          + (f" ({skipped} kernel x arch left out by the entries' archs)" if skipped else ""))
     return 1 if failures else 0
 
 

@@ -92,7 +92,7 @@ def _glu_forward_kernel(pre_ptr, h_ptr, offsets_ptr, bias_ptr, N, H, E,
                  mask=row_ok[:, None] & c_ok[None, :])
 
 
-GLU_CONFIG = (16, 128, 4)   # BLOCK_M rows, BLOCK_H columns per step, num_warps
+GLU_CONFIG = (32, 64, 8)   # BLOCK_M rows, BLOCK_H columns per step, num_warps (fewer elements per thread spill)
 
 
 def glu_forward(pre, offsets, bias, activation, gated):
@@ -177,17 +177,34 @@ def glu_backward(dh, pre, scale, order, offsets, activation, gated, extra=None):
     return dpre, hs, gw
 
 
+# --- row_metadata: the token and routing weight of each sorted row ----------------------------------------------------
+@triton.jit
+def _row_metadata_kernel(order_ptr, weights_ptr, token_ptr, scale_ptr, N, K, BLOCK: tl.constexpr):
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < N
+    o = tl.load(order_ptr + p, mask=ok, other=0)
+    tl.store(token_ptr + p, o // K, mask=ok)
+    tl.store(scale_ptr + p, tl.load(weights_ptr + o, mask=ok, other=0.0).to(tl.float32), mask=ok)
+
+
+ROW_BLOCK = 1024
+
+
+def _row_metadata(order, weights, k):
+    """token [N] int32 and routing weight scale [N] fp32 of each sorted row, in one launch."""
+    N = order.shape[0]
+    token = torch.empty(N, dtype=torch.int32, device=order.device)
+    scale = torch.empty(N, dtype=torch.float32, device=order.device)
+    if N:
+        _row_metadata_kernel[(triton.cdiv(N, ROW_BLOCK),)](order, weights.contiguous(), token, scale, N, k,
+                                                           BLOCK=ROW_BLOCK, num_warps=4)
+    return token, scale
+
+
 # --- the expert MLP ----------------------------------------------------------------------------------------------
 def _routing_rows(experts, weights, num_experts, capacity):
     order, inverse, offsets = perm.sort_by_expert(experts, num_experts, capacity)
     return order, inverse, offsets, *_row_metadata(order, weights, experts.shape[1])
-
-
-def _row_metadata(order, weights, k):
-    """token [N] int32 and routing weight scale [N] fp32 of each sorted row."""
-    token = torch.div(order, k, rounding_mode="floor").to(torch.int32)
-    scale = weights.reshape(-1).index_select(0, order.long()).float()
-    return token, scale
 
 
 def _choose(role, x, shape, rows, widths, weight, bias=False):
@@ -208,10 +225,11 @@ def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, 
     O = down_proj.shape[1]
     N = T * k
     shape = (E, D, H)
-    order, inverse, offsets, token, _ = _routing_rows(experts, weights, E, capacity)
+    order, inverse, offsets = perm.sort_by_expert(experts, E, capacity)
     x = x.contiguous()
     up_engine = _choose("up", x, shape, N, (D, MW, H), gate_up_proj)
     if up_engine == "triton":
+        token, _ = _row_metadata(order, weights, k)
         if save_for_backward:
             h_pre = gg.grouped_gemm(x, gate_up_proj, offsets, gather=token, bias=gate_up_bias)
             h = glu_forward(h_pre, offsets, None, activation, gated)
@@ -306,7 +324,10 @@ def moe_mlp_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, do
 
 # --- ahead-of-time compile list -----------------------------------------------------------------------------------
 def _aot_configs():
-    out = []
+    out = [{"name": f"row_metadata-w{ty}", "fn": _row_metadata_kernel,
+            "signature": {"order_ptr": "*i32", "weights_ptr": f"*{ty}", "token_ptr": "*i32", "scale_ptr": "*fp32",
+                          "N": "i32", "K": "i32", "BLOCK": "constexpr"},
+            "constexprs": {"BLOCK": ROW_BLOCK}, "num_warps": 4, "num_stages": 1} for ty in ("fp32", "bf16", "fp16")]
     BM, BH, warps = GLU_CONFIG
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         ty = _TL_TYPE[dtype]

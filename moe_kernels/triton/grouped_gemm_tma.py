@@ -122,7 +122,7 @@ def _grouped_gemm_tma_kernel(
 TMA_CONFIGS = {
     "large": (128, 128, 64, 4, 3, 1),
     "gated": (128, 64, 64, 4, 3, 1),
-    "wide": (128, 256, 64, 4, 3, 1),        # 128x256: the tile of the fastest Hopper GEMMs, for the tuner
+    "wide": (128, 256, 64, 4, 3, 1),        # 128x256: the tile of the fastest Hopper GEMMs (plain epilogues)
     "plain8": (128, 128, 64, 8, 3, 0),      # 8 warps, software pipelining only (no warp specialisation)
 }
 TN_TMA_CONFIGS = {
@@ -340,9 +340,12 @@ def _tuned(kernel):
 def _aot_configs():
     out = []
     for dtype in _TMA_DTYPES:
-        for i, flags in enumerate(_FLAGS):
-            gated = _FLAGS[flags][4]
-            names = ("gated",) if gated else ("large", "wide", "plain8") if i % 2 else ("large",)
+        for flags in _FLAGS:
+            trans_w, _, bias, act, gated, save_pre, out32 = _FLAGS[flags]
+            # 128x256 only with the plain epilogue: an fp32 output tile overflows shared memory, a saved
+            # pre-activation with bias and activation spills
+            plain = not (out32 or save_pre or bias or gated or act != "identity")
+            names = ("gated",) if gated else ("large", "plain8", "wide") if plain else ("large", "plain8")
             out.extend(_tma_entry(n, TMA_CONFIGS[n], dtype, flags) for n in names)
         out.extend(_tn_tma_entry(n, cfg, dtype) for n, cfg in TN_TMA_CONFIGS.items())
     for cfg, dtype in _tuned("grouped_gemm_tma"):
