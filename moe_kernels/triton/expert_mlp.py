@@ -239,9 +239,11 @@ def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, 
                                 gated=gated)
     else:
         xs = perm.permute(x, order, inverse)                       # token rows materialised in expert order
-        if up_engine == "tma":
-            h, h_pre = gt.grouped_gemm_tma(xs, gate_up_proj, offsets, bias=gate_up_bias,
-                                           activation=activation, gated=gated, save_pre=True)
+        if up_engine == "tma" and save_for_backward:
+            h, h_pre = gt.grouped_gemm_tma(xs, gate_up_proj, offsets, bias=gate_up_bias, activation=activation,
+                                           gated=gated, save_pre=True)
+        elif up_engine == "tma":
+            h = gt.grouped_gemm_tma(xs, gate_up_proj, offsets, bias=gate_up_bias, activation=activation, gated=gated)
         else:
             h_pre = _engines.torch_gemm(xs, gate_up_proj, offsets)
             h = glu_forward(h_pre, offsets, gate_up_bias, activation, gated)

@@ -287,3 +287,23 @@ def test_weights_off_16_bytes_are_not_given_to_grouped_mm_or_tma(monkeypatch):
         want = ops.moe_mlp(i["x"].double(), i["experts"], i["weights"], up.double(), i["down_proj"].double())
         same = ops.moe_mlp(i["x"], i["experts"], i["weights"], up, i["down_proj"])
     assert_earned_max(out, want, same, atol=reordered_sum_atol(want, torch.float16, 24))
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+def test_inference_forward_on_each_engine(monkeypatch, engine):
+    # no gradient wanted: the forward saves nothing and fuses the activation where the engine can
+    monkeypatch.setenv(engines.ENGINE_ENV, engine)
+    monkeypatch.setenv(gt.TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    inputs = _inputs(19, 16, 16, 5, 2, True, True, rand_experts, torch.float16)
+
+    def run(backend, tensors):
+        with torch.no_grad(), moe_kernels.use_backend(backend):
+            t = dict(tensors)
+            return ops.moe_mlp(t.pop("x"), t.pop("experts"), t.pop("weights"), t.pop("gate_up_proj"),
+                               t.pop("down_proj"), **t)
+    with poisoned_empty():
+        out = run("triton", inputs)
+    assert engines.LAST["up"][0] == engine
+    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    want = run("reference", as64)
+    assert_earned_max(out, want, run("reference", inputs), atol=reordered_sum_atol(want, torch.float16, 32))
