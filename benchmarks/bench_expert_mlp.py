@@ -15,8 +15,9 @@ D and H divided by 4, E and k kept). A sweep runs one shape over token counts fr
 CPU acceptance targets (fp32): T2048-D512-H256-E64-k8 fwd+bwd >= 1.25x transformers grouped_mm, >= 5x eager,
 >= 75% of the dense rate; T2048-D512-H1024-E8-k2 >= 85% of the dense rate forward and forward+backward; decode
 T4 forward >= 2x the fastest transformers implementation; bf16 at least as fast as fp32.
-GPU targets: Mixtral fwd >= 85% / fwd+bwd >= 75% of the dense rate; Qwen3-30B-A3B fwd+bwd >= 1.3x the
-grouped_mm layer; decode >= 70% of copy bandwidth.
+GPU targets (bf16): Mixtral T16384 fwd+bwd >= 1.1x the torch grouped_mm layer and fwd >= 85% of the dense cuBLAS
+rate; Qwen3-30B-A3B T32768 and OLMoE T16384 fwd+bwd >= 1.3x the grouped_mm layer; every fwd+bwd case >= 1.0x it;
+decode (Mixtral T1, T4, T8) forward >= 70% of copy bandwidth. Targets are evaluated on a run's rows, never a test.
 """
 import torch
 
@@ -54,7 +55,7 @@ SHAPES = {
         "default": [*[("Mixtral", T, ("fwd",), "Mixtral") for T in (*DECODE, 64, 1024)],
                     ("Mixtral", 16384, ALL, "Mixtral"), ("Qwen3-30B-A3B", 32768, ALL, None),
                     *[("Qwen3-30B-A3B", T, ("fwd",), "Qwen3-30B-A3B") for T in (1, 8, 64)],
-                    ("OLMoE", 16384, ALL, None), ("DeepSeek-V3", 4096, ("fwd",), None)],
+                    ("OLMoE", 16384, ALL, None), ("DeepSeek-V3", 4096, ALL, None)],
         "full": [("Mixtral", 4096, ALL, "Mixtral"), ("Qwen3-30B-A3B", 8192, ALL, "Qwen3-30B-A3B"),
                  ("DeepSeek-V3", 16384, ("fwd",), None), ("DeepSeek-V3", 8, ("fwd",), None)],
     },
@@ -179,13 +180,50 @@ def targets(rows, device) -> list:
             out.append(("bf16 at least as fast as fp32 (every case)",
                         f"{worst[0]:.2f}x at worst ({worst[1]}), {max(speedups)[0]:.2f}x at best", worst[0] >= 1.0))
     else:
-        share("Mixtral T16384 fwd >= 85% of the dense rate", "Mixtral", 16384, "fwd", 85)
-        share("Mixtral T16384 fwd+bwd >= 75% of the dense rate", "Mixtral", 16384, "fwd+bwd", 75)
-        ratio("Qwen3-30B-A3B T32768 fwd+bwd >= 1.3x the grouped_mm layer", "Qwen3-30B-A3B", 32768, "fwd+bwd",
-              ["torch grouped_mm"], 1.3)
+        gm = ["torch grouped_mm"]
+        ratio("Mixtral T16384 fwd+bwd >= 1.1x the torch grouped_mm layer", "Mixtral", 16384, "fwd+bwd", gm, 1.1)
+        share("Mixtral T16384 fwd >= 85% of the dense cuBLAS rate", "Mixtral", 16384, "fwd", 85)
+        ratio("Qwen3-30B-A3B T32768 fwd+bwd >= 1.3x the torch grouped_mm layer", "Qwen3-30B-A3B", 32768, "fwd+bwd",
+              gm, 1.3)
+        ratio("OLMoE T16384 fwd+bwd >= 1.3x the torch grouped_mm layer", "OLMoE", 16384, "fwd+bwd", gm, 1.3)
+        ours = [r for r in rows if r["family"] == FAMILY and r["provider"] == "ours" and r["pass"] == "fwd+bwd"
+                and r.get("seconds")]
+        pairs = [(r, _row(rows, r["label"].split(" ")[0], r["tokens"], "fwd+bwd", gm[0])) for r in ours]
+        speedups = [(p["seconds"] / r["seconds"], f"{r['label'].split(' ')[0]} T{r['tokens']}") for r, p in pairs
+                    if p is not None]
+        name = "every fwd+bwd case >= 1.0x the torch grouped_mm layer"
+        if speedups:
+            worst, best = min(speedups), max(speedups)
+            out.append((name, f"{worst[0]:.2f}x at worst ({worst[1]}), {best[0]:.2f}x at best ({best[1]}); "
+                              f"{len(speedups)} cases", worst[0] >= 1.0))
+        elif ours:
+            out.append((name, "peer not run", None))
         for T in DECODE:
             share(f"Mixtral T{T} fwd >= 70% of copy bandwidth", "Mixtral", T, "fwd", 70)
     return out
+
+
+PEERS = ("torch grouped_mm", "transformers grouped_mm")
+
+
+def peer_table(rows) -> str:
+    """Markdown: each expert_mlp case and pass of a run, ours beside the peers of the GPU targets and the dense
+    matmul of the same FLOPs measured in the run (ms, and ours' speed-up over each)."""
+    out = ["| case | pass | ours ms | " + " | ".join(f"{p} ms" for p in PEERS) + " | dense ms | TFLOP/s ours |",
+           "|---|---|---|" + "---|" * len(PEERS) + "---|---|"]
+    for r in rows:
+        if r["family"] != FAMILY or r["provider"] != "ours":
+            continue
+        mine = r.get("ms")
+        cells = []
+        for p in PEERS + ("dense",):
+            peer = (r.get("limit") or {}).get("dense_matmul_ms") if p == "dense" else (
+                _row(rows, r["label"].split(" ")[0], r["tokens"], r["pass"], p) or {}).get("ms")
+            cells.append("-" if peer is None else f"{peer:.3g}" + (f" ({peer / mine:.2f}x)" if mine else ""))
+        tf = f"{r['flops'] / r['seconds'] / 1e12:.0f}" if r.get("seconds") and r.get("flops") else "-"
+        out.append(f"| {r['label']} | {r['pass']} | " + (f"{mine:.3g}" if mine else r["status"][:60]) + " | "
+                   + " | ".join(cells) + f" | {tf} |")
+    return "\n".join(out)
 
 
 def main(argv=None):

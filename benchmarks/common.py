@@ -53,6 +53,9 @@ class Pass:
     work: Work
     canon: Callable[[Any], torch.Tensor] = lambda out: out   # the comparable tensor of a provider's result
     notes: list = dataclasses.field(default_factory=list)
+    # fn() giving what 16-bit providers are checked against instead of the 16-bit reference, where that is the
+    # less accurate result (e.g. the reference in fp32 on the same bf16-representable inputs); see run_pass
+    oracle: Optional[Callable[[], Any]] = None
 
 
 @dataclasses.dataclass
@@ -249,6 +252,7 @@ def copy_bytes(nbytes, device) -> Callable[[], Any]:
 
 # --- agreement with the reference ------------------------------------------------------------------------------
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+_16BIT = (torch.float16, torch.bfloat16)
 
 
 def disagreement(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -278,6 +282,9 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
         except Exception as exc:                                       # e.g. no kernel for this device or dtype
             status[prov.name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     ref = results.get("reference")
+    oracle = None
+    if p.oracle is not None and ref is not None and any(prov.dtype in _16BIT for prov in p.providers):
+        oracle = p.canon(p.oracle())
     errors = {}
     for prov in p.providers:
         if prov.name not in results:
@@ -285,13 +292,19 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
         if ref is None:
             status.setdefault(prov.name, "unchecked: the reference failed")
             continue
-        errors[prov.name] = disagreement(results[prov.name], ref)
-        if not errors[prov.name] <= TOLERANCE[prov.dtype]:
-            status[prov.name] = (f"wrong result: relative RMS error {errors[prov.name]:.2e} against the reference "
-                                 f"(tolerance {TOLERANCE[prov.dtype]:.0e}); not timed")
+        against, tol = ref, TOLERANCE[prov.dtype]
+        if oracle is not None and prov.dtype in _16BIT:
+            # earned (DESIGN.md): at most twice the 16-bit reference's own error, never under the usual tolerance
+            against, tol = oracle, max(tol, 2 * disagreement(ref, oracle))
+        errors[prov.name] = disagreement(results[prov.name], against)
+        if not errors[prov.name] <= tol:
+            status[prov.name] = (f"wrong result: relative RMS error {errors[prov.name]:.2e} against the "
+                                 f"{'fp32 oracle' if against is oracle else 'reference'} (tolerance {tol:.1e}); "
+                                 f"not timed")
     timed = {prov.name: prov for prov in p.providers if prov.name in results and "not timed" not in
              status.get(prov.name, "")}
     results.clear()
+    oracle = None
     memory = {}
     for name, prov in timed.items():   # a second warm-up call: measuring peak memory, or just a call if quick
         if measure_memory:

@@ -1,7 +1,8 @@
 """Where the expert MLP's time goes on a GPU: per-kernel CUDA time of one forward+backward (torch.profiler),
-ours beside the torch grouped_mm layer of the suite (peers.grouped_mm_layer), on the same routing and weights.
+ours beside the torch grouped_mm layer of the suite (peers.grouped_mm_layer), on the same routing and weights, and
+the GEMM engine each of our six grouped GEMMs ran on (moe_kernels.triton.engines.LAST).
 
-    python -m benchmarks.profile_expert_mlp [--shape Mixtral|Qwen3-30B-A3B] [--tokens T]
+    python -m benchmarks.profile_expert_mlp [--shape Mixtral|Qwen3-30B-A3B|OLMoE|DeepSeek-V3] [--tokens T]
 """
 import argparse
 
@@ -9,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moe_kernels import ops
+from moe_kernels.triton import engines
 
 from . import peers
 from .bench_expert_mlp import MODELS
@@ -54,7 +56,10 @@ def main(argv=None):
         torch.autograd.grad(y, (x, w_up, w_down), g)
 
     print(f"{a.shape} T={T} D={D} H={H} E={E} k={k} bf16, forward+backward, per-kernel CUDA time")
+    engines.LAST.clear()
     print("ours:\n" + kernel_table(ours))
+    print("engines: " + ", ".join(f"{role} {engines.LAST[role][0]}" if role in engines.LAST else f"{role} -"
+                                  for role in engines.ROLES) + f" ({T * k} rows)")
     print("torch grouped_mm layer:\n" + kernel_table(peer))
 
 

@@ -10,7 +10,10 @@ from the kernel's metadata, and the hardware paths from the PTX (and HGMMA from 
 kernel x arch x config. Every compile must be free of spills and local memory and fit the architecture's
 shared memory per block. On sm_90 an entry's requirements must hold: "wgmma" (wgmma in the PTX, HGMMA in the
 SASS), "tma_load" / "tma_store" (cp.async.bulk.tensor global -> shared / shared -> global), "warp_specialized"
-(setmaxnreg, the producer / consumer register split), and any of them needs the PTX to target sm_90a.
+(setmaxnreg, the producer / consumer register split), and any of them needs the PTX to target sm_90a; on every
+architecture "cp_async_16" needs 16-byte cp.async loads in the SASS (LDGSTS.E.BYPASS.128: pointer and gathered
+operands pipelined through shared memory). An entry's "divisible" args are compiled as a launch on real model
+shapes specialises them (16-byte aligned pointers, integers that are multiples of 16).
 Exits 1 on a compile failure or any failed requirement, each named after `<-`.
 """
 import argparse
@@ -67,6 +70,7 @@ def resource_usage(cubin: bytes, sass: bool = False) -> dict:
         usage[key.lower()] = int(m.group(1)) if m else None
     if sass:
         usage["hgmma"] = re.search(r"\bHGMMA\.", text) is not None
+        usage["cp_async_16"] = re.search(r"\bLDGSTS\.E\.BYPASS(\.\w+)*\.128\b", text) is not None
     return usage
 
 
@@ -75,11 +79,15 @@ def compile_one(entry: dict, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=entry["fn"], signature=entry["signature"], constexprs=entry.get("constexprs", {}))
+    # the specialisation a launch on real shapes gets: Triton marks 16-byte aligned pointers and integers that are
+    # multiples of 16 as such, and the vectorised and cp.async loads depend on it
+    names = list(entry["signature"])
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in entry.get("divisible", ())}
+    src = ASTSource(fn=entry["fn"], signature=entry["signature"], constexprs=entry.get("constexprs", {}), attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": entry["num_warps"], "num_stages": entry.get("num_stages", 2)})
     ptx = kernel.asm["ptx"]
-    usage = resource_usage(kernel.asm["cubin"], sass=arch // 10 == 9)
+    usage = resource_usage(kernel.asm["cubin"], sass=arch // 10 == 9 or bool(entry.get("cp_async_16")))
     target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.M)
     usage.update(smem=kernel.metadata.shared, target=target.group(1) if target else None,
                  wgmma="wgmma.mma_async" in ptx, tma_load=_TMA_LOAD.search(ptx) is not None,
@@ -97,6 +105,8 @@ def findings(entry: dict, arch: int, usage: dict) -> list:
     limit = SMEM_LIMIT.get(arch)
     if limit is not None and usage["smem"] > limit:
         bad.append(f"smem {usage['smem']} B > {limit} B")
+    if entry.get("cp_async_16") and not usage.get("cp_async_16"):
+        bad.append("no 16-byte cp.async (LDGSTS.E.BYPASS.128)")
     if arch // 10 != 9 or not any(entry.get(k) for k in HOPPER_KEYS):
         return bad
     if usage["target"] != "sm_90a":

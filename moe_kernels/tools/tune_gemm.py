@@ -1,77 +1,195 @@
-"""Tune the tile configs of the expert MLP's grouped GEMMs (forward, dX and dW) on this GPU and write them as the
-data files `moe_kernels/triton/configs/{grouped_gemm,grouped_gemm_tn}-E{E}-N{N}-K{K}-{device}-{dtype}.json`
-({rows: config}; the launcher takes the entry of the nearest number of rows).
+"""Tune the expert MLP's grouped GEMMs on this GPU and write the data files its launchers read:
+    configs/gemm_engines-{device}-{dtype}.json             {"E{E}-D{D}-H{H}": {role: {rows: engine}}}: the fastest
+                                                           engine of each GEMM role (moe_kernels.triton.engines)
+    configs/{kernel}-E{E}-N{N}-K{K}-{device}-{dtype}.json  {rows: tile}: grouped_gemm, grouped_gemm_tn (pointer
+                                                           kernels, 5 ints), grouped_gemm_tma, grouped_gemm_tn_tma
+                                                           (6 ints)
 
-    python -m moe_kernels.tools.tune_gemm [--model Mixtral Qwen3-30B-A3B ...] [--tokens 64 1024 8192]
-                                          [--dtype bfloat16] [--out DIR]
+    python -m moe_kernels.tools.tune_gemm [--model NAME ...] [--tokens T ...] [--budget SECONDS] [--out DIR]
+                                          [--prune RATIO] [--dtype bfloat16] [--dry-run]
 
-Forward: "up" gathers token rows and applies the gated activation ([T*k, D] x [E, 2H, D] -> [T*k, H]); "down"
-scales each row by its routing weight and scatters it. Backward: the dX GEMMs with W untransposed, and the
-variable-K dW GEMMs (grouped_gemm_tn). Each candidate is timed
-with triton.testing.do_bench (median) on random routing; a candidate that fails to compile or run (shared
-memory, registers) is skipped. The default config's time is printed beside the best one.
+For each model shape and token count (default: each model at the benchmark suite's training size and at decode
+size 64; the backward roles at training sizes only) each role's GEMM is timed (triton.testing.do_bench, median) on
+every engine that applies, as moe_kernels.triton.expert_mlp runs it:
+    torch, tma  rows in expert order: up and dw_up take the token rows of x, dh and dw_down those of dOut, each
+                materialised by permutation.permute, whose time is charged to the role (dh and dw_down share one
+                copy, so those two are chosen together); down and dx read rows already in expert order
+    triton      gathers the rows inside its loads
+up includes the activation pass where the engine does not fuse it (glu_forward after grouped_mm, and after the
+pointer kernel when the pre-activation is saved for the backward, i.e. at training sizes; the TMA kernel saves it in
+its epilogue then).
+Three rounds, most useful first: every engine at its default tile on every shape (the engine file is complete after
+it), then the TMA kernels' tile candidates, then the pointer kernels'; an engine more than --prune times slower than
+the best one at a role is not tile-tuned there. After --budget seconds the rest is skipped with a note and the files
+hold what was measured. A candidate that fails to compile or run, or spills registers, is skipped. Written files
+are merged into any file of the same name in --out.
+--dry-run: the whole pipeline on small shapes on the CPU under TRITON_INTERPRET=1 (fp16), with a fake timer.
 """
 import argparse
+import dataclasses
 import json
 import os
+import time
+import zlib
+from typing import Callable, Optional
 
 import torch
 
 MODELS = {  # name: D, H, E, k (DESIGN.md's shapes)
     "Mixtral": (4096, 14336, 8, 2),
     "Qwen3-30B-A3B": (2048, 768, 128, 8),
-    "DeepSeek-V3": (7168, 2048, 256, 8),
     "OLMoE": (2048, 1024, 64, 8),
+    "DeepSeek-V3": (7168, 2048, 256, 8),
 }
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+TRAIN_TOKENS = {"Mixtral": 16384, "Qwen3-30B-A3B": 32768, "OLMoE": 16384, "DeepSeek-V3": 4096}  # the suite's
+DECODE_TOKENS = 64
+TRAIN_MIN = 1024            # token counts from which the backward roles are tuned and up saves its pre-activation
+DEFAULT_BUDGET = 180.0       # seconds: with start-up and the files, ~200 s for the default runs
+ROLES = ("up", "down", "dh", "dx", "dw_up", "dw_down")
+ROWS_OF = {"up": "x", "dw_up": "x", "dh": "g", "dw_down": "g"}    # rows the torch and tma engines materialise
+# Every candidate compiles without spills under Triton 3.9 for sm_80 and sm_90 (sm_90 only for TMA, within its
+# shared memory) with the flag sets aot_check compiles a tuned file's configs with; *_SPILL: not for that role.
+# pointer kernels: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES = [
     (16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4), (32, 128, 64, 4, 4),
     (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3),
     (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-    (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
 ]
-
-
-# the aot_check flags of each GEMM (moe_kernels/triton/grouped_gemm.py _FLAGS; the dW kernel's gather-scale set)
-FLAGS = {"up": "up", "down": "down", "dgrad-down": "dh", "dgrad-up": "dgrad", "wgrad-down": "gather-scale",
-         "wgrad-up": "gather-scale"}
-TN_CANDIDATES = [
-    (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
-    (128, 128, 32, 8, 4), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+# the gated up (two accumulators) and dH (an fp32 output) spill with these
+SPILL = {role: {(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+                (128, 128, 64, 8, 4)} for role in ("up", "dh")}
+TN_CANDIDATES = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+                 (128, 128, 32, 8, 4), (64, 256, 64, 8, 3)]
+# TMA kernels: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize); BLOCK_N counts output columns
+TMA_CANDIDATES = [
+    (128, 128, 64, 4, 3, 1), (128, 128, 64, 4, 4, 1), (128, 256, 64, 4, 3, 1), (128, 256, 64, 4, 2, 1),
+    (128, 128, 64, 8, 3, 0), (128, 128, 64, 8, 4, 0), (128, 64, 64, 4, 3, 1), (128, 64, 64, 4, 4, 1),
 ]
+# gated 128x256 spills; dH's fp32 output tile of 128x256 at 3 stages overflows shared memory
+TMA_SPILL = {"up": {(128, 256, 64, 4, 3, 1), (128, 256, 64, 4, 2, 1)}, "dh": {(128, 256, 64, 4, 3, 1)}}
+TN_TMA_CANDIDATES = [(128, 128, 64, 4, 3, 1), (128, 128, 64, 4, 4, 1), (128, 256, 64, 4, 3, 1),
+                     (128, 128, 64, 8, 3, 0), (128, 64, 64, 4, 3, 1)]
+# aot_check's flag sets of each role's GEMM (the "_flags" of the tile files)
+FLAGS = {"grouped_gemm": {"up": "up+up_pre", "down": "down_sorted", "dh": "dh", "dx": "dgrad"},
+         "grouped_gemm_tn": {"dw_up": "gather-scale", "dw_down": "gather-scale"},
+         "grouped_gemm_tma": {"up": "up+up_save", "down": "down", "dh": "dh", "dx": "dx"},
+         "grouped_gemm_tn_tma": {"dw_up": "tn", "dw_down": "tn"}}
+
+# --dry-run: small shapes (D = 2H in "tiny": up and dx share their tile files), interpreter-sized tiles
+DRY_MODELS = {"tiny": (32, 16, 4, 2), "tiny-E5": (16, 24, 5, 3)}
+DRY_TOKENS = {"tiny": 24, "tiny-E5": 16}
+DRY_CANDIDATES = {"grouped_gemm": [(16, 16, 16, 4, 1), (32, 16, 16, 4, 2)],
+                  "grouped_gemm_tn": [(16, 16, 16, 4, 1), (16, 32, 16, 4, 2)],
+                  "grouped_gemm_tma": [(16, 16, 16, 4, 2, 1), (32, 16, 16, 4, 2, 0)],
+                  "grouped_gemm_tn_tma": [(16, 16, 16, 4, 2, 1), (16, 32, 16, 4, 2, 0)]}
 
 
-def _gemms(T, D, H, E, k, dtype):
-    """The grouped GEMMs of the expert MLP's forward and backward on random routing:
-    {name: (fn, kernel, N, K, rows)}; kernel "grouped_gemm" (N: output width, K: reduction) or "grouped_gemm_tn"
-    (dw [E, N, K] over `rows` sorted rows)."""
-    from ..triton import expert_mlp as em
-    from ..triton import grouped_gemm as gg
+@dataclasses.dataclass
+class Gemm:
+    """One role's GEMM on one engine: fn() runs it as the expert MLP does; the tile fields are None for torch."""
+    fn: Callable
+    kernel: Optional[str] = None    # the tile file's kernel
+    N: int = 0
+    K: int = 0
+    env: Optional[str] = None       # the env var that pins its tile
+    default: Optional[Callable] = None   # () -> the tile the launcher picks unpinned
+    candidates: tuple = ()
 
-    dev = "cuda"
-    x = torch.randn(T, D, device=dev, dtype=dtype)
-    logits = torch.randn(T, E, device=dev)
-    weights, experts = torch.softmax(logits, -1).topk(k, -1)
-    order, _, offsets, token, scale = em._routing_rows(experts, weights, E, None)
-    w_up = torch.randn(E, 2 * H, D, device=dev, dtype=dtype) / D**0.5
-    w_down = torch.randn(E, D, H, device=dev, dtype=dtype) / H**0.5
-    h = torch.randn(T * k, H, device=dev, dtype=dtype)
-    h2 = torch.randn(T * k, 2 * H, device=dev, dtype=dtype)
-    g = torch.randn(T, D, device=dev, dtype=dtype)
-    N = T * k
-    G, TN = "grouped_gemm", "grouped_gemm_tn"
-    return {
-        "up": (lambda: gg.grouped_gemm(x, w_up, offsets, gather=token, activation="silu", gated=True), G, 2 * H, D, N),
-        "down": (lambda: gg.grouped_gemm(h, w_down, offsets, row_scale=scale, scatter=order, num_out_rows=N),
-                 G, D, H, N),
-        "dgrad-down": (lambda: gg.grouped_gemm(g, w_down, offsets, gather=token, trans_w=False,
-                                               out_dtype=torch.float32), G, H, D, N),
-        "dgrad-up": (lambda: gg.grouped_gemm(h2, w_up, offsets, trans_w=False), G, D, 2 * H, N),
-        "wgrad-down": (lambda: gg.grouped_gemm_tn(h, g, offsets, E, gather_dy=token, row_scale=scale), TN, D, H, N),
-        "wgrad-up": (lambda: gg.grouped_gemm_tn(x, h2, offsets, E, gather_x=token), TN, 2 * H, D, N),
+
+def _candidates(kernel, role, dry):
+    if dry:
+        return tuple(DRY_CANDIDATES[kernel])
+    if kernel == "grouped_gemm":
+        return tuple(c for c in CANDIDATES if c not in SPILL.get(role, ()))
+    if kernel == "grouped_gemm_tma":
+        return tuple(c for c in TMA_CANDIDATES if c not in TMA_SPILL.get(role, ()))
+    return tuple(TN_CANDIDATES if kernel == "grouped_gemm_tn" else TN_TMA_CANDIDATES)
+
+
+def role_flops(role, N, D, H):
+    """FLOPs of a role's GEMM over N rows (gated: the up projection is 2H wide)."""
+    return 2 * N * D * (2 * H if role in ("up", "dx", "dw_up") else H)
+
+
+def _setup(T, D, H, E, k, dtype, device, train, dry=False, seed=0):
+    """(perms {"x"|"g": fn}, {role: {engine: Gemm}} for the engines that apply, flops {role: int}) on random
+    routing of T tokens."""
+    from ..triton import engines, expert_mlp as em, grouped_gemm as gg, grouped_gemm_tma as gt
+    from ..triton import permutation as perm
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=dtype)  # noqa: E731
+    x, g = rnd(T, D), rnd(T, D)
+    weights, experts = torch.softmax(torch.randn(T, E, generator=gen, device=device), -1).topk(k, -1)
+    order, inverse, offsets, token, scale = em._routing_rows(experts, weights, E, None)
+    N, MW = T * k, 2 * H
+    w_up, w_down = rnd(E, MW, D) / D**0.5, rnd(E, D, H) / H**0.5
+    xs, gs = perm.permute(x, order, inverse), perm.permute(g, order, inverse)
+    h, hs, dh_pre = rnd(N, H), rnd(N, H), rnd(N, MW)
+    dev = torch.device(device)
+    glu = lambda p: em.glu_forward(p, offsets, None, "silu", True)  # noqa: E731
+    f32 = torch.float32
+
+    def ptr(fn, role, N_, K_, rows, gated=False, fp32_out=False):
+        return Gemm(fn, "grouped_gemm", N_, K_, gg.CONFIG_ENV,
+                    lambda: gg.gemm_config(rows, E, dtype, gated, fp32_out, N=N_, K=K_, device=dev),
+                    _candidates("grouped_gemm", role, dry))
+
+    def tma(fn, role, N_, K_, rows, gated=False):
+        return Gemm(fn, "grouped_gemm_tma", N_, K_, gt.TMA_CONFIG_ENV,
+                    lambda: gt.tma_config(rows, E, N_, K_, dtype, gated, dev), _candidates("grouped_gemm_tma", role, dry))
+
+    def tn(fn, role, M_, K_, rows):
+        return Gemm(fn, "grouped_gemm_tn", M_, K_, gg.TN_CONFIG_ENV,
+                    lambda: gg.tn_config(rows, E, M_, K_, dtype, dev), _candidates("grouped_gemm_tn", role, dry))
+
+    def tn_tma(fn, role, M_, K_, rows):
+        return Gemm(fn, "grouped_gemm_tn_tma", M_, K_, gt.TN_TMA_CONFIG_ENV,
+                    lambda: gt.tn_tma_config(rows, E, M_, K_, dtype, dev),
+                    _candidates("grouped_gemm_tn_tma", role, dry))
+
+    if train:
+        up_triton = ptr(lambda: glu(gg.grouped_gemm(x, w_up, offsets, gather=token)), "up", MW, D, N)
+    else:
+        up_triton = ptr(lambda: gg.grouped_gemm(x, w_up, offsets, gather=token, activation="silu", gated=True), "up",
+                        MW, D, N, gated=True)
+    gemms = {
+        "up": {"torch": Gemm(lambda: glu(engines.torch_gemm(xs, w_up, offsets))),
+               "tma": tma(lambda: gt.grouped_gemm_tma(xs, w_up, offsets, activation="silu", gated=True, save_pre=train),
+                          "up", MW, D, N, gated=True),
+               "triton": up_triton},
+        "down": {"torch": Gemm(lambda: engines.torch_gemm(h, w_down, offsets)),
+                 "tma": tma(lambda: gt.grouped_gemm_tma(h, w_down, offsets), "down", D, H, N),
+                 "triton": ptr(lambda: gg.grouped_gemm(h, w_down, offsets), "down", D, H, N)},
     }
+    widths = {"up": (D, MW, H), "down": (H, D), "dh": (D, H), "dw_down": (D, H), "dx": (MW, D), "dw_up": (MW, D)}
+    if train:
+        gemms.update({
+            "dh": {"torch": Gemm(lambda: engines.torch_gemm(gs, w_down, offsets, trans_w=False)),
+                   "tma": tma(lambda: gt.grouped_gemm_tma(gs, w_down, offsets, trans_w=False, out_dtype=f32), "dh",
+                              H, D, N),
+                   "triton": ptr(lambda: gg.grouped_gemm(g, w_down, offsets, gather=token, trans_w=False,
+                                                         out_dtype=f32), "dh", H, D, N, fp32_out=True)},
+            "dx": {"torch": Gemm(lambda: engines.torch_gemm(dh_pre, w_up, offsets, trans_w=False)),
+                   "tma": tma(lambda: gt.grouped_gemm_tma(dh_pre, w_up, offsets, trans_w=False), "dx", D, MW, N),
+                   "triton": ptr(lambda: gg.grouped_gemm(dh_pre, w_up, offsets, trans_w=False), "dx", D, MW, N)},
+            "dw_up": {"torch": Gemm(lambda: engines.torch_gemm_tn(xs, dh_pre, offsets, E)),
+                      "tma": tn_tma(lambda: gt.grouped_gemm_tn_tma(xs, dh_pre, offsets, E), "dw_up", MW, D, N),
+                      "triton": tn(lambda: gg.grouped_gemm_tn(x, dh_pre, offsets, E, gather_x=token), "dw_up", MW, D,
+                                   N)},
+            "dw_down": {"torch": Gemm(lambda: engines.torch_gemm_tn(hs, gs, offsets, E)),
+                        "tma": tn_tma(lambda: gt.grouped_gemm_tn_tma(hs, gs, offsets, E), "dw_down", D, H, N),
+                        "triton": tn(lambda: gg.grouped_gemm_tn(hs, g, offsets, E, gather_dy=token), "dw_down", D, H,
+                                     N)},
+        })
+    gemms = {role: {eng: gm for eng, gm in by.items() if engines.applies(eng, dev, dtype, widths[role])}
+             for role, by in gemms.items()}
+    flops = {role: role_flops(role, N, D, H) for role in gemms}
+    perms = {"x": lambda: perm.permute(x, order, inverse), "g": lambda: perm.permute(g, order, inverse)}
+    return perms, gemms, flops
 
 
+# --- timing ---------------------------------------------------------------------------------------------------------
 class _Spy:
     """Stands in for a @triton.jit kernel in its module and keeps the compiled kernels that launches return."""
 
@@ -89,93 +207,312 @@ class _Spy:
 
 
 def _spills(fn):
-    """Bytes of registers spilled by the kernels that fn() launches (compiled by this machine's Triton)."""
-    from ..triton import grouped_gemm as gg
+    """Bytes of registers spilled by the GEMM kernels that fn() launches (compiled by this machine's Triton)."""
+    from ..triton import grouped_gemm as gg, grouped_gemm_tma as gt
 
-    names = ("_grouped_gemm_kernel", "_grouped_gemm_tn_kernel")
-    spies = {n: _Spy(getattr(gg, n)) for n in names}
+    spies = [(mod, n, _Spy(getattr(mod, n))) for mod, n in (
+        (gg, "_grouped_gemm_kernel"), (gg, "_grouped_gemm_tn_kernel"), (gt, "_grouped_gemm_tma_kernel"),
+        (gt, "_grouped_gemm_tn_tma_kernel"))]
     try:
-        for n, spy in spies.items():
-            setattr(gg, n, spy)
+        for mod, n, spy in spies:
+            setattr(mod, n, spy)
         fn()
     finally:
-        for n, spy in spies.items():
-            setattr(gg, n, spy.kernel)
-    return max((getattr(k, "n_spills", 0) or 0 for spy in spies.values() for k in spy.launched), default=0)
+        for mod, n, spy in spies:
+            setattr(mod, n, spy.kernel)
+    return max((getattr(k, "n_spills", 0) or 0 for *_, spy in spies for k in spy.launched), default=0)
 
 
-def _time(fn, cfg, env):
+def do_bench(fn, label):
+    """Median ms of fn() on the GPU."""
     import triton.testing
 
-    old = os.environ.get(env)
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median")
+
+
+def fake_timer(fn, label):
+    """--dry-run: a time from the label alone (deterministic), after one call of fn."""
+    return 0.5 + zlib.crc32(label.encode()) % 1000 / 1000
+
+
+class _Pinned:
+    """Pins (cfg) or unpins (None) a tile env var for the duration."""
+
+    def __init__(self, env, cfg):
+        self.env, self.cfg = env, cfg
+
+    def __enter__(self):
+        self.old = os.environ.get(self.env) if self.env else None
+        if self.env:
+            if self.cfg is None:
+                os.environ.pop(self.env, None)
+            else:
+                os.environ[self.env] = ",".join(map(str, self.cfg))
+
+    def __exit__(self, *exc):
+        if self.env:
+            if self.old is None:
+                os.environ.pop(self.env, None)
+            else:
+                os.environ[self.env] = self.old
+
+
+def _time(fn, timer, label, env=None, cfg=None):
+    """ms of fn() with tile cfg pinned (None: the launcher's own choice); None when it fails to compile or run, or
+    (a pinned candidate) spills."""
     try:
-        if cfg is None:
-            os.environ.pop(env, None)
-        else:
-            os.environ[env] = ",".join(map(str, cfg))
-        spilled = _spills(fn)
-        if spilled and cfg is not None:
-            print(f"    {cfg}: skipped (spills {spilled} B)")
-            return None
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+        with _Pinned(env, cfg):
+            spilled = _spills(fn)
+            if spilled and cfg is not None:
+                print(f"    {label}: skipped (spills {spilled} B)", flush=True)
+                return None
+            return timer(fn, label)
     except Exception as exc:  # noqa: BLE001 -- a config the chip cannot run is skipped, not fatal
-        print(f"    {cfg}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+        print(f"    {label}: skipped ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:100]})", flush=True)
         return None
-    finally:
-        if old is None:
-            os.environ.pop(env, None)
-        else:
-            os.environ[env] = old
 
 
-def tune(models, tokens, dtype, out_dir):
-    from ..triton.grouped_gemm import CONFIG_ENV, TN_CONFIG_ENV, config_file
+class Budget:
+    """Wall-clock budget: ok() is False once it is spent (the first refusal prints a note)."""
 
-    device = torch.cuda.get_device_name()
-    tables, report = {}, []
-    for model in models:
-        D, H, E, k = MODELS[model]
-        for T in tokens:
-            for name, (fn, kernel, N, K, rows) in _gemms(T, D, H, E, k, dtype).items():
-                if name not in ("up", "down") and T < 1024:
-                    continue  # backward GEMMs: training batches only
-                env, cands = (CONFIG_ENV, CANDIDATES) if kernel == "grouped_gemm" else (TN_CONFIG_ENV, TN_CANDIDATES)
-                default = _time(fn, None, env)
-                times = {cfg: _time(fn, cfg, env) for cfg in cands}
-                times = {c: t for c, t in times.items() if t is not None}
-                best = min(times, key=times.get)
-                flops = 2 * rows * N * K
-                report.append((model, T, name, best, times[best], default, flops / times[best] / 1e9))
-                print(f"{model} T={T} {name}: best {best} {times[best]:.3f} ms ({flops / times[best] / 1e9:.0f} "
-                      f"TFLOP/s), default {default if default is None else f'{default:.3f} ms'}", flush=True)
-                table = tables.setdefault(config_file(E, N, K, device, dtype, kernel), {"_flags": FLAGS[name]})
-                table[rows] = list(best)
+    def __init__(self, seconds):
+        self.seconds, self.start, self.skipped, self.note = seconds, time.monotonic(), 0, None
+
+    def ok(self, what):
+        if time.monotonic() - self.start < self.seconds:
+            return True
+        if self.note is None:
+            self.note = f"budget of {self.seconds:.0f} s spent: skipped the rest of the work, from {what}"
+            print(f"  {self.note}", flush=True)
+        self.skipped += 1
+        return False
+
+
+# --- the choice -----------------------------------------------------------------------------------------------------
+def role_cost(role, engine, ms, perm_ms):
+    """ms of a role on an engine, with the materialised rows it needs."""
+    return ms + (perm_ms.get(ROWS_OF[role], 0.0) if engine != "triton" and role in ROWS_OF else 0.0)
+
+
+def choose(best, perm_ms):
+    """{role: engine} from best {role: {engine: ms}} (GEMM alone) and perm_ms {"x"|"g": ms}: each role its cheapest
+    engine with the rows it needs; dh and dw_down together, as one copy of dOut's rows serves both."""
+    out = {}
+    for role, times in best.items():
+        if times and role not in ("dh", "dw_down"):
+            out[role] = min(times, key=lambda e: role_cost(role, e, times[e], perm_ms))
+    pair = [r for r in ("dh", "dw_down") if best.get(r)]
+    if pair:
+        def joint(engs):
+            t = sum(best[r][e] for r, e in zip(pair, engs))
+            return t + (perm_ms.get("g", 0.0) if any(e != "triton" for e in engs) else 0.0)
+        combos = [()]
+        for r in pair:
+            combos = [c + (e,) for c in combos for e in best[r]]
+        out.update(zip(pair, min(combos, key=joint)))
+    return out
+
+
+# --- the tuner ------------------------------------------------------------------------------------------------------
+def tune(runs, dtype, out_dir, *, budget=DEFAULT_BUDGET, prune=1.5, device="cuda", timer=do_bench, dry=False,
+         train_min=TRAIN_MIN, models=MODELS):
+    """runs: [(model, T)]. Times, chooses, writes the files to out_dir; returns the report rows
+    (model, T, role, {engine: (ms with its rows, TFLOP/s)}, chosen engine)."""
+    from ..triton import engines
+    from ..triton.grouped_gemm import _device_name, config_file
+
+    dev_name = _device_name(torch.device(device))
+    clock = Budget(budget)
+    times = {}      # (model, T) -> role -> engine -> {cfg or None: ms}
+    perm_ms = {}    # (model, T) -> {"x"|"g": ms}
+    tuned = set()   # (model, T, role, engine) whose tile candidates were timed
+    tile_of = {}    # (model, T, role) -> {engine: (kernel, N, K)}
+
+    def shapes(what, measured_only=False):
+        for model, T in runs:
+            D, H, E, k = models[model]
+            if measured_only and (model, T) not in times or not clock.ok(f"{what} {model} T={T}"):
+                continue
+            yield model, T, _setup(T, D, H, E, k, dtype, device, T >= train_min, dry)
+            if device == "cuda":    # the caller has dropped the shape's tensors
+                torch.cuda.empty_cache()
+
+    print(f"round 1: every engine at its default tile ({len(runs)} shapes)", flush=True)
+    for model, T, (perms, gemms, _) in shapes("round 1"):
+        key = (model, T)
+        perm_ms[key] = {}
+        for rows, fn in perms.items():
+            if clock.ok(f"{model} T={T} permute"):
+                t = _time(fn, timer, f"{model} T={T} permute {rows}")
+                if t is not None:
+                    perm_ms[key][rows] = t
+        for role, by in gemms.items():
+            for eng, gm in by.items():
+                if gm.kernel:
+                    tile_of.setdefault((model, T, role), {})[eng] = (gm.kernel, gm.N, gm.K)
+                if not clock.ok(f"{model} T={T} {role} {eng}"):
+                    continue
+                with _Pinned(gm.env, None):
+                    cfg = gm.default() if gm.default else None
+                t = _time(gm.fn, timer, f"{model} T={T} {role} {eng} default", gm.env)
+                if t is not None:
+                    times.setdefault(key, {}).setdefault(role, {}).setdefault(eng, {})[cfg] = t
+        print(f"  {model} T={T}: " + ", ".join(
+            f"{role} " + "/".join(f"{e} {min(v.values()):.3f}" for e, v in by.items())
+            for role, by in times.get(key, {}).items()) + " ms", flush=True)
+        del perms, gemms
+
+    def best(key, role):
+        return {e: min(v.values()) for e, v in times.get(key, {}).get(role, {}).items()}
+
+    for rnd, engine in ((2, "tma"), (3, "triton")):
+        print(f"round {rnd}: {engine} tile candidates", flush=True)
+        for model, T, (perms, gemms, flops) in shapes(f"round {rnd}", measured_only=True):
+            key = (model, T)
+            for role, by in gemms.items():
+                gm = by.get(engine)
+                b = best(key, role)
+                if gm is None or engine not in b:
+                    continue
+                cost = {e: role_cost(role, e, t, perm_ms.get(key, {})) for e, t in b.items()}
+                if prune and cost[engine] > prune * min(cost.values()):
+                    print(f"  {model} T={T} {role}: {engine} not tuned ({cost[engine]:.3f} ms against "
+                          f"{min(cost.values()):.3f})", flush=True)
+                    continue
+                measured = times[key][role][engine]
+                for cfg in gm.candidates:
+                    if cfg in measured or not clock.ok(f"{model} T={T} {role} {engine} {cfg}"):
+                        continue
+                    t = _time(gm.fn, timer, f"{model} T={T} {role} {engine} {cfg}", gm.env, cfg)
+                    tuned.add((model, T, role, engine))
+                    if t is not None:
+                        measured[cfg] = t
+                win = min(measured, key=measured.get)
+                print(f"  {model} T={T} {role} {engine}: best {win} {measured[win]:.3f} ms "
+                      f"({flops[role] / measured[win] / 1e9:.0f} TFLOP/s)", flush=True)
+            del perms, gemms
+
+    # the choice and the report
+    report, engine_table, tiles = [], {}, {}
+    for model, T in runs:
+        key = (model, T)
+        if key not in times:
+            continue
+        D, H, E, k = models[model]
+        N = T * k
+        roles = {role: best(key, role) for role in ROLES if best(key, role)}
+        chosen = choose(roles, perm_ms.get(key, {}))
+        for role, b in roles.items():
+            cost = {e: role_cost(role, e, t, perm_ms[key]) for e, t in b.items()}
+            cells = {e: (c, role_flops(role, N, D, H) / c / 1e9) for e, c in cost.items()}
+            report.append((model, T, role, cells, chosen[role]))
+            engine_table.setdefault(f"E{E}-D{D}-H{H}", {}).setdefault(role, {})[str(N)] = chosen[role]
+        for role in roles:      # tile entries: the kernels whose candidates were timed
+            for eng, (kernel, Nk, Kk) in tile_of.get((model, T, role), {}).items():
+                # a default outside the role's candidates (the ungated up's 128x128) spills with the file's flags
+                ok = {c: t for c, t in times[key][role].get(eng, {}).items()
+                      if dry or c in _candidates(kernel, role, dry)}
+                if (model, T, role, eng) in tuned and ok:
+                    tiles.setdefault((kernel, E, Nk, Kk), {}).setdefault(N, {})[role] = ok
+    written = _write(out_dir, engine_table, tiles, dev_name, dtype, config_file, engines.engine_file)
+    if clock.note:
+        print(f"note: {clock.note} ({clock.skipped} steps skipped)", flush=True)
+    return report, written
+
+
+def _deep_merge(old, new):
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _merge(path, data):
+    """Writes data into the JSON file at path, merged into what it holds."""
+    if os.path.exists(path):
+        with open(path) as f:
+            data = _deep_merge(json.load(f), data)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    print("wrote", path, flush=True)
+    return path
+
+
+def pick_tile(by_role):
+    """by_role {role: {cfg: ms}} of one (tile file, rows) entry: the config with the least total time among those
+    every role measured (roles share a file when their GEMMs have the same E, N, K), else the first role's best."""
+    common = set.intersection(*(set(v) for v in by_role.values()))
+    if common:
+        return min(common, key=lambda c: (sum(v[c] for v in by_role.values()), str(c)))
+    first = next(iter(by_role.values()))
+    return min(first, key=first.get)
+
+
+def _write(out_dir, engine_table, tiles, dev_name, dtype, config_file, engine_file):
     os.makedirs(out_dir, exist_ok=True)
-    for path, table in tables.items():
-        dest = os.path.join(out_dir, os.path.basename(path))
-        with open(dest, "w") as f:
-            flags = table.pop("_flags")
-            json.dump({"_flags": flags, **{str(m): cfg for m, cfg in sorted(table.items())}}, f, indent=1)
-        print("wrote", dest)
-    return report
+    written = []
+    if engine_table:
+        written.append(_merge(os.path.join(out_dir, os.path.basename(engine_file(dev_name, dtype))), engine_table))
+    for (kernel, E, N, K), entries in sorted(tiles.items()):
+        roles = sorted({r for by in entries.values() for r in by}, key=ROLES.index)
+        data = {"_flags": "+".join(FLAGS[kernel][r] for r in roles)}
+        if len(roles) > 1:
+            data["_roles"] = "+".join(roles)
+        data.update({str(rows): list(pick_tile(by)) for rows, by in sorted(entries.items())})
+        written.append(_merge(os.path.join(out_dir, os.path.basename(config_file(E, N, K, dev_name, dtype, kernel))),
+                              data))
+    return written
+
+
+def table(report):
+    """The markdown table of the report rows."""
+    from ..triton.engines import ENGINES
+
+    lines = ["| model | T | role | " + " | ".join(f"{e} ms (TFLOP/s)" for e in ENGINES) + " | chosen |",
+             "|---|---|---|" + "---|" * len(ENGINES) + "---|"]
+    for model, T, role, cells, chosen in report:
+        cols = [f"{cells[e][0]:.3f} ({cells[e][1]:.3g})" if e in cells else "-" for e in ENGINES]
+        lines.append(f"| {model} | {T} | {role} | " + " | ".join(cols) + f" | **{chosen}** |")
+    return "\n".join(lines) + ("\n\nTimes include the rows an engine materialises; dh and dw_down share one copy, "
+                               "counted once in their joint choice.")
+
+
+def default_runs(models):
+    """Each model at its training size, then each at decode size."""
+    return [(m, TRAIN_TOKENS[m]) for m in models] + [(m, DECODE_TOKENS) for m in models]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m moe_kernels.tools.tune_gemm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["Mixtral", "Qwen3-30B-A3B"], choices=sorted(MODELS))
-    p.add_argument("--tokens", nargs="+", type=int, default=[64, 1024, 8192])
+    p.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS) + list(DRY_MODELS))
+    p.add_argument("--tokens", nargs="+", type=int, default=None,
+                   help="token counts for every model (default: its training size and 64)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds (default %(default)s)")
+    p.add_argument("--prune", type=float, default=1.5,
+                   help="no tile tuning of an engine this many times slower than the best (0: tune all)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "triton", "configs"))
+    p.add_argument("--dry-run", action="store_true", help="small shapes on CPU, interpreter, fake timer")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("tuning needs a CUDA GPU")
-    report = tune(a.model, a.tokens, getattr(torch, a.dtype), a.out)
-    print("\n| model | T | GEMM | best config | ms | default ms | TFLOP/s |\n|---|---|---|---|---|---|---|")
-    for model, T, name, best, t, default, tf in report:
-        print(f"| {model} | {T} | {name} | {','.join(map(str, best))} | {t:.3f} | "
-              f"{'-' if default is None else f'{default:.3f}'} | {tf:.0f} |")
+    start = time.monotonic()
+    if a.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--dry-run runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+        models = DRY_MODELS
+        names = [m for m in a.model if m in DRY_MODELS] or list(DRY_MODELS)
+        runs = [(m, T) for m in names for T in (a.tokens or [DRY_TOKENS[m], 4])]
+        report, _ = tune(runs, torch.float16, a.out, budget=a.budget, prune=a.prune, device="cpu", timer=fake_timer,
+                         dry=True, train_min=16, models=models)
+    else:
+        if not torch.cuda.is_available():
+            p.error("tuning needs a CUDA GPU (--dry-run checks the pipeline on CPU)")
+        if set(a.model) - set(MODELS):
+            p.error(f"{sorted(set(a.model) - set(MODELS))}: --dry-run shapes")
+        runs = [(m, T) for m in a.model for T in a.tokens] if a.tokens else default_runs(a.model)
+        report, _ = tune(runs, getattr(torch, a.dtype), a.out, budget=a.budget, prune=a.prune)
+    print(f"\ntune_gemm: {time.monotonic() - start:.0f} s\n\n{table(report)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ applies. The choice, per role, device, dtype and shape, in order:
     1. MOE_KERNELS_GEMM_ENGINE: one engine for every role ("torch") or per role ("dh=tma,dw_up=torch"), where it
        applies;
     2. the tuned data file configs/gemm_engines-{device}-{dtype}.json, written by moe_kernels.tools.tune_gemm
-       from measurements ({"E{E}-D{D}-H{H}": {role: {rows: engine}}}, the entry of the nearest number of rows);
+       from measurements ({"E{E}-D{D}-H{H}": {role: {rows: engine}}}, the entry of the nearest number of rows on a
+       log scale);
     3. the default: torch where it applies on a GPU and the experts average at least DEFAULT_MIN_ROWS rows (its
        tiles are 128 rows: decode-sized groups waste them, and there the pointer kernels measured faster), else
        triton.
@@ -28,6 +29,7 @@ choice recorded as data.
 """
 import functools
 import json
+import math
 import logging
 import os
 
@@ -119,7 +121,8 @@ def choose(role, device, dtype, shape, rows, widths, bias=False, tensors=()) -> 
         engine = None
         table = _load_engines(engine_file(_device_name(device), dtype)).get(key, {}).get(role)
         if table:
-            tuned = table[min(table, key=lambda m: (abs(m - rows), m))]
+            # nearest on a log scale: a batch of 2048 rows is nearer 32768 (16x) than 128 (16x, then the larger)
+            tuned = table[min(table, key=lambda m: (abs(math.log2(max(m, 1) / max(rows, 1))), -m))]
             if ok(tuned):
                 engine = tuned
     if engine is None:

@@ -173,7 +173,7 @@ GEMM_CONFIGS = {
     "large16": (128, 128, 64, 8, 3),
     "large16_gated": (128, 64, 64, 8, 3),
     "small32": (16, 64, 16, 4, 3),      # fp32
-    "mid32": (64, 64, 32, 8, 3),
+    "mid32": (64, 64, 16, 8, 3),        # BLOCK_K 32 spills on sm_80 once a launch's 16-byte alignment is known
 }   # fp32 has no large tile: ieee fp32 runs on FMA, and a 128-row gated tile spills
 GEMM_BLOCK_E = 64
 CONFIG_ENV = "MOE_KERNELS_GEMM_CONFIG"
@@ -212,9 +212,11 @@ def _load_tuned(path):
 
 
 def _tuned_flags(path):
-    """The "_flags" entry of a tuned file: which of the expert MLP's GEMMs it was tuned on (aot_check's flags)."""
+    """The "_flags" entry of a tuned file: the flag sets (aot_check's names, "+"-joined) of the expert MLP GEMMs it
+    was tuned on, as a tuple (None without the entry)."""
     with open(path) as f:
-        return json.load(f).get("_flags")
+        flags = json.load(f).get("_flags")
+    return tuple(flags.split("+")) if flags else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -570,6 +572,8 @@ _FLAGS = {
     "dgrad": (False, False, False, False, False, "identity", False),        # grad_a = grad_h @ w[e]
     "dgrad_gather": (False, True, False, True, False, "identity", False),
     "dh": (False, True, False, False, False, "identity", False),            # expert MLP dH = dOut[t] @ W_down
+    "up_pre": (True, True, False, False, False, "identity", False),         # expert MLP up, pre-activation kept
+    "down_sorted": (True, False, False, False, False, "identity", False),   # expert MLP down, rows in expert order
     "act_gelu_tanh": (True, False, False, False, True, "gelu_tanh", False),
     "act_relu": (True, False, False, True, False, "relu", False),
     "act_silu_gated_tanh": (True, False, True, False, False, "gelu_tanh", True),
@@ -593,6 +597,10 @@ def _gemm_entry(name, cfg, dtype, flags, tf32=False, out_dtype=None):
                            "ALIGNED": True,
                            "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "BLOCK_E": GEMM_BLOCK_E},
             "num_warps": warps, "num_stages": stages,
+            # ALIGNED is launched on 16-byte aligned tensors with K, MW, MO multiples of 16: compiled as such
+            "divisible": tuple(n for n, t in sig.items() if t.startswith("*")) + ("K", "MW", "MO"),
+            # the A and W tiles (gathered rows included) stream through shared memory by 16-byte cp.async
+            "cp_async_16": True,
             # wgmma needs a 64-row tile and 16-bit operands here (fp32 ieee runs on FMA)
             "wgmma": dtype != torch.float32 and BM >= 64}
 
@@ -626,7 +634,7 @@ def _aot_configs():
             out.append(_gemm_entry(name, GEMM_CONFIGS[name], dtype, "dh", out_dtype=torch.float32))
     # configs of the tuned data files, with the expert MLP's forward flags
     for cfg, dtype, flags in sorted({(cfg, dtype, f) for _, dtype, cfg, f in tuned_configs()}, key=str):
-        for f in (flags,) if flags else ("up", "down", "dgrad"):
+        for f in flags or ("up", "up_pre", "down_sorted", "dgrad"):
             out.append(_gemm_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype, f,
                                    out_dtype=torch.float32 if f == "dh" else None))
     out.append(_gemm_entry("mid32", GEMM_CONFIGS["mid32"], torch.float32, "up", tf32=True))

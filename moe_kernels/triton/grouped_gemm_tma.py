@@ -333,8 +333,9 @@ def _tn_tma_entry(name, cfg, dtype):
 
 
 def _tuned(kernel):
+    """(config, dtype, flag sets) of kernel's tuned data files (every flag set when a file names none)."""
     from .grouped_gemm import tuned_configs
-    return sorted({(cfg, dtype) for _, dtype, cfg, _ in tuned_configs(kernel)}, key=str)
+    return sorted({(cfg, dtype, flags) for _, dtype, cfg, flags in tuned_configs(kernel)}, key=str)
 
 
 def _aot_configs():
@@ -348,9 +349,11 @@ def _aot_configs():
             names = ("gated",) if gated else ("large", "plain8", "wide") if plain else ("large", "plain8")
             out.extend(_tma_entry(n, TMA_CONFIGS[n], dtype, flags) for n in names)
         out.extend(_tn_tma_entry(n, cfg, dtype) for n, cfg in TN_TMA_CONFIGS.items())
-    for cfg, dtype in _tuned("grouped_gemm_tma"):
-        out.extend(_tma_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype, f) for f in ("up_save", "down", "dh"))
-    out.extend(_tn_tma_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype) for cfg, dtype in _tuned("grouped_gemm_tn_tma"))
+    for cfg, dtype, flags in _tuned("grouped_gemm_tma"):
+        out.extend(_tma_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype, f)
+                   for f in flags or ("up", "up_save", "down", "dh", "dx"))
+    out.extend(_tn_tma_entry(f"tuned{'x'.join(map(str, cfg))}", cfg, dtype)
+               for cfg, dtype in sorted({(c, d) for c, d, _ in _tuned("grouped_gemm_tn_tma")}, key=str))
     return out
 
 

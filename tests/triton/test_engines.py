@@ -226,6 +226,7 @@ def test_tuned_engine_file_is_read(monkeypatch, tmp_path):
     try:
         assert engines.choose("up", cpu, torch.float16, (4, 16, 8), 100, (16, 16, 8)) == "tma"    # nearest: 64
         assert engines.choose("up", cpu, torch.float16, (4, 16, 8), 3000, (16, 16, 8)) == "torch"
+        assert engines.choose("up", cpu, torch.float16, (4, 16, 8), 600, (16, 16, 8)) == "torch"  # log scale
         # a tuned engine that does not apply to these operands is not taken
         assert engines.choose("dh", cpu, torch.float16, (4, 16, 8), 64, (16, 12)) == "triton"
         assert engines.choose("dx", cpu, torch.float16, (4, 16, 8), 64, (16, 16)) == "triton"  # no entry: default

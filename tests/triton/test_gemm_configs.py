@@ -79,7 +79,16 @@ def test_tuned_configs_are_compiled_by_aot_check(config_dir):
     with open(gg.config_file(8, 4096, 1024, "NVIDIA_H100", torch.bfloat16), "w") as f:
         json.dump({"4096": [128, 128, 64, 8, 4], "64": [16, 64, 64, 4, 4]}, f)
     names = {e["name"] for e in gg._aot_configs()}
-    assert {"grouped_gemm-bf16-tuned128x128x64x8x4-up", "grouped_gemm-bf16-tuned16x64x64x4x4-down"} <= names
+    assert {"grouped_gemm-bf16-tuned128x128x64x8x4-up", "grouped_gemm-bf16-tuned16x64x64x4x4-down_sorted",
+            "grouped_gemm-bf16-tuned16x64x64x4x4-up_pre"} <= names
+
+
+def test_a_tuned_file_of_several_gemms_is_compiled_with_each(config_dir):
+    # roles that share E, N and K share a file: "_flags" joins their flag sets with "+"
+    with open(gg.config_file(8, 2048, 2048, "cpu", torch.bfloat16), "w") as f:
+        json.dump({"_flags": "up+up_pre+dgrad", "_roles": "up+dx", "4096": [128, 64, 64, 8, 3]}, f)
+    names = sorted(e["name"] for e in gg._aot_configs() if "tuned128x64x64x8x3" in e["name"])
+    assert names == [f"grouped_gemm-bf16-tuned128x64x64x8x3-{f}" for f in ("dgrad", "up", "up_pre")]
 
 
 def test_a_tuned_file_names_the_gemm_it_was_tuned_on(config_dir):
