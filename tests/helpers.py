@@ -230,3 +230,19 @@ def routing_weight_grad_atol(inputs, grad, activation, gated, dtype):
         largest = max(largest, terms.max().item())
     n = up.shape[2] + down.shape[2]
     return torch.finfo(dtype).eps * n**0.5 * largest
+
+
+def assert_moe_mlp_earned(run, inputs, grad, fast, dtype, n, **kw):
+    """`fast` = (out, {name: grad}) of ops.moe_mlp on a fast path; `run(backend, inputs, grad, **kw)` gives the same
+    on a backend. Output and every gradient against the float64 reference within the earned tolerance (sqrt(n)
+    ulps for the reordered sums; the routing-weight gradient's ulps of its terms)."""
+    out, grads = fast
+    as64 = {k: (t.to(F64) if t is not None and t.is_floating_point() else t) for k, t in inputs.items()}
+    out64, grads64 = run("reference", as64, grad.to(F64), **kw)
+    same, grads_same = run("reference", inputs, grad, **kw)
+    ulp = lambda ref: reordered_sum_atol(ref, dtype, n)  # noqa: E731
+    assert_earned_max(out, out64, same, atol=ulp(out64))
+    wtol = routing_weight_grad_atol(inputs, grad, kw.get("activation", "silu"), kw.get("gated", True), dtype)
+    for name in grads:
+        atol = ulp(grads64[name]) + (wtol if name == "weights" else 0)
+        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=atol, name=f"grad {name}")

@@ -14,8 +14,8 @@ from moe_kernels.reference.activations import ACTIVATIONS, glu, glu_backward  # 
 from moe_kernels.triton import engines  # noqa: E402
 from moe_kernels.triton import expert_mlp as em  # noqa: E402
 from moe_kernels.triton import grouped_gemm_tma as gt  # noqa: E402
-from tests.helpers import (assert_earned_max, poisoned_empty, rand_experts, reordered_sum_atol,  # noqa: E402
-                           routing_weight_grad_atol)
+from tests.helpers import (assert_earned_max, assert_moe_mlp_earned, poisoned_empty, rand_experts,  # noqa: E402
+                           reordered_sum_atol)
 
 F64 = torch.float64
 DIFF = ("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
@@ -94,15 +94,7 @@ def test_engine_matches_reference(monkeypatch, engine, T, D, H, E, k, activation
         out, grads = _run("triton", inputs, grad, **kw)
     for role in engines.ROLES:
         assert engines.LAST[role][0] == _expected_engine(engine, role, dtype, bias), (role, engines.LAST[role])
-    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
-    out64, grads64 = _run("reference", as64, grad.to(F64), **kw)
-    same, grads_same = _run("reference", inputs, grad, **kw)
-    ulp = lambda ref: reordered_sum_atol(ref, dtype, D + H)  # noqa: E731
-    assert_earned_max(out, out64, same, atol=ulp(out64))
-    wtol = routing_weight_grad_atol(inputs, grad, activation, gated, dtype)
-    for name in grads:
-        atol = ulp(grads64[name]) + (wtol if name == "weights" else 0)
-        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=atol, name=f"grad {name}")
+    assert_moe_mlp_earned(_run, inputs, grad, (out, grads), dtype, D + H, **kw)
 
 
 def test_engines_mixed_per_role(monkeypatch):
@@ -116,15 +108,7 @@ def test_engines_mixed_per_role(monkeypatch):
     out, grads = _run("triton", inputs, grad)
     assert {r: engines.LAST[r][0] for r in engines.ROLES} == {"up": "tma", "down": "torch", "dh": "triton",
                                                               "dx": "tma", "dw_up": "torch", "dw_down": "tma"}
-    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
-    out64, grads64 = _run("reference", as64, grad.to(F64))
-    same, grads_same = _run("reference", inputs, grad)
-    ulp = lambda ref: reordered_sum_atol(ref, torch.float16, D + H)  # noqa: E731
-    assert_earned_max(out, out64, same, atol=ulp(out64))
-    wtol = routing_weight_grad_atol(inputs, grad, "silu", True, torch.float16)
-    for name in grads:
-        atol = ulp(grads64[name]) + (wtol if name == "weights" else 0)
-        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=atol, name=f"grad {name}")
+    assert_moe_mlp_earned(_run, inputs, grad, (out, grads), torch.float16, D + H)
 
 
 def test_unaligned_rows_fall_back_to_the_pointer_kernels(monkeypatch):

@@ -10,9 +10,8 @@ pytest.importorskip("triton")
 import moe_kernels  # noqa: E402
 from moe_kernels import _backend, ops  # noqa: E402
 from moe_kernels.nn import SparseMoE  # noqa: E402
-from tests.helpers import assert_earned_max, rand_experts, reordered_sum_atol, routing_weight_grad_atol  # noqa: E402
+from tests.helpers import assert_earned_max, assert_moe_mlp_earned, rand_experts  # noqa: E402
 
-F64 = torch.float64
 
 
 def _ids_one_expert(T, k, E):
@@ -88,18 +87,10 @@ def test_forward_and_gradients_match_reference(T, D, H, E, k, activation, gated,
     finally:
         _backend.IMPLS["moe_mlp_fused"]["triton"] = fused
     assert calls, "the triton backend did not run the fused expert MLP"
-    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
-    out64, grads64 = _run("reference", as64, grad.to(F64), **kw)
-    same, grads_same = _run("reference", inputs, grad, **kw)
     assert out.dtype == dtype
     # the kernels sum in another order than torch (tiled K loops; the routing-weight gradient is dH . H over H
     # where torch's is dOut . Y over D): chained reductions over D and H
-    ulp = lambda ref: reordered_sum_atol(ref, dtype, D + H)  # noqa: E731
-    assert_earned_max(out, out64, same, atol=ulp(out64))
-    wtol = routing_weight_grad_atol(inputs, grad, activation, gated, dtype)
-    for name in grads:
-        atol = ulp(grads64[name]) + (wtol if name == "weights" else 0)
-        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=atol, name=f"grad {name}")
+    assert_moe_mlp_earned(_run, inputs, grad, (out, grads), dtype, D + H, **kw)
 
 
 @pytest.mark.parametrize("out_dim", [pytest.param(5, id="O5<D"), pytest.param(24, id="O24>D")])
@@ -111,15 +102,7 @@ def test_output_width_differs_from_input_width(out_dim):
     kw = dict(activation="relu", gated=False, capacity=7)
     out, grads = _run("triton", inputs, grad, **kw)
     assert out.shape == (T, out_dim)
-    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
-    out64, grads64 = _run("reference", as64, grad.to(F64), **kw)
-    same, grads_same = _run("reference", inputs, grad, **kw)
-    ulp = lambda ref: reordered_sum_atol(ref, torch.float32, D + H + out_dim)  # noqa: E731
-    assert_earned_max(out, out64, same, atol=ulp(out64))
-    wtol = routing_weight_grad_atol(inputs, grad, "relu", False, torch.float32)
-    for name in grads:
-        atol = ulp(grads64[name]) + (wtol if name == "weights" else 0)
-        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=atol, name=f"grad {name}")
+    assert_moe_mlp_earned(_run, inputs, grad, (out, grads), torch.float32, D + H + out_dim, **kw)
 
 
 def test_sparse_moe_module_runs_the_fused_kernels():
@@ -173,13 +156,4 @@ def test_bf16_at_real_sizes_on_gpu(T, D, H, E, k):
     inputs = {n: (t.cuda() if t is not None else None)
               for n, t in _inputs(T, D, H, E, k, True, False, rand_experts, torch.bfloat16).items()}
     grad = torch.randn(T, D, dtype=torch.bfloat16, device="cuda")
-    out, grads = _run("auto", inputs, grad)
-    as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
-    out64, grads64 = _run("reference", as64, grad.to(F64))
-    same, grads_same = _run("reference", inputs, grad)
-    ulp = lambda ref: reordered_sum_atol(ref, torch.bfloat16, D + H)  # noqa: E731
-    assert_earned_max(out, out64, same, atol=ulp(out64))
-    wtol = routing_weight_grad_atol(inputs, grad, "silu", True, torch.bfloat16)
-    for name in grads:
-        atol = ulp(grads64[name]) + (wtol if name == "weights" else 0)
-        assert_earned_max(grads[name], grads64[name], grads_same[name], atol=atol, name=f"grad {name}")
+    assert_moe_mlp_earned(_run, inputs, grad, _run("auto", inputs, grad), torch.bfloat16, D + H)
