@@ -246,3 +246,22 @@ def assert_moe_mlp_earned(run, inputs, grad, fast, dtype, n, **kw):
     for name in grads:
         atol = ulp(grads64[name]) + (wtol if name == "weights" else 0)
         assert_earned_max(grads[name], grads64[name], grads_same[name], atol=atol, name=f"grad {name}")
+
+
+MOE_MLP_DIFF = ("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+
+
+def run_moe_mlp(backend, inputs, grad, **kw):
+    """(out, grads of every differentiable input) of ops.moe_mlp on `backend`; inputs: x, experts, weights,
+    gate_up_proj, down_proj and optional biases."""
+    import moe_kernels
+    from moe_kernels import ops
+
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()
+              if n in MOE_MLP_DIFF and t is not None}
+    args = {n: leaves.get(n, t) for n, t in inputs.items()}
+    with moe_kernels.use_backend(backend):
+        out = ops.moe_mlp(args.pop("x"), args.pop("experts"), args.pop("weights"), args.pop("gate_up_proj"),
+                          args.pop("down_proj"), **args, **kw)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad)
+    return out.detach(), dict(zip(leaves, grads))

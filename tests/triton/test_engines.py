@@ -15,12 +15,9 @@ from moe_kernels.triton import engines  # noqa: E402
 from moe_kernels.triton import expert_mlp as em  # noqa: E402
 from moe_kernels.triton import grouped_gemm_tma as gt  # noqa: E402
 from tests.helpers import (assert_earned_max, assert_moe_mlp_earned, poisoned_empty, rand_experts,  # noqa: E402
-                           reordered_sum_atol)
+                           reordered_sum_atol, run_moe_mlp)
 
 F64 = torch.float64
-DIFF = ("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
-
-
 def _ids_one_expert(T, k, E):
     ids = rand_experts(T, k, E)
     ids[:, 0] = E - 1
@@ -60,14 +57,7 @@ def _inputs(T, D, H, E, k, gated, bias, make, dtype):
                 down_bias=torch.randn(E, D, dtype=dtype) if bias else None)
 
 
-def _run(backend, inputs, grad, **kw):
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if n in DIFF and t is not None}
-    args = {n: leaves.get(n, t) for n, t in inputs.items()}
-    with moe_kernels.use_backend(backend):
-        out = ops.moe_mlp(args.pop("x"), args.pop("experts"), args.pop("weights"), args.pop("gate_up_proj"),
-                          args.pop("down_proj"), **args, **kw)
-        grads = torch.autograd.grad(out, list(leaves.values()), grad)
-    return out.detach(), dict(zip(leaves, grads))
+_run = run_moe_mlp
 
 
 def _expected_engine(engine, role, dtype, bias):

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("triton")
 
 import moe_kernels  # noqa: E402
-from moe_kernels import _backend, ops  # noqa: E402
+from moe_kernels import _backend  # noqa: E402
 from moe_kernels.nn import SparseMoE  # noqa: E402
-from tests.helpers import assert_earned_max, assert_moe_mlp_earned, rand_experts  # noqa: E402
+from tests.helpers import assert_earned_max, assert_moe_mlp_earned, rand_experts, run_moe_mlp  # noqa: E402
 
 
 
@@ -59,18 +59,7 @@ def _inputs(T, D, H, E, k, gated, bias, make, dtype, out_dim=None):
     )
 
 
-DIFF = ("x", "weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
-
-
-def _run(backend, inputs, grad, **kw):
-    """(out, grads of every differentiable input) of ops.moe_mlp on `backend`."""
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if n in DIFF and t is not None}
-    args = {n: leaves.get(n, t) for n, t in inputs.items()}
-    with moe_kernels.use_backend(backend):
-        out = ops.moe_mlp(args.pop("x"), args.pop("experts"), args.pop("weights"), args.pop("gate_up_proj"),
-                          args.pop("down_proj"), **args, **kw)
-        grads = torch.autograd.grad(out, list(leaves.values()), grad)
-    return out.detach(), dict(zip(leaves, grads))
+_run = run_moe_mlp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
