@@ -155,14 +155,18 @@ def torch_gemm(a, w, offsets, trans_w=True):
 
 @triton.jit
 def _zero_empty_experts_kernel(dw_ptr, offsets_ptr, SIZE, BLOCK: tl.constexpr):
-    """dw[e] = 0 for every expert e without rows; the programs of other experts return at once."""
+    """dw[e] = 0 for every expert e without rows, programs (e, j) striding over its SIZE elements; the programs of
+    other experts return at once."""
     e = tl.program_id(0)
     if tl.load(offsets_ptr + e + 1) == tl.load(offsets_ptr + e):
-        i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(dw_ptr + e.to(tl.int64) * SIZE + i, tl.zeros((BLOCK,), dw_ptr.dtype.element_ty), mask=i < SIZE)
+        base = dw_ptr + e.to(tl.int64) * SIZE
+        for i0 in range(tl.program_id(1) * BLOCK, SIZE, tl.num_programs(1) * BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            tl.store(base + i, tl.zeros((BLOCK,), dw_ptr.dtype.element_ty), mask=i < SIZE)
 
 
 ZERO_BLOCK = 4096
+ZERO_PROGRAMS = 256     # per expert: a few thousand programs in all, whatever the weight's size
 
 
 def torch_gemm_tn(x, dy, offsets, num_experts):
@@ -171,8 +175,8 @@ def torch_gemm_tn(x, dy, offsets, num_experts):
     dw = _GROUPED_MM(dy.t(), x, offs=offsets[1:])
     E, M, K = dw.shape
     if E and M * K:
-        _zero_empty_experts_kernel[(E, triton.cdiv(M * K, ZERO_BLOCK))](dw, offsets, M * K, BLOCK=ZERO_BLOCK,
-                                                                          num_warps=4)
+        grid = (E, min(triton.cdiv(M * K, ZERO_BLOCK), ZERO_PROGRAMS))
+        _zero_empty_experts_kernel[grid](dw, offsets, M * K, BLOCK=ZERO_BLOCK, num_warps=4)
     return dw
 
 

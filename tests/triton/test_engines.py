@@ -237,12 +237,17 @@ def test_backends_reports_the_engine_of_each_role(monkeypatch):
     assert report["override"] == "torch" and "grouped_mm" in report["default"]
 
 
-def test_torch_gemm_tn_zeroes_empty_experts():
+def test_torch_gemm_tn_zeroes_empty_experts(monkeypatch):
+    # more elements per expert than the zeroing programs cover in one step: they stride
+    monkeypatch.setattr(engines, "ZERO_PROGRAMS", 3)
     offsets = torch.tensor([0, 3, 3, 7, 7], dtype=torch.int32)
-    x, dy = torch.randn(9, 16), torch.randn(9, 8)
+    x, dy = torch.randn(9, 1040), torch.randn(9, 24)
     dw = engines.torch_gemm_tn(x, dy, offsets, 4)
     assert not dw[1].any() and not dw[3].any()
     torch.testing.assert_close(dw[2], dy[3:7].t() @ x[3:7])
+    dw[1].fill_(float("nan"))
+    engines._zero_empty_experts_kernel[(4, 3)](dw, offsets, 24 * 1040, BLOCK=engines.ZERO_BLOCK)
+    assert not dw[1].any() and not dw[2].isnan().any()
 
 
 def test_weights_off_16_bytes_are_not_given_to_grouped_mm_or_tma(monkeypatch):
@@ -282,3 +287,13 @@ def test_inference_forward_on_each_engine(monkeypatch, engine):
     as64 = {n: (t.to(F64) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
     want = run("reference", as64)
     assert_earned_max(out, want, run("reference", inputs), atol=reordered_sum_atol(want, torch.float16, 32))
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+def test_no_tokens_on_each_engine(monkeypatch, engine):
+    # T = 0: empty outputs and gradients, zero weight gradients, on every engine
+    monkeypatch.setenv(engines.ENGINE_ENV, engine)
+    inputs = _inputs(0, 16, 16, 4, 2, True, False, rand_experts, torch.float16)
+    out, grads = _run("triton", inputs, torch.randn(0, 16, dtype=torch.float16))
+    assert out.shape == (0, 16) and grads["x"].shape == (0, 16) and grads["weights"].shape == (0, 2)
+    assert not grads["gate_up_proj"].any() and not grads["down_proj"].any()
