@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench build clean
+.PHONY: test bench build clean aot-triton36
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	@if [ ! -x $(PY) ]; then \
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# the compile proofs of the expert MLP's GPU kernels under the GPU image's Triton (3.6) as well as the installed one
+aot-triton36: $(STAMP)
+	$(PY) -m pip install -q --target build/triton36 --no-deps triton==3.6.0
+	PYTHONPATH=build/triton36 $(PY) -m moe_kernels.tools.aot_check --filter grouped_gemm_tma glu_ row_metadata \
+	  zero_empty grouped_gemm-
 
 clean:
 	rm -rf build $(VENV) moe_kernels/_C*.so *.egg-info
