@@ -297,3 +297,26 @@ def test_no_tokens_on_each_engine(monkeypatch, engine):
     out, grads = _run("triton", inputs, torch.randn(0, 16, dtype=torch.float16))
     assert out.shape == (0, 16) and grads["x"].shape == (0, 16) and grads["weights"].shape == (0, 2)
     assert not grads["gate_up_proj"].any() and not grads["down_proj"].any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "tma"])
+def test_compile_fullgraph_on_each_engine(monkeypatch, engine):
+    # the engine is chosen inside the custom op: torch.compile(fullgraph=True) traces the layer whatever it is
+    from moe_kernels.nn import SparseMoE
+
+    monkeypatch.setenv(engines.ENGINE_ENV, engine)
+    monkeypatch.setenv(gt.TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    monkeypatch.setenv(gt.TN_TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    m = SparseMoE(16, 16, 5, 2).half()
+    x = torch.randn(11, 16, dtype=torch.float16, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with moe_kernels.use_backend("triton"):
+        y_c = compiled(x)
+        g_c = torch.autograd.grad(y_c.sum(), x)[0]
+        engines.LAST.clear()
+        y_e = m(x)
+        g_e = torch.autograd.grad(y_e.sum(), x)[0]
+    assert engines.LAST["up"][0] == engine and engines.LAST["dw_up"][0] == engine
+    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
+    torch.testing.assert_close(g_c, g_e, rtol=0, atol=0)
