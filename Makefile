@@ -33,7 +33,7 @@ bench: $(STAMP)
 # the compile proofs of the expert MLP's GPU kernels under the GPU image's Triton (3.6) as well as the installed one
 aot-triton36: $(STAMP)
 	$(PY) -m pip install -q --target build/triton36 --no-deps triton==3.6.0
-	PYTHONPATH=build/triton36 $(PY) -m moe_kernels.tools.aot_check --filter grouped_gemm_tma glu_ row_metadata \
+	PYTHONPATH=build/triton36 $(PY) -m moe_kernels.tools.aot_check --filter grouped_gemm_tma glu_ row_metadata grouped_gemm_tn \
 	  zero_empty grouped_gemm-
 
 clean:

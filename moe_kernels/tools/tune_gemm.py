@@ -71,7 +71,7 @@ TN_TMA_CANDIDATES = [(128, 128, 64, 4, 3, 1), (128, 128, 64, 4, 4, 1), (128, 256
                      (128, 128, 64, 8, 3, 0), (128, 64, 64, 4, 3, 1)]
 # aot_check's flag sets of each role's GEMM (the "_flags" of the tile files)
 FLAGS = {"grouped_gemm": {"up": "up+up_pre", "down": "down_sorted", "dh": "dh", "dx": "dgrad"},
-         "grouped_gemm_tn": {"dw_up": "gather-scale", "dw_down": "gather-scale"},
+         "grouped_gemm_tn": {"dw_up": "gather-x", "dw_down": "gather-dy"},
          "grouped_gemm_tma": {"up": "up+up_save", "down": "down", "dh": "dh", "dx": "dx"},
          "grouped_gemm_tn_tma": {"dw_up": "tn", "dw_down": "tn"}}
 
@@ -338,6 +338,35 @@ def tune(runs, dtype, out_dir, *, budget=DEFAULT_BUDGET, prune=1.5, device="cuda
             if device == "cuda":    # the caller has dropped the shape's tensors
                 torch.cuda.empty_cache()
 
+    def best(key, role):
+        return {e: min(v.values()) for e, v in times.get(key, {}).get(role, {}).items()}
+
+    def conclude():
+        """The choice and the report from what is measured so far, written to out_dir (after every round,
+        so that a run cut short keeps what it measured)."""
+        report, engine_table, tiles = [], {}, {}
+        for model, T in runs:
+            key = (model, T)
+            if key not in times:
+                continue
+            D, H, E, k = models[model]
+            N = T * k
+            roles = {role: best(key, role) for role in ROLES if best(key, role)}
+            chosen = choose(roles, perm_ms.get(key, {}))
+            for role, b in roles.items():
+                cost = {e: role_cost(role, e, t, perm_ms[key]) for e, t in b.items()}
+                cells = {e: (c, role_flops(role, N, D, H) / c / 1e9) for e, c in cost.items()}
+                report.append((model, T, role, cells, chosen[role]))
+                engine_table.setdefault(f"E{E}-D{D}-H{H}", {}).setdefault(role, {})[str(N)] = chosen[role]
+            for role in roles:      # tile entries: the kernels whose candidates were timed
+                for eng, (kernel, Nk, Kk) in tile_of.get((model, T, role), {}).items():
+                    # a default outside the role's candidates (the ungated up's 128x128) spills with the file's flags
+                    ok = {c: t for c, t in times[key][role].get(eng, {}).items()
+                          if dry or c in _candidates(kernel, role, dry)}
+                    if (model, T, role, eng) in tuned and ok:
+                        tiles.setdefault((kernel, E, Nk, Kk), {}).setdefault(N, {})[role] = ok
+        return report, _write(out_dir, engine_table, tiles, dev_name, dtype, config_file, engines.engine_file)
+
     print(f"round 1: every engine at its default tile ({len(runs)} shapes)", flush=True)
     for model, T, (perms, gemms, _) in shapes("round 1"):
         key = (model, T)
@@ -363,9 +392,7 @@ def tune(runs, dtype, out_dir, *, budget=DEFAULT_BUDGET, prune=1.5, device="cuda
             for role, by in times.get(key, {}).items()) + " ms", flush=True)
         del perms, gemms
 
-    def best(key, role):
-        return {e: min(v.values()) for e, v in times.get(key, {}).get(role, {}).items()}
-
+    report, written = conclude()
     for rnd, engine in ((2, "tma"), (3, "triton")):
         print(f"round {rnd}: {engine} tile candidates", flush=True)
         for model, T, (perms, gemms, flops) in shapes(f"round {rnd}", measured_only=True):
@@ -392,30 +419,8 @@ def tune(runs, dtype, out_dir, *, budget=DEFAULT_BUDGET, prune=1.5, device="cuda
                 print(f"  {model} T={T} {role} {engine}: best {win} {measured[win]:.3f} ms "
                       f"({flops[role] / measured[win] / 1e9:.0f} TFLOP/s)", flush=True)
             del perms, gemms
+        report, written = conclude()
 
-    # the choice and the report
-    report, engine_table, tiles = [], {}, {}
-    for model, T in runs:
-        key = (model, T)
-        if key not in times:
-            continue
-        D, H, E, k = models[model]
-        N = T * k
-        roles = {role: best(key, role) for role in ROLES if best(key, role)}
-        chosen = choose(roles, perm_ms.get(key, {}))
-        for role, b in roles.items():
-            cost = {e: role_cost(role, e, t, perm_ms[key]) for e, t in b.items()}
-            cells = {e: (c, role_flops(role, N, D, H) / c / 1e9) for e, c in cost.items()}
-            report.append((model, T, role, cells, chosen[role]))
-            engine_table.setdefault(f"E{E}-D{D}-H{H}", {}).setdefault(role, {})[str(N)] = chosen[role]
-        for role in roles:      # tile entries: the kernels whose candidates were timed
-            for eng, (kernel, Nk, Kk) in tile_of.get((model, T, role), {}).items():
-                # a default outside the role's candidates (the ungated up's 128x128) spills with the file's flags
-                ok = {c: t for c, t in times[key][role].get(eng, {}).items()
-                      if dry or c in _candidates(kernel, role, dry)}
-                if (model, T, role, eng) in tuned and ok:
-                    tiles.setdefault((kernel, E, Nk, Kk), {}).setdefault(N, {})[role] = ok
-    written = _write(out_dir, engine_table, tiles, dev_name, dtype, config_file, engines.engine_file)
     if clock.note:
         print(f"note: {clock.note} ({clock.skipped} steps skipped)", flush=True)
     return report, written

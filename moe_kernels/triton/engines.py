@@ -8,7 +8,7 @@ Roles (the six grouped GEMMs of moe_kernels.triton.expert_mlp):
     dw_up    dH_pre^T token rows -> grad of gate_up_proj                      [E, 2H, D]
     dw_down  dOut rows^T (w * h) -> grad of down_proj                         [E, O, H]
 Engines:
-    torch    torch.nn.functional.grouped_mm (CUTLASS, TMA and warp-specialised, on sm_90+ in bf16) on rows
+    torch    torch.nn.functional.grouped_mm (CUTLASS, TMA and warp-specialised, on sm_90/sm_100 in bf16) on rows
              materialised in expert order; our kernels do the rest (permutation, activation, combine)
     tma      this package's persistent TMA / wgmma / warp-specialised kernels (grouped_gemm_tma), Hopper, 16-bit,
              on rows materialised in expert order
@@ -92,8 +92,10 @@ def _torch_applies(device, dtype, widths, bias, tensors=()) -> bool:
     if bias or _GROUPED_MM is None:
         return False
     if device.type == "cuda":
-        # bf16 only: every other dtype takes torch's per-group loop, which syncs on the offsets
-        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] < 9:
+        # CUTLASS kernels for bf16 on sm_90 and sm_100 only: any other dtype or GPU (ROCm included) takes torch's
+        # per-group loop, which syncs on the offsets
+        if (dtype != torch.bfloat16 or torch.version.hip is not None
+                or torch.cuda.get_device_capability(device)[0] not in (9, 10)):
             return False
     size = torch.empty((), dtype=dtype).element_size()
     return (all(w * size % 16 == 0 for w in widths)
@@ -107,7 +109,9 @@ def applies(engine, device, dtype, widths, bias=False, tensors=()) -> bool:
         return True
     if engine == "torch":
         return _torch_applies(device, dtype, widths, bias, tensors)
-    return _tma.tma_usable(device, dtype, *widths, tensors=tensors)
+    if engine == "tma":
+        return _tma.tma_usable(device, dtype, *widths, tensors=tensors)
+    return False
 
 
 def choose(role, device, dtype, shape, rows, widths, bias=False, tensors=()) -> str:
@@ -141,7 +145,7 @@ def report() -> dict:
                          else "not run yet") for role in ROLES},
         "override": os.environ.get(ENGINE_ENV) or None,
         "tuned_files": files,
-        "default": f"torch grouped_mm where it applies (CUDA sm_90+, bf16, 16-byte row widths, no bias) with >= "
+        "default": f"torch grouped_mm where it applies (CUDA sm_90/sm_100, bf16, 16-byte row widths, no bias) with >= "
                    f"{DEFAULT_MIN_ROWS} rows per expert on average, else triton",
     }
 

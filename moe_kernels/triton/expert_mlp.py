@@ -329,7 +329,8 @@ def _aot_configs():
     out = [{"name": f"row_metadata-w{ty}", "fn": _row_metadata_kernel,
             "signature": {"order_ptr": "*i32", "weights_ptr": f"*{ty}", "token_ptr": "*i32", "scale_ptr": "*fp32",
                           "N": "i32", "K": "i32", "BLOCK": "constexpr"},
-            "constexprs": {"BLOCK": ROW_BLOCK}, "num_warps": 4, "num_stages": 1} for ty in ("fp32", "bf16", "fp16")]
+            "constexprs": {"BLOCK": ROW_BLOCK}, "num_warps": 4, "num_stages": 1,
+            "divisible": ("order_ptr", "weights_ptr", "token_ptr", "scale_ptr")} for ty in ("fp32", "bf16", "fp16")]
     BM, BH, warps = GLU_CONFIG
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         ty = _TL_TYPE[dtype]
@@ -344,7 +345,7 @@ def _aot_configs():
                                                           "BLOCK_E")}},
                 "constexprs": {"HAS_BIAS": bias, "ACT": _ACT_CODE[act], "GATED": gated, "BLOCK_M": BM, "BLOCK_H": BH,
                                "BLOCK_E": GEMM_BLOCK_E},
-                "num_warps": warps, "num_stages": 2})
+                "num_warps": warps, "num_stages": 2, "divisible": ("pre_ptr", "h_ptr", "offsets_ptr", "bias_ptr", "H")})
             for dh_ty in sorted({ty, "fp32"}):
                 out.append({
                     "name": f"glu_backward-{ty}-dh{dh_ty}-{act}{'-gated' if gated else ''}{'-extra' if bias else ''}",
@@ -356,7 +357,9 @@ def _aot_configs():
                                   **{c: "constexpr" for c in ("HAS_EXTRA", "ACT", "GATED", "BLOCK_M", "BLOCK_H")}},
                     "constexprs": {"HAS_EXTRA": bias, "ACT": _ACT_CODE[act], "GATED": gated, "BLOCK_M": BM,
                                    "BLOCK_H": BH},
-                    "num_warps": warps, "num_stages": 2})
+                    "num_warps": warps, "num_stages": 2,
+                    "divisible": ("dh_ptr", "pre_ptr", "scale_ptr", "order_ptr", "offsets_ptr", "extra_ptr", "dpre_ptr",
+                                  "hs_ptr", "gw_ptr", "H")})
     return out
 
 

@@ -580,6 +580,12 @@ _FLAGS = {
 }
 
 
+# grouped_gemm_tn's flag sets: name -> (gather x, gather dy, row scale); the expert MLP's dW_up gathers x, its
+# dW_down gathers dOut
+_TN_FLAGS = {"plain": (False, False, False), "gather-x": (True, False, False), "gather-dy": (False, True, False),
+             "gather-scale": (True, True, True)}
+
+
 def _gemm_entry(name, cfg, dtype, flags, tf32=False, out_dtype=None):
     BM, BN, BK, warps, stages = cfg
     trans_w, gather, scatter, scale, bias, act, gated = _FLAGS[flags]
@@ -642,14 +648,17 @@ def _aot_configs():
     # grouped_gemm_tn: the defaults, then the tuned data files' configs
     tn = [(name, cfg, (torch.float32,) if name.endswith("32") else (torch.float16, torch.bfloat16))
           for name, cfg in TN_CONFIGS.items()]
-    tn += [(f"tuned{'x'.join(map(str, cfg))}", cfg, (dtype,))
-           for cfg, dtype in sorted({(cfg, dtype) for _, dtype, cfg, _ in tuned_configs("grouped_gemm_tn")}, key=str)]
-    for name, (BM, BN, BP, warps, stages), dtypes in tn:
+    tn = [(name, cfg, dtypes, tuple(_TN_FLAGS)) for name, cfg, dtypes in tn]
+    tn += [(f"tuned{'x'.join(map(str, cfg))}", cfg, (dtype,), flags or tuple(_TN_FLAGS))
+           for cfg, dtype, flags in sorted({(cfg, dtype, f) for _, dtype, cfg, f in tuned_configs("grouped_gemm_tn")},
+                                           key=str)]
+    for name, (BM, BN, BP, warps, stages), dtypes, flag_sets in tn:
         for dtype in dtypes:
             ty = _TL_TYPE[dtype]
-            for gx, gdy, scale in ((False, False, False), (True, True, True)):
+            for flags in flag_sets:
+                gx, gdy, scale = _TN_FLAGS[flags]
                 out.append({
-                    "name": f"grouped_gemm_tn-{ty}-{name}{'-gather-scale' if gx else ''}",
+                    "name": f"grouped_gemm_tn-{ty}-{name}{'-' + flags if flags != 'plain' else ''}",
                     "fn": _grouped_gemm_tn_kernel,
                     "signature": {"x_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "dw_ptr": f"*{ty}", "offsets_ptr": "*i32",
                                   "gx_ptr": "*i32", "gdy_ptr": "*i32", "scale_ptr": "*fp32" if scale else f"*{ty}",
@@ -660,6 +669,7 @@ def _aot_configs():
                                    "FP32_PRECISION": _PREC_IEEE if dtype == torch.float32 else _PREC_16BIT,
                                    "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_P": BP},
                     "num_warps": warps, "num_stages": stages, "wgmma": dtype != torch.float32 and BM >= 64,
+                    "divisible": ("x_ptr", "dy_ptr", "dw_ptr", "M", "K"),
                 })
     # grouped_colsum
     BM, BP, warps = COLSUM_CONFIG

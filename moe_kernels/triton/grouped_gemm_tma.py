@@ -189,7 +189,7 @@ def tma_usable(device, dtype, *widths, tensors=()) -> bool:
     if dtype not in _TMA_DTYPES:
         return False
     if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] != 9:
+        if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] != 9:
             return False
     elif os.environ.get("TRITON_INTERPRET") != "1":
         return False
@@ -316,6 +316,7 @@ def _tma_entry(name, cfg, dtype, flags):
                            "GATED": gated, "SAVE_PRE": save_pre, "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK,
                            "BLOCK_E": GEMM_BLOCK_E, "GROUP_M": GROUP_M, "WARP_SPECIALIZE": bool(ws)},
             "num_warps": warps, "num_stages": stages, "archs": (90,),
+            "divisible": tuple(n for n, t in sig.items() if t.startswith("*")) + ("K", "MW", "MO"),
             "wgmma": True, "tma_load": True, "tma_store": True, "warp_specialized": bool(ws)}
 
 
@@ -329,6 +330,7 @@ def _tn_tma_entry(name, cfg, dtype):
             "constexprs": {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_P": BP, "GROUP_M": GROUP_M,
                            "WARP_SPECIALIZE": bool(ws)},
             "num_warps": warps, "num_stages": stages, "archs": (90,),
+            "divisible": ("x_ptr", "dy_ptr", "dw_ptr", "offsets_ptr", "M", "K"),
             "wgmma": True, "tma_load": True, "tma_store": True, "warp_specialized": bool(ws)}
 
 

@@ -320,3 +320,42 @@ def test_compile_fullgraph_on_each_engine(monkeypatch, engine):
     assert engines.LAST["up"][0] == engine and engines.LAST["dw_up"][0] == engine
     torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
     torch.testing.assert_close(g_c, g_e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("capability,hip,want", [((9, 0), None, "torch"), ((10, 0), None, "torch"),
+                                                 ((8, 0), None, "triton"), ((12, 0), None, "triton"),
+                                                 ((9, 4), "6.2", "triton")],
+                         ids=["sm90", "sm100", "sm80", "sm120", "rocm"])
+def test_default_rule_on_gpus(monkeypatch, capability, hip, want):
+    # grouped_mm's CUTLASS kernels exist for bf16 on sm_90 / sm_100 only; elsewhere torch loops over the groups and
+    # syncs on the offsets, so the pointer kernels run
+    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU without tuned files")
+    monkeypatch.setattr(torch.version, "hip", hip)
+    cuda = torch.device("cuda")
+    shape, widths = (8, 4096, 14336), (4096, 28672, 14336)
+    assert engines.choose("up", cuda, torch.bfloat16, shape, 32768, widths) == want
+    assert engines.choose("up", cuda, torch.float16, shape, 32768, widths) == "triton"        # not bf16
+    assert engines.choose("up", cuda, torch.bfloat16, shape, 8 * 63, widths) == "triton"      # < 64 rows per expert
+    assert engines.choose("down", cuda, torch.bfloat16, shape, 32768, widths, bias=True) == "triton"
+    assert engines.applies("tma", cuda, torch.bfloat16, (4096,)) == (capability[0] == 9 and hip is None)
+    assert not engines.applies("cutlass", cuda, torch.bfloat16, (4096,))
+
+
+def test_rows_grouped_mm_leaves_unwritten_are_never_read(monkeypatch):
+    # rows at or past offsets[E] of grouped_mm's output hold whatever memory held: NaN there must not reach a result
+    real = engines.torch_gemm
+
+    def poisoning(a, w, offsets, trans_w=True):
+        out = real(a, w, offsets, trans_w)
+        out[int(offsets[-1]):] = float("nan")
+        return out
+    monkeypatch.setattr(engines, "torch_gemm", poisoning)
+    monkeypatch.setenv(engines.ENGINE_ENV, "torch")
+    inputs = _inputs(29, 16, 16, 5, 2, True, False, rand_experts, torch.float16)
+    inputs["experts"][::3, 0] = -1          # dropped pairs: rows past offsets[E]
+    grad = torch.randn(29, 16, dtype=torch.float16)
+    out, grads = _run("triton", inputs, grad, capacity=4)
+    assert not out.isnan().any() and not any(g.isnan().any() for g in grads.values())
+    assert_moe_mlp_earned(_run, inputs, grad, (out, grads), torch.float16, 32, capacity=4)

@@ -107,11 +107,12 @@ def test_dw_kernel_configs_pinned_tuned_and_default(config_dir, monkeypatch):
     default = gg.TN_CONFIGS[gg.tn_config_name(48, 16, torch.float32)]
     assert gg.tn_config(100, 3, 48, 16, torch.float32, dev) == default
     with open(gg.config_file(3, 48, 16, "cpu", torch.float32, "grouped_gemm_tn"), "w") as f:
-        json.dump({"_flags": "gather-scale", "64": [32, 32, 16, 4, 2], "1024": [64, 32, 32, 4, 3]}, f)
+        json.dump({"_flags": "gather-x", "64": [32, 32, 16, 4, 2], "1024": [64, 32, 32, 4, 3]}, f)
     gg._load_tuned.cache_clear()  # the lookup above cached the missing file
     assert gg.tn_config(100, 3, 48, 16, torch.float32, dev) == (32, 32, 16, 4, 2)
     assert gg.tn_config(900, 3, 48, 16, torch.float32, dev) == (64, 32, 32, 4, 3)
-    assert any(e["name"] == "grouped_gemm_tn-fp32-tuned32x32x16x4x2" for e in gg._aot_configs())
+    assert [e["name"] for e in gg._aot_configs() if "tuned32x32x16x4x2" in e["name"]] == [
+        "grouped_gemm_tn-fp32-tuned32x32x16x4x2-gather-x"]   # compiled with the flags it was tuned on
     monkeypatch.setenv(gg.TN_CONFIG_ENV, "16,16,16,4,1")
     assert gg.tn_config(100, 3, 48, 16, torch.float32, dev) == (16, 16, 16, 4, 1)
     monkeypatch.setenv(gg.TN_CONFIG_ENV, "16,16,8,4,1")
