@@ -7,6 +7,7 @@ and inputs) and the work one call does (FLOPs, bytes moved, the GEMMs of a dense
 `run_pass` checks every provider against the reference, measures peak memory, times providers and limits
 interleaved, and returns one row per provider.
 """
+import contextlib
 import dataclasses
 import gc
 import importlib.metadata
@@ -15,6 +16,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -203,6 +205,20 @@ def _cuda_events(fn, repeats=20) -> tuple:
 
 
 # --- peak memory -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null for the block (what C++ code writes there too)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory(fn, device) -> Optional[int]:
     """Peak bytes allocated during one call above what was allocated before it. CUDA: the caching allocator's
     statistics. CPU: torch's profiler records every allocation and free of torch's CPU allocator; the peak of
@@ -217,8 +233,14 @@ def peak_memory(fn, device) -> Optional[int]:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():    # the profiler's start / stop log lines, written to fd 2 by its C++ side
+            prof.__enter__()
+        try:
             fn()
+        finally:
+            with _quiet_stderr():
+                prof.__exit__(None, None, None)
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except Exception:  # a torch without these profiler internals: no reading, rather than a wrong one
         return None

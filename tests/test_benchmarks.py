@@ -151,3 +151,15 @@ def test_quick_suite_runs(tmp_path):
     assert written == [".json", ".md"], written
     md = next(tmp_path.glob("*.md")).read_text()
     assert "## Summary" in md and "| ours |" in md
+
+
+def test_memory_measurement_keeps_the_terminal_quiet(capfd):
+    # torch's profiler logs its start and stop on file descriptor 2; the progress bar must not be buried under them
+    from benchmarks import common
+
+    peak = common.peak_memory(lambda: torch.randn(1000, 100).sum(), "cpu")
+    out, err = capfd.readouterr()
+    assert "profiler_start" not in err + out and "USDT" not in err + out
+    assert peak is None or peak >= 1000 * 100 * 4
+    print("still here", file=sys.stderr)     # descriptor 2 is back
+    assert "still here" in capfd.readouterr().err
