@@ -279,3 +279,25 @@ def test_backward_runs_on_the_backend_of_its_forward(no_env_backend):
             _backend.dispatch = real
     assert x.grad is not None
     assert ("grouped_mm_backward", "triton") in seen, seen
+
+
+def test_convert_is_the_function_and_the_module():
+    # `moe_kernels.convert(model)` converts; `moe_kernels.convert.INTEGRATIONS` and friends are the module's
+    import inspect
+
+    import moe_kernels
+    from moe_kernels import convert
+
+    assert convert is moe_kernels.convert
+    assert "transformers" in moe_kernels.convert.INTEGRATIONS
+    assert moe_kernels.convert.register_converter is moe_kernels.register_converter
+    assert list(inspect.signature(moe_kernels.convert).parameters) == ["model", "strict"]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert moe_kernels.convert(model) is model and moe_kernels.convert.convert(model) is model
+
+
+def test_every_module_is_exported():
+    import moe_kernels
+
+    for name in ("SparseMoE", "DenseMoE", "SoftMoE", "DynamicSlotsSoftMoE", "HybridMoE"):
+        assert getattr(moe_kernels, name) is getattr(moe_kernels.nn, name) and name in moe_kernels.__all__
