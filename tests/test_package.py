@@ -301,3 +301,50 @@ def test_every_module_is_exported():
 
     for name in ("SparseMoE", "DenseMoE", "SoftMoE", "DynamicSlotsSoftMoE", "HybridMoE"):
         assert getattr(moe_kernels, name) is getattr(moe_kernels.nn, name) and name in moe_kernels.__all__
+
+
+def _module_imports():
+    """{module: the moe_kernels modules it imports at module level} of every module of the package."""
+    import ast
+
+    root = Path(moe_kernels.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = ".".join(parts[:-1])
+        found = set()
+        for node in ast.parse(path.read_text()).body:      # module level only: lazy imports are not layering
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                for alias in node.names:
+                    found.add(f"{base}.{alias.name}")
+                found.add(base)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        graph[name] = {m for m in found if m.startswith("moe_kernels")}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_imports_run_downward():
+    # no import cycle among the package's modules (a package's __init__ importing its children aside)
+    graph = _module_imports()
+    graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in graph[m]:
+            if state.get(d) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    # the modules sit below the model-level walker of expert parallelism
+    for below in ("moe_kernels.nn.sparse", "moe_kernels.integrations.transformers", "moe_kernels.ops.distributed"):
+        assert "moe_kernels.distributed" not in graph[below]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed, ops
+from .. import ops
+from ..ops import distributed
 from ..nn.sparse import SparseMoE
 from ..ops.expert_mlp import check_experts_weights
 from ..reference.activations import ACTIVATIONS

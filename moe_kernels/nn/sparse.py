@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import _backend, distributed, ops
+from .. import _backend, ops
+from ..ops import distributed
 from ..ops import _checks
 from ..ops.routing import check_routing
 from .dense import router_output
