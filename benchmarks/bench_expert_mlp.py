@@ -10,7 +10,7 @@ own permutation (argsort + index_add; the transposed views of the same weights),
 implementations `eager`, `grouped_mm` and `batched_mm` on a MixtralExperts module whose parameters are the same
 tensors (batched_mm only where its per-(token, slot) copies of the weights fit in 1 GiB).
 
-Shapes are DESIGN.md's (Mixtral, Qwen3-30B-A3B, DeepSeek-V3, OLMoE): real on CUDA, scaled on CPU ("OLMoE/4":
+Shapes are the published models' (Mixtral, Qwen3-30B-A3B, DeepSeek-V3, OLMoE): real on CUDA, scaled on CPU ("OLMoE/4":
 D and H divided by 4, E and k kept). A sweep runs one shape over token counts from decode (T = 1..8) up.
 CPU acceptance targets (fp32): T2048-D512-H256-E64-k8 fwd+bwd >= 1.25x transformers grouped_mm, >= 5x eager,
 >= 75% of the dense rate; T2048-D512-H1024-E8-k2 >= 85% of the dense rate forward and forward+backward; decode

@@ -6,7 +6,7 @@ Providers on the same logits: ours (`auto`, and each other backend that applies)
 "torch": the lines transformers' routers run after their linear layer (MixtralTopKRouter: softmax, top-k,
 renormalise; DeepseekV3TopkRouter: sigmoid, correction bias, group-limited top-k, renormalise, scale). Routing is
 bandwidth-bound: `% limit` is a copy moving the same bytes over our time.
-GPU target (DESIGN.md shapes): at T=65,536, E=128, k=8 routing + permutation take under 15% of the time of the
+GPU target (the published models' shapes): at T=65,536, E=128, k=8 routing + permutation take under 15% of the time of the
 expert GEMMs (compare with the expert_mlp rows of the same run).
 """
 import torch

@@ -41,7 +41,7 @@ class Provider:
 
 @dataclasses.dataclass
 class Work:
-    """What one call of a pass does. flops: by the FLOP model of DESIGN.md; gemms: (M, N, K) of the dense matmuls
+    """What one call of a pass does. flops: by the FLOP models below; gemms: (M, N, K) of the dense matmuls
     of the same FLOPs (the compute limit); bytes: bytes one call must move at least, per compute dtype (the
     memory limit), or None where memory is not the bound worth measuring."""
     flops: int
@@ -127,7 +127,7 @@ def pass_fn(forward: Callable, inputs: tuple, params=(), *, backward: bool, grad
     return fn
 
 
-# --- FLOP models (DESIGN.md) -----------------------------------------------------------------------------------
+# --- FLOP models --------------------------------------------------------------------------------------------
 def mlp_gemms(rows, D, H, O=None, gated=True):
     """(M, N, K) of the two GEMMs of an expert MLP on `rows` rows: D -> H (2H gated) -> O."""
     return [(rows, (2 if gated else 1) * H, D), (rows, O or D, H)]
@@ -316,7 +316,7 @@ def run_pass(case: Case, pass_name: str, p: Pass, device: str, dtype: torch.dtyp
             continue
         against, tol = ref, TOLERANCE[prov.dtype]
         if oracle is not None and prov.dtype in _16BIT:
-            # earned (DESIGN.md): at most twice the 16-bit reference's own error, never under the usual tolerance
+            # earned (flash-attention's rule): at most twice the 16-bit reference's own error, never under the usual tolerance
             against, tol = oracle, max(tol, 2 * disagreement(ref, oracle))
         errors[prov.name] = disagreement(results[prov.name], against)
         if not errors[prov.name] <= tol:

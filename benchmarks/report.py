@@ -6,7 +6,7 @@ import re
 COLUMNS_HELP = """\
 - **ms**: median time of one call over the timed repeats, after warm-up (CPU: samples of all providers and limits
   interleaved; CUDA: `triton.testing.do_bench`, synchronised).
-- **{unit}**: the FLOP model of DESIGN.md over that time (gated expert MLP forward 6·T·k·D·H, forward+backward
+- **{unit}**: the family's FLOP model over that time (gated expert MLP forward 6·T·k·D·H, forward+backward
   three times that; each family's docstring gives its model). The same FLOPs count for every provider, so a
   provider that computes more (every expert for every token) shows a lower rate.
 - **GB/s**: for bandwidth-bound cases, the bytes a call must move at least over its time.

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-MODELS = {  # name: D, H, E, k (DESIGN.md's shapes)
+MODELS = {  # name: D, H, E, k (the published models' shapes)
     "Mixtral": (4096, 14336, 8, 2),
     "Qwen3-30B-A3B": (2048, 768, 128, 8),
     "OLMoE": (2048, 1024, 64, 8),

@@ -2,7 +2,7 @@
 moe_kernels::topk_route / topk_route_backward.
 
 The oracle is `naive_route` below: plain Python loops over tokens and experts in float64 (math.exp, sorted
-lists), written from the definitions in DESIGN.md, independent of moe_kernels.reference. Inputs are fresh
+lists), written from the definitions (the op contracts in the docstrings), independent of moe_kernels.reference. Inputs are fresh
 random float64 logits each run (the autouse fixture in conftest.py seeds torch), so ties have probability zero
 and the chosen experts must match exactly.
 """
