@@ -8,8 +8,10 @@ submodules move as they are, per-expert weights are stacked into the fused layou
 tries the recognisers in order on each module, swaps in the first build, and does not descend into what it
 replaced.
 
-Recognisers register with `register_converter`. The ones here cover the MoE layers of the seed documents (the
-MoE guide's MoELayer and AdvancedMoELayer, the notebook's LSTMMoE and SwitchMoE, hybrid_router_moe.md's layer).
+Recognisers register with `register_converter`. The ones here cover MoE layers as people write them: a MoE
+guide's MoELayer and AdvancedMoELayer, a notebook's LSTMMoE and SwitchMoE, a hybrid soft/sparse/memory-router layer,
+GShard / DeepSpeed-MoE's top-2 layer with capacity, Mixtral's block as mistral-src writes it, and a V-MoE-style
+top-k softmax-router layer (tests/zoo holds one of each, written as its source writes it).
 Integrations for other libraries live in `moe_kernels.integrations.<name>` and register theirs when imported;
 `convert` imports each one lazily, only when its library is installed (see INTEGRATIONS).
 """
@@ -23,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import ops
 from .nn import DenseMoE, Experts, HybridMoE, LinearExperts, SparseMoE
 from .nn.hybrid import MODALITIES
 
@@ -255,12 +258,24 @@ def _int_attr(module, name) -> Optional[int]:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-# --- the seed documents' layers ---------------------------------------------------------------------------------
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+# attributes that declare a number of experts per token (mistral-src keeps it in `args.num_experts_per_tok`)
+_TOP_K_ATTRS = ("k", "top_k", "num_experts_per_tok")
+
+
+def _declares_top_k(m: nn.Module) -> bool:
+    return not _no_attrs(m, *_TOP_K_ATTRS) or hasattr(getattr(m, "args", None), "num_experts_per_tok")
+
+
+# --- a MoE guide's, a notebook's and a hybrid-router layer ------------------------------------------------------
 def _linear_router_parts(m: nn.Module, router: str) -> Optional[tuple]:
     """A router nn.Linear(D, E) named `router`, `experts` E MLPs (Linear(D, H) -> act -> Linear(H, O)), nothing
-    else, and no top-k attribute; -> (router, expert layers) or None."""
+    else, no attribute declaring a top-k and no aux_loss; -> (router, expert layers) or None."""
     kids = _children(m)
-    if set(kids) != {router, "experts"} or _has_own_state(m) or not _no_attrs(m, "k", "top_k", "aux_loss"):
+    if set(kids) != {router, "experts"} or _has_own_state(m) or _declares_top_k(m) or hasattr(m, "aux_loss"):
         return None
     layers = _mlp_experts(kids["experts"])
     if layers is None or not _is_linear(kids[router], _dims(layers)[0], len(layers)):
@@ -277,7 +292,7 @@ def _with_mlp_experts(cls, layers: list, *args, **kwargs) -> nn.Module:
 
 
 def _dense_softmax_parts(m: nn.Module) -> Optional[tuple]:
-    """The MoE guide's MoELayer: `router` nn.Linear(D, E) and MLP `experts`:
+    """A MoE guide's MoELayer: `router` nn.Linear(D, E) and MLP `experts`:
     out = sum_e softmax(router(x))_e * expert_e(x)."""
     return _linear_router_parts(m, "router")
 
@@ -288,7 +303,7 @@ def _build_dense_softmax(m: nn.Module) -> DenseMoE:
 
 
 def _topk_mlp_router_parts(m: nn.Module) -> Optional[tuple]:
-    """The MoE guide's AdvancedMoELayer: `router` (an MLP ending in E logits), `experts` E MLPs, an int `k` and an
+    """A MoE guide's AdvancedMoELayer: `router` (an MLP ending in E logits), `experts` E MLPs, an int `k` and an
     `aux_loss` attribute: top-k of the softmax probabilities, renormalised; aux_loss = sum_e p_e log(p_e + 1e-10)
     of the mean probabilities p."""
     kids = _children(m)
@@ -307,7 +322,7 @@ def _build_topk_mlp_router(m: nn.Module) -> SparseMoE:
 
 
 def _switch_parts(m: nn.Module) -> Optional[tuple]:
-    """The notebook's SwitchMoE: `gate` nn.Linear(D, E) and MLP `experts`: each token's output is the output of
+    """A notebook's SwitchMoE: `gate` nn.Linear(D, E) and MLP `experts`: each token's output is the output of
     its argmax expert, not scaled by the gate (which therefore gets no gradient)."""
     return _linear_router_parts(m, "gate")
 
@@ -318,7 +333,7 @@ def _build_switch(m: nn.Module) -> SparseMoE:
 
 
 def _lstm_parts(m: nn.Module) -> Optional[tuple]:
-    """The notebook's LSTMMoE: `gating_network` with `lstm` (nn.LSTM over D, batch_first) and `fc` (nn.Linear to E)
+    """A notebook's LSTMMoE: `gating_network` with `lstm` (nn.LSTM over D, batch_first) and `fc` (nn.Linear to E)
     giving the gates, `experts` E nn.Linear(D, O): out = sum_e gate_e * expert_e(x)."""
     kids = _children(m)
     if set(kids) != {"gating_network", "experts"} or _has_own_state(m):
@@ -352,7 +367,7 @@ def _gate(module, dim, width, act) -> bool:
 
 
 def _hybrid_parts(m: nn.Module) -> Optional[tuple]:
-    """hybrid_router_moe.md's layer: soft_router (Linear(D, E), Softmax), sparse_router Linear(D, E), memory
+    """The hybrid-router layer: soft_router (Linear(D, E), Softmax), sparse_router Linear(D, E), memory
     m_key [M, D] and m_val [M, E], direct_gate (Linear(D, E), Sigmoid), E MLP experts D -> D -> D, fusion_gates
     (one (Linear(D, 1), Sigmoid) per modality), fusion_projection Linear(5 D, D), buffers alpha_moe and
     alpha_fusion, an int k."""
@@ -390,10 +405,148 @@ def _build_hybrid(m: nn.Module) -> HybridMoE:
     return new
 
 
-register_converter("dense softmax MoE (moe_guide MoELayer)", lambda m: _dense_softmax_parts(m) is not None,
+# --- GShard / DeepSpeed-MoE, Mixtral by hand (mistral-src), V-MoE ---------------------------------------------
+class GShardSparseMoE(SparseMoE):
+    """SparseMoE whose balance loss counts each token's first choice only, as GShard and DeepSpeed-MoE's top-2
+    gate do: aux_loss = aux_loss_coef * E * sum_e mean_t(p_te) * (first choices of e / T) (DeepSpeed's `l_aux`,
+    which `l_aux` also reads). Everything else is SparseMoE's."""
+
+    def _aux_loss(self, r: ops.Routing) -> Optional[torch.Tensor]:
+        first = torch.bincount(r.experts[:, 0], minlength=self.num_experts).to(r.counts.dtype)
+        loss = self.aux_loss_coef * ops.load_balancing_loss(r._replace(counts=first))
+        return loss + self.z_loss_coef * ops.router_z_loss(r) if self.z_loss_coef else loss
+
+    @property
+    def l_aux(self) -> Optional[torch.Tensor]:
+        return self.aux_loss
+
+    def extra_repr(self):
+        return super().extra_repr() + ", balance loss over first choices"
+
+
+def _gshard_parts(m: nn.Module) -> Optional[tuple]:
+    """GShard / DeepSpeed-MoE's top-2 layer with capacity: `gate` whose only part is `wg` nn.Linear(D, E) and
+    whose k is 2, with capacity_factor > 0 and an int min_capacity >= 0 (an eval_capacity_factor, if any, the
+    same; tokens dropped: drop_tokens not False; no noise: noisy_gate_policy None, top2_2nd_expert_sampling
+    false), `experts` E >= 2 MLPs (Linear(D, H) -> act -> Linear(H, O)), an `l_aux` attribute, nothing else.
+    Softmax gates, first choice the argmax, second the argmax of the rest, the two renormalised; an expert keeps
+    C = max(ceil(capacity_factor * 2 T / E), min_capacity) pairs, first choices first; -> (gate, layers) or None."""
+    kids = _children(m)
+    if set(kids) != {"gate", "experts"} or _has_own_state(m) or not hasattr(m, "l_aux") or _declares_top_k(m):
+        return None
+    gate = kids["gate"]
+    if set(_children(gate)) != {"wg"} or _has_own_state(gate) or _int_attr(gate, "k") != 2:
+        return None
+    cf, min_capacity = getattr(gate, "capacity_factor", None), _int_attr(gate, "min_capacity")
+    if not _positive_number(cf) or min_capacity is None or min_capacity < 0:
+        return None
+    if (getattr(gate, "eval_capacity_factor", cf) != cf or getattr(gate, "drop_tokens", True) is not True
+            or getattr(gate, "noisy_gate_policy", None) is not None
+            or getattr(gate, "top2_2nd_expert_sampling", False)):
+        return None
+    layers = _mlp_experts(kids["experts"])
+    if layers is None or len(layers) < 2 or not _is_linear(gate.wg, _dims(layers)[0], len(layers)):
+        return None
+    return gate, layers
+
+
+def _build_gshard(m: nn.Module) -> GShardSparseMoE:
+    gate, layers = _gshard_parts(m)
+    return _with_mlp_experts(GShardSparseMoE, layers, 2, router=gate.wg, capacity_factor=float(gate.capacity_factor),
+                             min_capacity=gate.min_capacity, aux_loss_type="switch", aux_loss_coef=1.0)
+
+
+_SWIGLU = ("w1", "w3", "w2")  # gate, up, down
+
+
+def _swiglu(expert: nn.Module) -> Optional[tuple]:
+    """(w1, w3, w2) of an expert made of exactly three nn.Linear, w1 and w3 (D -> H) and w2 (H -> D), all with a
+    bias or none: Mistral / Llama's FeedForward, w2(silu(w1 x) * w3 x); else None."""
+    kids = _children(expert)
+    if set(kids) != set(_SWIGLU) or _has_own_state(expert):
+        return None
+    w1, w3, w2 = (kids[n] for n in _SWIGLU)
+    if type(w1) is not nn.Linear:
+        return None
+    D, H = w1.in_features, w1.out_features
+    if not (_is_linear(w3, D, H) and _is_linear(w2, H, D)):
+        return None
+    if len({w.bias is None for w in (w1, w3, w2)}) != 1:
+        return None
+    return w1, w3, w2
+
+
+def _mistral_parts(m: nn.Module) -> Optional[tuple]:
+    """Mixtral's sparse block as mistral-src writes it (its MoeLayer): `gate` nn.Linear(D, E), `experts` E SwiGLU
+    FeedForwards (w1, w2, w3), k in `args.num_experts_per_tok` (and args.num_experts, if any, = E), nothing else.
+    The top-k logits, softmax over them (= the top-k of the softmax, renormalised); -> (gate, experts, k) or None."""
+    kids = _children(m)
+    if set(kids) != {"gate", "experts"} or _has_own_state(m) or not _no_attrs(m, *_TOP_K_ATTRS, "aux_loss"):
+        return None
+    args = getattr(m, "args", None)
+    k = _int_attr(args, "num_experts_per_tok")
+    experts = kids["experts"]
+    if k is None or not isinstance(experts, nn.ModuleList) or len(experts) == 0 or _has_own_state(experts):
+        return None
+    layers = [_swiglu(e) for e in experts]
+    if any(layer is None for layer in layers) or not _same(
+            layers, lambda l: (l[0].weight.shape, l[0].bias is None, l[0].weight.dtype, l[0].weight.device)):
+        return None
+    E, D = len(layers), layers[0][0].in_features
+    if not 1 <= k <= E or getattr(args, "num_experts", E) != E or not _is_linear(kids["gate"], D, E):
+        return None
+    return kids["gate"], layers, k
+
+
+def _build_mistral(m: nn.Module) -> SparseMoE:
+    gate, layers, k = _mistral_parts(m)
+    w1, _, w2 = layers[0]
+    bias = w1.bias is not None
+    new = SparseMoE(w1.in_features, w1.out_features, len(layers), k, activation="silu", gated=True, bias=bias,
+                    router=gate, aux_loss_type=None, device="meta", dtype=w1.weight.dtype)
+
+    def stacked(attr, *names):  # [E, ...]: per expert, the named layers' tensors concatenated (gate rows first)
+        parts = [[getattr(layer[_SWIGLU.index(n)], attr) for n in names] for layer in layers]
+        data = torch.stack([torch.cat([t.detach() for t in p]) for p in parts])
+        return nn.Parameter(data, requires_grad=parts[0][0].requires_grad)
+
+    new.experts = Experts.from_weights(stacked("weight", "w1", "w3"), stacked("weight", "w2"),
+                                       stacked("bias", "w1", "w3") if bias else None,
+                                       stacked("bias", "w2") if bias else None, activation="silu", gated=True)
+    return new
+
+
+def _topk_softmax_parts(m: nn.Module) -> Optional[tuple]:
+    """A V-MoE-style top-k layer: `router` nn.Linear(D, E), `experts` E MLPs (Linear(D, H) -> act -> Linear(H, O)),
+    an int `top_k` and a bool `norm_topk_prob` (whether the k softmax probabilities are renormalised; without it
+    that is unknown and the layer is left alone), no `k` and no aux_loss, nothing else; -> (router, layers, k,
+    renormalise) or None."""
+    kids = _children(m)
+    k, norm = _int_attr(m, "top_k"), getattr(m, "norm_topk_prob", None)
+    if (set(kids) != {"router", "experts"} or _has_own_state(m) or k is None or not isinstance(norm, bool)
+            or not _no_attrs(m, "k", "num_experts_per_tok", "aux_loss")):
+        return None
+    layers = _mlp_experts(kids["experts"])
+    if layers is None or not 1 <= k <= len(layers) or not _is_linear(kids["router"], _dims(layers)[0], len(layers)):
+        return None
+    return kids["router"], layers, k, norm
+
+
+def _build_topk_softmax(m: nn.Module) -> SparseMoE:
+    router, layers, k, norm = _topk_softmax_parts(m)
+    return _with_mlp_experts(SparseMoE, layers, k, router=router, renormalize=norm, aux_loss_type=None)
+
+
+register_converter("dense softmax MoE (MoE guide MoELayer)", lambda m: _dense_softmax_parts(m) is not None,
                    _build_dense_softmax)
-register_converter("top-k MLP-router MoE (moe_guide AdvancedMoELayer)", lambda m: _topk_mlp_router_parts(m) is not None,
+register_converter("top-k MLP-router MoE (MoE guide AdvancedMoELayer)", lambda m: _topk_mlp_router_parts(m) is not None,
                    _build_topk_mlp_router)
 register_converter("switch top-1 MoE (notebook SwitchMoE)", lambda m: _switch_parts(m) is not None, _build_switch)
 register_converter("LSTM-gated MoE (notebook LSTMMoE)", lambda m: _lstm_parts(m) is not None, _build_lstm)
-register_converter("hybrid-router MoE (hybrid_router_moe.md)", lambda m: _hybrid_parts(m) is not None, _build_hybrid)
+register_converter("hybrid-router MoE", lambda m: _hybrid_parts(m) is not None, _build_hybrid)
+register_converter("GShard top-2 MoE with capacity (DeepSpeed-MoE)", lambda m: _gshard_parts(m) is not None,
+                   _build_gshard)
+register_converter("Mixtral sparse block by hand (mistral-src MoeLayer)", lambda m: _mistral_parts(m) is not None,
+                   _build_mistral)
+register_converter("top-k softmax-router MoE (V-MoE, norm_topk_prob)", lambda m: _topk_softmax_parts(m) is not None,
+                   _build_topk_softmax)
