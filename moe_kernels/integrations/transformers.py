@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import distributed
+from ..nn.source_layout import Piece, keep_source_layout
 from ..nn.sparse import SparseMoE
 from ..ops.expert_mlp import check_experts_weights
 from ..reference.activations import ACTIVATIONS
@@ -327,6 +328,18 @@ def convert_block(block: nn.Module) -> SparseMoEBlock:
     left = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"convert_block left {left} unset")
+    # checkpoints keep the v4 names: the block saves and loads experts.{e}.w1.weight, gate.weight, ...
+    H = spec["hidden_dim"]
+    pieces = [Piece("gate.weight", "router.weight")] + ([Piece("gate.bias", "router.bias")]
+                                                         if block.gate.bias is not None else [])
+    for e in range(len(experts)):
+        for attr in ("weight", "bias") if spec["bias"] else ("weight",):
+            up_target = "experts.gate_up_proj" if attr == "weight" else "experts.gate_up_bias"
+            down_target = "experts.down_proj" if attr == "weight" else "experts.down_bias"
+            pieces += [Piece(f"experts.{e}.{gate_name}.{attr}", up_target, e, (0, H)),
+                       Piece(f"experts.{e}.{up_name}.{attr}", up_target, e, (H, 2 * H)),
+                       Piece(f"experts.{e}.{down_name}.{attr}", down_target, e)]
+    keep_source_layout(new, pieces)
     return new.train(block.training)
 
 

@@ -664,3 +664,43 @@ def test_v4_look_alikes_stay_with_a_warning():
         convert_block(no_norm_flag)
     with pytest.raises(ValueError, match="convert_block"):
         convert_transformers(V4Block(8, 6, 4, 2))  # a block cannot replace itself
+
+
+# --- checkpoints: a converted model keeps its original's state-dict layout both ways ----------------------------------
+# float64 end to end, another summation order: ~1e-16 seen on outputs of magnitude ~1
+ROUND_TRIP_TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def _save_load(state, fmt, path):
+    """state through a file in `fmt` ("torch" or "safetensors") and back."""
+    if fmt == "torch":
+        torch.save(state, path)
+        return torch.load(path, weights_only=True)
+    from safetensors.torch import load_file, save_file
+    save_file(state, str(path))
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+@pytest.mark.parametrize("D, H, E, k, kw", V4_BLOCKS)
+def test_v4_checkpoints_round_trip(D, H, E, k, kw, fmt, tmp_path):
+    # original -> save -> a converted model loads it; converted -> save -> a fresh original loads it; same outputs
+    torch.manual_seed(0)
+    make = lambda: V4Model(lambda: V4Block(D, H, E, k, **kw))  # noqa: E731
+    original = randomize_(make()).double().eval()
+    x = torch.randn(2, 7, D, dtype=F64)
+    want = original(x)[0]
+    state = _save_load(original.state_dict(), fmt, tmp_path / "original.ckpt")
+    converted = moe_kernels.convert(randomize_(make()).double().eval(), strict=True)   # other weights, then loaded
+    converted.load_state_dict(state, strict=True)
+    torch.testing.assert_close(converted(x)[0], want, **ROUND_TRIP_TOL)
+    saved = converted.state_dict()
+    assert set(saved) == set(original.state_dict()), "the converted model saves the original's keys"
+    fresh = randomize_(make()).double().eval()
+    fresh.load_state_dict(_save_load(saved, fmt, tmp_path / "converted.ckpt"), strict=True)
+    torch.testing.assert_close(fresh(x)[0], want, **ROUND_TRIP_TOL)
+    # a converted model also takes its own fused layout (a checkpoint of a SparseMoEBlock built directly)
+    block = converted.layers[0].mlp
+    fused = {n: t.clone() for n, t in list(block.named_parameters()) + list(block.named_buffers())}
+    block.load_state_dict(fused, strict=True)
+    torch.testing.assert_close(converted(x)[0], want, **ROUND_TRIP_TOL)
