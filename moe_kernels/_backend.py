@@ -4,22 +4,41 @@ under TRITON_INTERPRET=1).
 MOE_KERNELS_BACKEND=reference|triton|native|auto (default auto: triton on CUDA, native on CPU when built,
 else reference), or `moe_kernels.use_backend(name)` for a block of code. An op that a chosen backend does
 not implement runs on the reference backend.
+
+The native ops are loaded on first native use, not at import (moe_kernels._native: the extension built at install
+time, else a build on first use cached per torch version and flags, else unavailable with a reason). Under auto, the
+first CPU op that would have run natively warns once when they are unavailable. `native_available()` (also readable
+as the module attribute `NATIVE`) and `native_error()` (also `_native_error`) say whether they are there and why not.
 """
 import contextlib
-import importlib
 import os
 import threading
 from typing import Optional
 
+from . import _native
+
 BACKENDS = ("auto", "reference", "native", "triton")
 
-_native_error = None
-try:
-    importlib.import_module("moe_kernels._C")
-    NATIVE = True
-except Exception as exc:  # not built, or built against another torch
-    NATIVE = False
-    _native_error = f"{type(exc).__name__}: {exc}"
+
+def native_available() -> bool:
+    """Whether the native CPU ops are available; loads them (building them on first use where that is the way)."""
+    return _native.available()
+
+
+def native_error() -> Optional[str]:
+    """Why the native CPU ops are unavailable, with the fix; None when they are available."""
+    st = _native.state()
+    return None if st.available else st.describe()
+
+
+def __getattr__(name):
+    # NATIVE and _native_error are evaluated when first read (module __getattr__), so that importing the package
+    # neither loads nor compiles the native ops
+    if name == "NATIVE":
+        return native_available()
+    if name == "_native_error":
+        return native_error()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # op name -> {backend: implementation}; filled by moe_kernels.ops as each op registers its backends
 IMPLS: dict[str, dict[str, object]] = {}
@@ -37,19 +56,23 @@ def _triton_usable(device_type: str) -> bool:
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(op: str, device_type: str) -> str:
-    """The backend that runs `op` on tensors of `device_type` now."""
+def resolve(op: str, device_type: str, *, warn: bool = True) -> str:
+    """The backend that runs `op` on tensors of `device_type` now. Under auto, a CPU op with a native implementation
+    loads the native ops (on first use); without them it runs on reference and, if `warn`, warns once per process."""
     name = _requested()
     impls = IMPLS.get(op, {})
     if name == "auto":
         if device_type == "cuda" and "triton" in impls:
             return "triton"
-        if device_type == "cpu" and NATIVE and "native" in impls:
-            return "native"
+        if device_type == "cpu" and "native" in impls:
+            if native_available():
+                return "native"
+            if warn:
+                _native.warn_unavailable(stacklevel=4)
         return "reference"
     if name == "native":
-        if not NATIVE:
-            raise RuntimeError(f"MOE_KERNELS_BACKEND=native but moe_kernels._C is not available ({_native_error})")
+        if not native_available():
+            raise RuntimeError(f"MOE_KERNELS_BACKEND=native but moe_kernels._C is not available ({native_error()})")
         if device_type != "cpu":
             raise RuntimeError(f"the native backend runs on CPU tensors, got {device_type} tensors")
     if name == "triton" and not _triton_usable(device_type):
@@ -103,7 +126,7 @@ def register_autograd(op, backward, setup_context):
 def native_cpu_isa() -> Optional[str]:
     """The instruction set the native CPU kernels run with ('avx512', 'avx2' or 'baseline'; capped by
     MOE_KERNELS_CPU_ISA), or None without the native extension."""
-    if not NATIVE:
+    if not native_available():
         return None
     import torch
     return torch.ops.moe_kernels_C.cpu_isa()
@@ -112,7 +135,7 @@ def native_cpu_isa() -> Optional[str]:
 def native_cpu_bf16_gemm() -> Optional[bool]:
     """Whether the native CPU ops run bfloat16 GEMMs in bfloat16 (oneDNN, on CPUs with AVX512-BF16 or AMX-BF16 at
     the avx512 ISA level) rather than widened to float32; None without the native extension."""
-    if not NATIVE:
+    if not native_available():
         return None
     import torch
     return torch.ops.moe_kernels_C.cpu_bf16_gemm()
@@ -129,7 +152,7 @@ def backends() -> dict:
         triton_state = f"unavailable ({type(exc).__name__}: {exc})"
     def cpu_choice(op):
         try:
-            return resolve(op, "cpu")
+            return resolve(op, "cpu", warn=False)
         except (RuntimeError, ValueError) as exc:
             return f"error: {exc}"
 
@@ -144,7 +167,8 @@ def backends() -> dict:
         gemm_engines = f"unavailable ({type(exc).__name__}: {exc})"
     return {
         "requested": requested,
-        "native": "available" if NATIVE else f"unavailable, CPU ops fall back to reference ({_native_error})",
+        "native": ("available" if native_available()
+                   else f"unavailable, CPU ops fall back to reference ({native_error()})"),
         "cpu_isa": native_cpu_isa(),
         "cpu_bf16_gemm": native_cpu_bf16_gemm(),
         "triton": triton_state,
