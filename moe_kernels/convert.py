@@ -249,6 +249,12 @@ def _mlp_kwargs(layers: list) -> dict:
                 device="meta", dtype=first.weight.dtype)
 
 
+def _top_k_renormalised(k: int) -> dict:
+    """SparseMoE's arguments for the top-k weights renormalised to sum to one: for k = 1 that weight is exactly 1
+    (and the router gets no gradient from the output), which scale_by_gate=False gives exactly."""
+    return dict(renormalize=True) if k > 1 else dict(scale_by_gate=False)
+
+
 def _no_attrs(module, *names) -> bool:
     return not any(hasattr(module, n) for n in names)
 
@@ -318,7 +324,8 @@ def _topk_mlp_router_parts(m: nn.Module) -> Optional[tuple]:
 
 def _build_topk_mlp_router(m: nn.Module) -> SparseMoE:
     router, layers, k = _topk_mlp_router_parts(m)
-    return _with_mlp_experts(SparseMoE, layers, k, router=router, aux_loss_type="entropy", aux_loss_coef=1.0)
+    return _with_mlp_experts(SparseMoE, layers, k, router=router, aux_loss_type="entropy", aux_loss_coef=1.0,
+                             **_top_k_renormalised(k))
 
 
 def _switch_parts(m: nn.Module) -> Optional[tuple]:
@@ -503,7 +510,7 @@ def _build_mistral(m: nn.Module) -> SparseMoE:
     w1, _, w2 = layers[0]
     bias = w1.bias is not None
     new = SparseMoE(w1.in_features, w1.out_features, len(layers), k, activation="silu", gated=True, bias=bias,
-                    router=gate, aux_loss_type=None, device="meta", dtype=w1.weight.dtype)
+                    router=gate, aux_loss_type=None, device="meta", dtype=w1.weight.dtype, **_top_k_renormalised(k))
 
     def stacked(attr, *names):  # [E, ...]: per expert, the named layers' tensors concatenated (gate rows first)
         parts = [[getattr(layer[_SWIGLU.index(n)], attr) for n in names] for layer in layers]
@@ -534,7 +541,8 @@ def _topk_softmax_parts(m: nn.Module) -> Optional[tuple]:
 
 def _build_topk_softmax(m: nn.Module) -> SparseMoE:
     router, layers, k, norm = _topk_softmax_parts(m)
-    return _with_mlp_experts(SparseMoE, layers, k, router=router, renormalize=norm, aux_loss_type=None)
+    options = _top_k_renormalised(k) if norm else dict(renormalize=False)
+    return _with_mlp_experts(SparseMoE, layers, k, router=router, aux_loss_type=None, **options)
 
 
 register_converter("dense softmax MoE (MoE guide MoELayer)", lambda m: _dense_softmax_parts(m) is not None,

@@ -1,19 +1,20 @@
-"""moe_kernels.convert on the seed documents' reference layers (shared/seeds/reference_layers.py).
+"""moe_kernels.convert on the zoo of MoE layers as people write them (tests/zoo).
 
-Each layer gets random weights, is deep-copied, and the copy converted. In float64 the outputs and the gradients of
-the input and of every parameter, matched by role (expert e's Linear weights are row e of the stacked expert
-tensors; SwitchMoE's `gate` and LSTMMoE's `gating_network` become `router`), agree up to summation order; in
-float32 within the earned tolerance against the float64 original. aux_loss agrees where the original has one, and
-no reference layer is left. Also: a user's class of the same structure, nesting, a shared layer, near misses, the
-strict error, the recogniser registry and the lazy loading of integrations.
+Each zoo layer gets random weights, is deep-copied, and the copy converted. In float64 the outputs and the
+gradients of the input and of every parameter, matched by role (expert e's Linear weights are row e of the stacked
+expert tensors, a SwiGLU expert's w1 and w3 the gate and up halves of its row; SwitchMoE's and the Mixtral block's
+`gate`, LSTMMoE's `gating_network` and the GShard gate's `wg` become `router`), agree up to summation order; in
+float32 within the earned tolerance against the float64 original. The auxiliary loss agrees where the original has
+one, and no zoo layer is left. Also: every built-in recogniser has a zoo layer, a user's class of the same
+structure, nesting, a shared layer, near misses, the strict error, the recogniser registry and the lazy loading of
+integrations.
 """
 import copy
-import importlib.util
 import re
 import sys
 import textwrap
+import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,9 @@ from torch import nn
 
 import moe_kernels
 from moe_kernels import DenseMoE, SparseMoE
-from moe_kernels.convert import INTEGRATIONS, converters, register_converter, unregister_converter
-from moe_kernels.nn import HybridMoE
+from moe_kernels.convert import INTEGRATIONS, GShardSparseMoE, converters, register_converter, unregister_converter
 
+from . import zoo
 from .helpers import assert_earned_max, reordered_sum_atol
 
 F64 = torch.float64
@@ -31,50 +32,12 @@ F64 = torch.float64
 # ~1e-16 on values and gradients of magnitude ~1, so 1e-12 leaves a wide margin and still catches any real error
 TOL = dict(rtol=1e-12, atol=1e-12)
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "seeds" / "reference_layers.py"
-REFERENCE_LAYERS = {"MoELayer", "Expert", "AdvancedMoELayer", "SwitchMoE", "LSTMMoE", "HybridRouterMoE"}
+LAYERS = zoo.ZOO
 
 
-@pytest.fixture(scope="module")
-def R():
-    """The reference layers, imported by path (they are not part of the package)."""
-    if not REFERENCE.exists():
-        pytest.skip(f"the seed reference layers are not at {REFERENCE} (the shared/ folder beside the repository)")
-    spec = importlib.util.spec_from_file_location("reference_layers", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# --- the layers and their inputs ----------------------------------------------------------------------------
-def hybrid(R, dims=8, num_experts=5, k=2, memory_size=16):
-    m = R.HybridRouterMoE(dims, num_experts, 5, k, memory_size)
-    m.alpha_moe.uniform_(0.1, 0.9)  # not the 0.5 it starts at: a swapped alpha would show
-    m.alpha_fusion.uniform_(0.1, 0.9)
-    return m
-
-
-def hybrid_inputs(T=11, dims=8):
-    # two of the five modalities given; the others default to x
-    return torch.randn(T, dims), {"pitch": torch.randn(T, dims), "phase": torch.randn(T, dims)}
-
-
-# id: (build the layer from the reference module, make the inputs, the fused type)
-LAYERS = {
-    # output width 5 != input width 8
-    "MoELayer-D8-O5-E4-H12": (lambda R: R.MoELayer(8, 5, 4, 12), lambda: (torch.randn(13, 8),), DenseMoE),
-    "MoELayer-E1": (lambda R: R.MoELayer(6, 6, 1, 10), lambda: (torch.randn(7, 6),), DenseMoE),
-    "AdvancedMoELayer-E5-k2": (lambda R: R.AdvancedMoELayer(8, 8, 5, 12, k=2), lambda: (torch.randn(17, 8),),
-                               SparseMoE),
-    # k = E: every expert, weights renormalised over all
-    "AdvancedMoELayer-k=E=3": (lambda R: R.AdvancedMoELayer(6, 6, 3, 10, k=3), lambda: (torch.randn(9, 6),),
-                               SparseMoE),
-    "SwitchMoE-D8-O6-E4": (lambda R: R.SwitchMoE(8, 12, 6, 4), lambda: (torch.randn(3, 5, 8),), SparseMoE),
-    "SwitchMoE-E7": (lambda R: R.SwitchMoE(8, 10, 8, 7), lambda: (torch.randn(2, 9, 8),), SparseMoE),
-    "LSTMMoE-D8-O5-E4": (lambda R: R.LSTMMoE(8, 7, 5, 4), lambda: (torch.randn(3, 6, 8),), DenseMoE),
-    "HybridRouterMoE-E5-k2": (hybrid, hybrid_inputs, HybridMoE),
-    "HybridRouterMoE-E3-k1": (lambda R: hybrid(R, 6, 3, 1, 9), lambda: hybrid_inputs(5, 6), HybridMoE),
-}
+def zoo_left(model):
+    """The zoo classes that convert() should have replaced, still in `model`."""
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, zoo.LAYER_TYPES)})
 
 
 def as_dtype(inputs, dtype):
@@ -89,21 +52,39 @@ def leaves(inputs):
 # --- matching parameters by role ------------------------------------------------------------------------------
 MLP_ROLES = {("0", "weight"): "gate_up_proj", ("0", "bias"): "gate_up_bias", ("2", "weight"): "down_proj",
              ("2", "bias"): "down_bias"}
+SWIGLU_ROLES = {"weight": ("gate_up_proj", "down_proj"), "bias": ("gate_up_bias", "down_bias")}
 
 
-def role(name):
+def role(name, param):
     """The converted model's parameter holding the original parameter `name` (of a layer, or of a model around
-    layers), and the row (expert) in it, or None."""
+    layers), and the index of the original in it (None: all of it)."""
     mlp = re.fullmatch(r"((?:.*\.)?)experts\.(\d+)\.(?:network\.)?([02])\.(weight|bias)", name)  # Linear-act-Linear
     if mlp:
-        return f"{mlp[1]}experts.{MLP_ROLES[mlp[3], mlp[4]]}", int(mlp[2])
+        return f"{mlp[1]}experts.{MLP_ROLES[mlp[3], mlp[4]]}", (int(mlp[2]),)
+    swiglu = re.fullmatch(r"((?:.*\.)?)experts\.(\d+)\.(w[123])\.(weight|bias)", name)  # w2(silu(w1 x) * w3 x)
+    if swiglu:
+        up, down = SWIGLU_ROLES[swiglu[4]]
+        e, H = int(swiglu[2]), param.shape[0]
+        index = {"w1": (e, slice(0, H)), "w3": (e, slice(H, 2 * H)), "w2": (e,)}[swiglu[3]]
+        return f"{swiglu[1]}experts.{down if swiglu[3] == 'w2' else up}", index
     linear = re.fullmatch(r"((?:.*\.)?)experts\.(\d+)\.(weight|bias)", name)  # one Linear per expert
     if linear:
-        return f"{linear[1]}experts.{linear[3]}", int(linear[2])
-    renamed = re.fullmatch(r"((?:.*\.)?)(?:gate|gating_network)\.(.*)", name)  # SwitchMoE's and LSTMMoE's routers
+        return f"{linear[1]}experts.{linear[3]}", (int(linear[2]),)
+    renamed = re.fullmatch(r"((?:.*\.)?)(?:gate\.wg|gate|gating_network)\.(.*)", name)  # routers under other names
     if renamed:
         return f"{renamed[1]}router.{renamed[2]}", None
     return name, None
+
+
+def at(tensors, name, index):
+    t = tensors[name]
+    return t if index is None else t[index]
+
+
+def aux_loss(module):
+    """The auxiliary loss a layer keeps after its forward: `aux_loss`, or DeepSpeed's `l_aux` (None: none)."""
+    aux = getattr(module, "aux_loss", None)
+    return getattr(module, "l_aux", None) if aux is None else aux
 
 
 def run(module, inputs):
@@ -111,7 +92,7 @@ def run(module, inputs):
     (drawn from a fixed generator so that both modules get the same one)."""
     out = module(*inputs)
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
-    aux = getattr(module, "aux_loss", None)
+    aux = aux_loss(module)
     loss = (out * g).sum() + (aux if isinstance(aux, torch.Tensor) else 0)
     named = [(f"input{i}", t) for i, t in enumerate(leaves(inputs))] + list(module.named_parameters())
     grads = torch.autograd.grad(loss, [t for _, t in named], allow_unused=True)
@@ -123,12 +104,10 @@ def compare(orig, conv, got, want, check):
     `check(actual, expected, name)` compares each gradient."""
     conv_params = dict(conv.named_parameters())
     for name, p in orig.named_parameters():
-        cname, row = role(name)
+        cname, index = role(name, p)
         assert cname in conv_params, f"{name}: no {cname} in the converted {type(conv).__name__}"
-        q = conv_params[cname] if row is None else conv_params[cname][row]
-        assert torch.equal(q, p), f"{name}: the weights changed on the way to {cname}[{row}]"
-        gq = got[cname] if row is None else got[cname][row]
-        check(gq, want[name], f"grad {name}")
+        assert torch.equal(at(conv_params, cname, index), p), f"{name}: the weights changed on the way to {cname}"
+        check(at(got, cname, index), want[name], f"grad {name}")
     assert sum(p.numel() for p in conv.parameters()) == sum(p.numel() for p in orig.parameters())
     for name in (n for n in want if n.startswith("input")):
         check(got[name], want[name], f"grad {name}")
@@ -138,37 +117,37 @@ def assert_close(actual, expected, name):
     torch.testing.assert_close(actual, expected, **TOL, msg=lambda s: f"{name}: {s}")
 
 
-# --- the reference layers -------------------------------------------------------------------------------------
+# --- the zoo --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_converted_layer_matches_float64(R, layer, backend):
-    make, inputs, fused_type = LAYERS[layer]
-    orig = make(R).double().train()
+def test_converted_layer_matches_float64(layer, backend):
+    entry = LAYERS[layer]
+    orig = entry.build().double().train()
     conv = moe_kernels.convert(copy.deepcopy(orig), strict=True)
-    assert type(conv) is fused_type and conv.training
-    assert not REFERENCE_LAYERS & {type(m).__name__ for m in conv.modules()}
-    x = as_dtype(inputs(), F64)
+    assert type(conv) is entry.converts_to and conv.training
+    assert not zoo_left(conv)
+    x = as_dtype(entry.inputs(), F64)
     out_o, aux_o, want = run(orig, x)
     out_c, aux_c, got = run(conv, x)
     assert out_c.shape == out_o.shape and out_c.dtype == F64
     assert_close(out_c, out_o, "output")
-    if isinstance(aux_o, torch.Tensor):  # AdvancedMoELayer: sum_e p_e log(p_e + 1e-10)
+    if isinstance(aux_o, torch.Tensor):  # AdvancedMoELayer's entropy term, GShard's first-choice balance loss
         assert_close(aux_c, aux_o, "aux_loss")
     else:
         assert aux_c is None
     compare(orig, conv, got, want, assert_close)
-    if "Switch" in layer:  # the output is not scaled by the gate: the router learns nothing, in both
+    if entry.style == "SwitchMoE":  # the output is not scaled by the gate: the router learns nothing, in both
         assert not want["gate.weight"].any() and not got["router.weight"].any()
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_converted_layer_float32_within_earned_tolerance(R, layer, backend):
+def test_converted_layer_float32_within_earned_tolerance(layer, backend):
     """float32 original and converted vs the float64 original: max error within twice the original's (+ sqrt(n)
     ulps of the largest element, for outputs of few elements)."""
-    make, inputs, _ = LAYERS[layer]
-    orig = make(R).train()
+    entry = LAYERS[layer]
+    orig = entry.build().train()
     conv = moe_kernels.convert(copy.deepcopy(orig))
     ref = copy.deepcopy(orig).double()
-    x = inputs()
+    x = entry.inputs()
     out_r, aux_r, ref_grads = run(ref, as_dtype(x, F64))
     out_o, aux_o, same = run(orig, as_dtype(x, torch.float32))
     out_c, aux_c, got = run(conv, as_dtype(x, torch.float32))
@@ -181,26 +160,72 @@ def test_converted_layer_float32_within_earned_tolerance(R, layer, backend):
     if isinstance(aux_r, torch.Tensor):
         check(aux_c, aux_r, aux_o, "aux_loss")
     conv_params = dict(conv.named_parameters())
-    for name, _ in orig.named_parameters():
-        cname, row = role(name)
-        fast = got[cname] if row is None else got[cname][row]
-        check(fast, ref_grads[name], same[name], f"grad {name}")
+    for name, p in orig.named_parameters():
+        cname, index = role(name, p)
+        check(at(got, cname, index), ref_grads[name], same[name], f"grad {name}")
     for name in (n for n in ref_grads if n.startswith("input")):
         check(got[name], ref_grads[name], same[name], f"grad {name}")
-    assert set(conv_params) <= {role(n)[0] for n, _ in orig.named_parameters()}
+    assert set(conv_params) <= {role(n, p)[0] for n, p in orig.named_parameters()}
 
 
-def test_eval_mode_is_kept(R):
-    orig = R.SwitchMoE(8, 12, 8, 4).eval()
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_eval_mode_is_kept(layer):
+    orig = LAYERS[layer].build().eval()
     assert not moe_kernels.convert(orig).training
 
 
-def test_advanced_aux_loss_only_in_training(R):
-    """AdvancedMoELayer sets aux_loss in every forward; the fused SparseMoE, like every SparseMoE, only in
-    training (None in eval)."""
-    conv = moe_kernels.convert(R.AdvancedMoELayer(8, 8, 4, 12, k=2)).eval()
-    conv(torch.randn(5, 8))
+@pytest.mark.parametrize("layer", [n for n, e in LAYERS.items() if e.style in ("AdvancedMoELayer", "GShardMoE")])
+def test_aux_loss_only_in_training(layer):
+    """AdvancedMoELayer and the GShard layer set their loss in every forward; the fused SparseMoE, like every
+    SparseMoE, only in training (None in eval)."""
+    entry = LAYERS[layer]
+    conv = moe_kernels.convert(entry.build()).eval()
+    conv(*entry.inputs())
     assert conv.aux_loss is None
+
+
+@pytest.mark.parametrize("layer", [n for n, e in LAYERS.items() if e.style == "GShardMoE"])
+def test_gshard_capacity(layer, backend):
+    """The converted GShard layer keeps C = max(ceil(capacity_factor * 2 T / E), min_capacity) pairs per expert
+    and drops the same pairs as the original: a token whose two choices were both dropped gives zeros in both;
+    `l_aux` reads the converted layer's loss."""
+    entry = LAYERS[layer]
+    orig = entry.build().double()
+    conv = moe_kernels.convert(copy.deepcopy(orig), strict=True)
+    (x,) = as_dtype(entry.inputs(), F64)
+    T, E = x.shape[0], len(orig.experts)
+    gate = orig.gate
+    assert conv.capacity(T) == max(-(-gate.capacity_factor * 2 * T // E), gate.min_capacity) == gate.capacity(T, E)
+    out_o, out_c = orig(x), conv(x)
+    dropped = int(conv.dropped)
+    _, combine, _ = gate(x)
+    assert dropped == 2 * T - int(combine.count_nonzero())   # the pairs the original's combine tensor leaves out
+    if "drops" in layer:
+        assert dropped > 0
+    if "no-drop" in layer:
+        assert dropped == 0
+    both = combine.sum(dim=(1, 2)) == 0
+    assert torch.equal(out_c[both], torch.zeros_like(out_c[both])) and torch.equal(out_o[both], out_c[both])
+    assert conv.l_aux is conv.aux_loss
+
+
+def test_every_recogniser_has_a_zoo_layer():
+    """Each built-in recogniser converts at least one zoo layer, and each zoo layer exactly one recogniser
+    matches (integrations included)."""
+    built_in = {c.name for c in converters() if c.build.__module__ == "moe_kernels.convert"}
+    seen = set()
+    for name, entry in LAYERS.items():
+        layer = entry.build()
+        matched = [c.name for c in converters() if c.match(layer)]
+        assert len(matched) == 1, f"{name}: matched by {matched}"
+        seen.update(matched)
+    assert built_in <= seen, f"no zoo layer for {sorted(built_in - seen)}"
+
+
+def test_zoo_styles_say_where_they_come_from():
+    for name, style in zoo.STYLES.items():
+        assert style.source and style.layer.__doc__ and sys.modules[style.layer.__module__].__doc__, name
+    assert {e.style for e in LAYERS.values()} == set(zoo.STYLES)
 
 
 # --- structure, not class names ---------------------------------------------------------------------------------
@@ -233,12 +258,60 @@ class MyDense(nn.Module):
         return torch.einsum("...oe,...e->...o", outs, self.router(x).softmax(-1))
 
 
-@pytest.mark.parametrize("cls, fused", [pytest.param(MyTop1, SparseMoE, id="switch-like-gelu"),
-                                        pytest.param(MyDense, DenseMoE, id="dense-like-gelu_tanh")])
-def test_user_class_of_the_same_structure(cls, fused, backend):
-    orig = cls(8, 12, 6, 5).double()
+class MyTopK(nn.Module):
+    """Someone's own V-MoE-style layer: SoftmaxTopKMoE's attributes (SiLU experts without biases, renormalised),
+    another class name and forward (every expert, then a gather)."""
+
+    def __init__(self, dim, hidden, out, num_experts):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = 3, True
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.SiLU(),
+                                                   nn.Linear(hidden, out, bias=False)) for _ in range(num_experts))
+
+    def forward(self, x):
+        w, idx = self.router(x).softmax(-1).topk(self.top_k, -1)
+        outs = torch.stack([e(x) for e in self.experts], dim=-2)  # [..., E, O]
+        chosen = outs.gather(-2, idx[..., None].expand(*idx.shape, outs.shape[-1]))
+        return (chosen * (w / w.sum(-1, keepdim=True))[..., None]).sum(-2)
+
+
+class MySwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class MyMixtral(nn.Module):
+    """Someone's own Mixtral block of mistral-src's structure (experts with biases, k in a namespace), with
+    another forward: the top-k of the softmax, renormalised, over every expert."""
+
+    def __init__(self, dim, hidden, out, num_experts):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(MySwiGLU(dim, hidden) for _ in range(num_experts))
+        self.args = types.SimpleNamespace(num_experts_per_tok=2)
+
+    def forward(self, x):
+        w, idx = self.gate(x).softmax(-1).topk(self.args.num_experts_per_tok, -1)
+        w = w / w.sum(-1, keepdim=True)
+        outs = torch.stack([e(x) for e in self.experts], dim=-2)
+        return (outs.gather(-2, idx[..., None].expand(*idx.shape, outs.shape[-1])) * w[..., None]).sum(-2)
+
+
+@pytest.mark.parametrize("cls, fused, activation", [
+    pytest.param(MyTop1, SparseMoE, "gelu", id="switch-like-gelu"),
+    pytest.param(MyDense, DenseMoE, "gelu_tanh", id="dense-like-gelu_tanh"),
+    pytest.param(MyTopK, SparseMoE, "silu", id="vmoe-like-silu-renormalised"),
+    pytest.param(MyMixtral, SparseMoE, "silu", id="mixtral-like-biases"),
+])
+def test_user_class_of_the_same_structure(cls, fused, activation, backend):
+    orig = cls(8, 12, 8 if cls is MyMixtral else 6, 5).double()
     conv = moe_kernels.convert(copy.deepcopy(orig), strict=True)
-    assert type(conv) is fused and conv.experts.activation == ("gelu" if cls is MyTop1 else "gelu_tanh")
+    assert type(conv) is fused and conv.experts.activation == activation
     x = as_dtype((torch.randn(2, 7, 8),), F64)
     out_o, _, want = run(orig, x)
     out_c, _, got = run(conv, x)
@@ -266,6 +339,16 @@ class TopKWithLinearRouter(nn.Module):
         self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 8)) for _ in range(4))
 
 
+class TopKWithoutNormFlag(TopKWithLinearRouter):
+    """SoftmaxTopKMoE's attributes without norm_topk_prob: whether the k weights are renormalised is unknown, so
+    neither renormalising nor not would be sure to be right: not converted."""
+
+    def __init__(self):
+        super().__init__()
+        del self.k
+        self.top_k = 2
+
+
 class MixedExperts(nn.Module):
     """MoELayer's structure with experts of two widths: they do not stack, not converted."""
 
@@ -276,28 +359,64 @@ class MixedExperts(nn.Module):
                                       nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 8))])
 
 
-@pytest.mark.parametrize("cls", [LayerNormExperts, TopKWithLinearRouter, MixedExperts])
-def test_near_misses_are_left_alone(cls):
-    model = nn.Sequential(cls())
+class ArgsTopKMLPExperts(nn.Module):
+    """SwitchMoE's children, but a top-2 declared in args.num_experts_per_tok (mistral-src's MoeLayer with MLP
+    experts): neither a top-1 Switch layer nor SwiGLU experts, not converted."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 4, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 6), nn.SiLU(), nn.Linear(6, 8)) for _ in range(4))
+        self.args = types.SimpleNamespace(num_experts=4, num_experts_per_tok=2)
+
+
+def gshard(**gate_attrs):
+    """A zoo GShard layer whose gate has other attributes."""
+    layer = zoo.GShardMoE(8, 6, 4)
+    for name, value in gate_attrs.items():
+        setattr(layer.gate, name, value)
+    return layer
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(LayerNormExperts, id="LayerNormExperts"),
+    pytest.param(TopKWithLinearRouter, id="TopKWithLinearRouter"),
+    pytest.param(TopKWithoutNormFlag, id="TopKWithoutNormFlag"),
+    pytest.param(MixedExperts, id="MixedExperts"),
+    pytest.param(ArgsTopKMLPExperts, id="ArgsTopKMLPExperts"),
+    # DeepSpeed's top-1 gate (random token selection), a different capacity in eval, tokens never dropped,
+    # Gumbel-sampled second choices: none of them is this recogniser's top-2
+    pytest.param(lambda: gshard(k=1), id="GShard-top1"),
+    pytest.param(lambda: gshard(eval_capacity_factor=2.0), id="GShard-eval_capacity_factor"),
+    pytest.param(lambda: gshard(drop_tokens=False), id="GShard-drop_tokens-False"),
+    pytest.param(lambda: gshard(top2_2nd_expert_sampling=True), id="GShard-2nd-expert-sampling"),
+    pytest.param(lambda: gshard(capacity_factor=0.0), id="GShard-capacity_factor-0"),
+])
+def test_near_misses_are_left_alone(make):
+    model = nn.Sequential(make())
     inner = model[0]
     assert moe_kernels.convert(model) is model and model[0] is inner
-    want = rf"no MoE layer recognised in Sequential; module types seen: .*{cls.__name__}"
+    want = rf"no MoE layer recognised in Sequential; module types seen: .*{type(inner).__name__}"
     with pytest.raises(ValueError, match=want):
         moe_kernels.convert(model, strict=True)
 
 
 # --- models -----------------------------------------------------------------------------------------------------
-def test_nested_layers_convert_in_place(R, backend):
+def test_nested_layers_convert_in_place(backend):
     """Layers inside Sequentials convert; the rest of the model stays the same objects (nothing copied)."""
-    model = nn.Sequential(nn.Linear(8, 8), R.SwitchMoE(8, 12, 8, 4),
-                          nn.Sequential(nn.Tanh(), R.LSTMMoE(8, 6, 8, 3)), nn.LayerNorm(8)).double()
+    model = nn.Sequential(nn.Linear(8, 8), zoo.SwitchMoE(8, 12, 8, 4),
+                          nn.Sequential(nn.Tanh(), zoo.LSTMMoE(8, 6, 8, 3)), nn.LayerNorm(8),
+                          zoo.SoftmaxTopKMoE(8, 6, 5, top_k=2),
+                          # last: the tokens it drops come out as zeros, on which a bias-free router ties
+                          zoo.GShardMoE(8, 10, 4, capacity_factor=0.75, min_capacity=1)).double()
     orig = copy.deepcopy(model)
     keep = [model[0], model[2], model[2][0], model[3]]
     assert moe_kernels.convert(model) is model
     assert [model[0], model[2], model[2][0], model[3]] == keep
-    assert type(model[1]) is SparseMoE and type(model[2][1]) is DenseMoE
-    assert not REFERENCE_LAYERS & {type(m).__name__ for m in model.modules()}
-    assert type(model[2][1].router).__name__ == "LSTMGatingNetwork"  # the gate is kept as it is
+    assert [type(model[i]) for i in (1, 4, 5)] == [SparseMoE, SparseMoE, GShardSparseMoE]
+    assert type(model[2][1]) is DenseMoE
+    assert not zoo_left(model)
+    assert type(model[2][1].router) is zoo.LSTMGatingNetwork  # the gate is kept as it is
     x = as_dtype((torch.randn(2, 5, 8),), F64)
     out_o, _, want = run(orig, x)
     out_c, _, got = run(model, x)
@@ -305,8 +424,8 @@ def test_nested_layers_convert_in_place(R, backend):
     compare(orig, model, got, want, assert_close)
 
 
-def test_shared_layer_converts_once(R):
-    layer = R.MoELayer(8, 8, 3, 10)
+def test_shared_layer_converts_once():
+    layer = zoo.MoELayer(8, 8, 3, 10)
     model = nn.Sequential(layer, nn.ReLU(), layer)
     x = torch.randn(6, 8)
     want = model(x)
@@ -360,12 +479,12 @@ def registry():
         register_converter(c.name, c.match, c.build)
 
 
-def test_register_converter(R, registry):
+def test_register_converter(registry):
     n = len(converters())
     match = lambda m: isinstance(m, Scale)  # noqa: E731
     register_converter("scale", match, Doubled)
     assert len(converters()) == n + 1 and converters()[-1].name == "scale"
-    model = nn.Sequential(Scale(), R.MoELayer(4, 4, 2, 6))
+    model = nn.Sequential(Scale(), zoo.MoELayer(4, 4, 2, 6))
     factor = model[0].factor
     moe_kernels.convert(model, strict=True)
     assert type(model[0]) is Doubled and model[0].factor is factor and type(model[1]) is DenseMoE
@@ -376,9 +495,9 @@ def test_register_converter(R, registry):
     register_converter("takes everything with experts", lambda m: hasattr(m, "experts"), lambda m: nn.Identity(),
                        first=True)
     assert converters()[0].name == "takes everything with experts"
-    assert type(moe_kernels.convert(R.MoELayer(4, 4, 2, 6))) is nn.Identity
+    assert type(moe_kernels.convert(zoo.MoELayer(4, 4, 2, 6))) is nn.Identity
     unregister_converter("takes everything with experts")
-    assert type(moe_kernels.convert(R.MoELayer(4, 4, 2, 6))) is DenseMoE
+    assert type(moe_kernels.convert(zoo.MoELayer(4, 4, 2, 6))) is DenseMoE
 
 
 def test_register_converter_errors(registry):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moe_kernels import DenseMoE, SparseMoE
+from moe_kernels.convert import GShardSparseMoE
 from moe_kernels.nn import HybridMoE
 
 from .guide import AdvancedMoELayer, Expert, MoELayer
@@ -83,7 +84,8 @@ STYLES = {
                      lambda D, H, E, k=None, out=None: LSTMMoE(D, H, out or D, E), _sequences, sparse=False),
     "HybridRouterMoE": Style(HybridRouterMoE, "soft + sparse + memory routers, modality fusion gates (hybrid-router "
                              "MoE)", HybridMoE, _hybrid, _hybrid_inputs, sparse=False),
-    "GShardMoE": Style(GShardMoE, "top-2 with capacity, first choices first (GShard / DeepSpeed-MoE)", SparseMoE,
+    "GShardMoE": Style(GShardMoE, "top-2 with capacity, first choices first (GShard / DeepSpeed-MoE)",
+                       GShardSparseMoE,
                        lambda D, H, E, k=2, capacity_factor=1.25, min_capacity=4, activation=nn.ReLU:
                        GShardMoE(D, H, E, capacity_factor, min_capacity, activation), _tokens),
     "MixtralMoeLayer": Style(MoeLayer, "Mixtral block by hand: bias-free router, softmax of the top-k logits, "
