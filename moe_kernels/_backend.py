@@ -68,7 +68,7 @@ def resolve(op: str, device_type: str, *, warn: bool = True) -> str:
             if native_available():
                 return "native"
             if warn:
-                _native.warn_unavailable(stacklevel=4)
+                _native.warn_unavailable()
         return "reference"
     if name == "native":
         if not native_available():

@@ -29,8 +29,8 @@ In that order:
    ``pip install --no-build-isolation -e .``.
 3. Otherwise the native ops are unavailable: the CPU ops run on the reference backend, ``backends()["native"]``
    says ``unavailable, CPU ops fall back to reference (<reason>. Fix: <fix>)``, and the first CPU op that would have
-   run natively under ``auto`` warns once (:class:`NativeOpsUnavailableWarning`, a ``UserWarning``: shown by
-   default) with the same reason and fix. Choosing ``MOE_KERNELS_BACKEND=reference`` (or
+   run natively under ``auto`` warns once per process (:class:`NativeOpsUnavailableWarning`, a ``UserWarning``:
+   shown by default, at the user's line that called the op) with the same reason and fix. Choosing ``MOE_KERNELS_BACKEND=reference`` (or
    ``use_backend("reference")``) asks for the reference explicitly and does not warn; ``MOE_KERNELS_BACKEND=native``
    raises instead.
 
@@ -103,8 +103,9 @@ def available() -> bool:
     return state().available
 
 
-def warn_unavailable(stacklevel: int = 3) -> None:
-    """Warns once per process that the native CPU ops are unavailable, with the reason and the fix."""
+def warn_unavailable() -> None:
+    """Warns once per process that the native CPU ops are unavailable, with the reason and the fix; the warning
+    points at the first caller outside moe_kernels and torch (the user's line)."""
     global _warned
     st = state()
     with _lock:
@@ -113,7 +114,19 @@ def warn_unavailable(stacklevel: int = 3) -> None:
         _warned = True
     warnings.warn(f"moe_kernels: the native CPU ops are unavailable, so CPU tensors run on the much slower reference "
                   f"backend: {st.reason}. Fix: {st.fix}. (MOE_KERNELS_BACKEND=reference chooses the reference "
-                  f"backend explicitly and silences this.)", NativeOpsUnavailableWarning, stacklevel=stacklevel)
+                  f"backend explicitly and silences this.)", NativeOpsUnavailableWarning, stacklevel=_outside_level())
+
+
+def _outside_level() -> int:
+    """warnings.warn's stacklevel of the first frame (from its caller's caller up) outside moe_kernels and torch."""
+    import torch
+    dirs = (str(PACKAGE_DIR), os.path.dirname(os.path.abspath(__file__)),
+            os.path.dirname(os.path.abspath(torch.__file__)), os.path.dirname(os.path.realpath(torch.__file__)))
+    skip = tuple({d + os.sep for d in dirs})
+    frame, level = sys._getframe(1), 1  # level 1: warn_unavailable
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
 
 
 def cache_root() -> Path:
