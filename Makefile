@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 
 .PHONY: test bench build clean aot-triton36
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): setup.py pyproject.toml moe_kernels/_native.py $(wildcard csrc/*.cpp csrc/*.h)
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
