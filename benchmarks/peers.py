@@ -6,12 +6,11 @@ note for the report) when its package is not installed: a missing peer is skippe
 - a layer built on torch.nn.functional.grouped_mm (torch._grouped_mm on older torch) with torch's own
   permutation (argsort + index_add), and that permutation alone;
 - soft-moe-pytorch's SoftMoE;
-- the seed documents' reference layers, /work/shared/seeds/reference_layers.py (found as ../shared/seeds beside
-  the repository root, or at $MOE_KERNELS_SEEDS).
+- the zoo of MoE layers as people write them (tests/zoo, in this repository): each is the peer of its converted
+  copy in bench_modules.
 """
-import importlib.util
 import os
-from typing import Optional
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -109,25 +108,11 @@ def soft_moe_pytorch():
         return None
 
 
-# --- the seed documents' layers ---------------------------------------------------------------------------------
-_SEEDS = {}
-
-
-def seed_layers():
-    """The module /work/shared/seeds/reference_layers.py (../shared/seeds from the repository root, or
-    $MOE_KERNELS_SEEDS), imported by path; None when absent."""
-    if "module" in _SEEDS:
-        return _SEEDS["module"]
+# --- the zoo of MoE layers as people write them ---------------------------------------------------------------
+def zoo():
+    """The package tests.zoo of this repository (its STYLES build each layer at any size, with sample inputs)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.environ.get("MOE_KERNELS_SEEDS") or os.path.join(root, "..", "shared", "seeds")
-    path = os.path.join(path, "reference_layers.py")
-    module: Optional[object] = None
-    if os.path.exists(path):
-        spec = importlib.util.spec_from_file_location("moe_seed_reference_layers", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        common.note(f"the seed reference layers ({os.path.normpath(path)}) are absent: the seed-layer providers "
-                    "are skipped")
-    _SEEDS["module"] = module
+    if root not in sys.path:   # the suite runs from the repository root; from elsewhere, find tests/ beside it
+        sys.path.append(root)
+    from tests import zoo as module
     return module
