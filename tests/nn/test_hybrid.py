@@ -1,5 +1,5 @@
-"""HybridMoE built directly (its conversion from the seed layer is tests/test_convert.py): the expert weights of
-its three routers and its output against a plain loop over experts written here (float64)."""
+"""HybridMoE built directly (its conversion from the hybrid-router layer of tests/zoo is tests/test_convert.py):
+the expert weights of its three routers and its output against a plain loop over experts written here (float64)."""
 import math
 
 import pytest
@@ -48,7 +48,7 @@ def test_matches_loop(E, k, backend):
 
 
 def test_leading_dims(backend):
-    """[B, S, D] is B*S tokens (the seed layer itself takes [T, D] only)."""
+    """[B, S, D] is B*S tokens (the hybrid-router layer it converts from takes [T, D] only)."""
     m = HybridMoE(8, 4, 2, memory_size=10, dtype=F64)
     x = torch.randn(2, 5, 8, dtype=F64)
     enc = {"pitch": torch.randn(2, 5, 8, dtype=F64)}
