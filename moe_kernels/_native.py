@@ -30,9 +30,9 @@ In that order:
 3. Otherwise the native ops are unavailable: the CPU ops run on the reference backend, ``backends()["native"]``
    says ``unavailable, CPU ops fall back to reference (<reason>. Fix: <fix>)``, and the first CPU op that would have
    run natively under ``auto`` warns once per process (:class:`NativeOpsUnavailableWarning`, a ``UserWarning``:
-   shown by default, at the user's line that called the op) with the same reason and fix. Choosing ``MOE_KERNELS_BACKEND=reference`` (or
-   ``use_backend("reference")``) asks for the reference explicitly and does not warn; ``MOE_KERNELS_BACKEND=native``
-   raises instead.
+   shown by default, at the user's line that called the op) with the same reason and fix. Choosing
+   ``MOE_KERNELS_BACKEND=reference`` (or ``use_backend("reference")``) asks for the reference explicitly and does
+   not warn; ``MOE_KERNELS_BACKEND=native`` raises instead.
 
 ``MOE_KERNELS_BUILD_NATIVE=0`` means: compile nothing. At build time the package is pure Python (no ``_C``, and no
 sources shipped, so it never compiles later either). At run time it stops the first-use build; a ``_C`` built at
@@ -169,15 +169,14 @@ def _load() -> State:
                             "sources to build it from", "reinstall moe_kernels")
     try:
         return _load_cached_or_build(sources, prebuilt_error)
-    except KeyboardInterrupt:
-        raise
     except Exception as exc:  # the cache directory not writable, and the like
         return _unavailable(f"the first-use build of the native CPU ops failed ({type(exc).__name__}: {exc})",
                             f"make {ENV_CACHE} point at a writable directory, or install with a C++ compiler and "
                             "ninja present: `pip install --no-build-isolation moe_kernels`")
 
 
-def cache_key(sources) -> str:
+def cache_key() -> str:
+    """The cache directory's name for the shipped sources and the running torch."""
     import torch
     h = hashlib.sha256()
     parts = [sys.implementation.cache_tag, sys.platform, platform.machine(), torch.__version__,
@@ -262,7 +261,7 @@ def _first_error(text: str, exc: BaseException) -> str:
 
 def _load_cached_or_build(sources, prebuilt_error: str) -> State:
     import torch
-    build_dir = cache_root() / cache_key(sources)
+    build_dir = cache_root() / cache_key()
     build_dir.mkdir(parents=True, exist_ok=True)
     complete, failed, log = build_dir / "complete", build_dir / "failed.json", build_dir / "build.log"
     with _FileLock(build_dir / "moe_kernels.lock",
