@@ -28,6 +28,7 @@ from torch import nn
 from . import ops
 from .nn import DenseMoE, Experts, HybridMoE, LinearExperts, SparseMoE
 from .nn.hybrid import MODALITIES
+from .nn.source_layout import Piece, keep_source_layout, source_layout
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,56 @@ def convert(model: nn.Module, *, strict: bool = False) -> nn.Module:
 
 
 def _built(conv: Converter, module: nn.Module) -> nn.Module:
-    new = conv.build(module)
-    if not isinstance(new, nn.Module):
-        raise TypeError(f"converter {conv.name!r} built a {type(new).__name__}, not an nn.Module")
-    meta = [n for n, t in (*new.named_parameters(), *new.named_buffers()) if t.is_meta]
-    if meta:
-        raise RuntimeError(f"converter {conv.name!r} left tensors without data in {type(new).__name__}: {meta}")
+    _STACKED.clear()
+    try:
+        new = conv.build(module)
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"converter {conv.name!r} built a {type(new).__name__}, not an nn.Module")
+        meta = [n for n, t in (*new.named_parameters(), *new.named_buffers()) if t.is_meta]
+        if meta:
+            raise RuntimeError(f"converter {conv.name!r} left tensors without data in {type(new).__name__}: {meta}")
+        if source_layout(new) is None:
+            pieces = _layout_pieces(module, new)
+            if pieces is not None:
+                keep_source_layout(new, pieces)
+    finally:
+        _STACKED.clear()
     return new.train(module.training)
+
+
+# --- checkpoints in the original layout ---------------------------------------------------------------------------
+# id(stacked tensor) -> (the tensor, per expert [(source tensor, (start, stop) rows or None)]), recorded while a
+# converter builds, so that the built module can save and load the original layer's state dict
+_STACKED: dict = {}
+
+
+def _record(stacked: torch.Tensor, parts: list) -> torch.Tensor:
+    _STACKED[id(stacked)] = (stacked, parts)
+    return stacked
+
+
+def _layout_pieces(original: nn.Module, new: nn.Module) -> Optional[list]:
+    """The pieces (nn.source_layout) that map every tensor of the original's state dict to where the built module
+    holds it: the same tensor moved over (a router, a gating network, buffers), or an expert's slice of a stacked
+    one. None when some tensor of either side has no counterpart (the module then keeps its own layout)."""
+    source = {}
+    for name, t in original.state_dict(keep_vars=True).items():
+        source.setdefault(id(t), name)
+    pieces, covered = [], set()
+    for target, t in new.state_dict(keep_vars=True).items():
+        if id(t) in source:
+            pieces.append(Piece(source[id(t)], target))
+            covered.add(source[id(t)])
+        elif id(t) in _STACKED:
+            for e, expert_parts in enumerate(_STACKED[id(t)][1]):
+                for part, rows in expert_parts:
+                    if id(part) not in source:
+                        return None
+                    pieces.append(Piece(source[id(part)], target, e, rows))
+                    covered.add(source[id(part)])
+        else:
+            return None
+    return pieces if covered == set(original.state_dict(keep_vars=True)) else None
 
 
 # --- structure helpers ------------------------------------------------------------------------------------------
@@ -202,7 +246,8 @@ def _linear_experts(experts: nn.Module) -> Optional[list]:
 
 def _stack(tensors: list) -> nn.Parameter:
     """One Parameter [E, ...] of E per-expert tensors (keeping whether they are trained)."""
-    return nn.Parameter(torch.stack([t.detach() for t in tensors]), requires_grad=tensors[0].requires_grad)
+    stacked = nn.Parameter(torch.stack([t.detach() for t in tensors]), requires_grad=tensors[0].requires_grad)
+    return _record(stacked, [[(t, None)] for t in tensors])
 
 
 def _fused_mlp(layers: list) -> Experts:
@@ -515,7 +560,10 @@ def _build_mistral(m: nn.Module) -> SparseMoE:
     def stacked(attr, *names):  # [E, ...]: per expert, the named layers' tensors concatenated (gate rows first)
         parts = [[getattr(layer[_SWIGLU.index(n)], attr) for n in names] for layer in layers]
         data = torch.stack([torch.cat([t.detach() for t in p]) for p in parts])
-        return nn.Parameter(data, requires_grad=parts[0][0].requires_grad)
+        sizes = [t.shape[0] for t in parts[0]]
+        rows = [(sum(sizes[:i]), sum(sizes[:i + 1])) if len(sizes) > 1 else None for i in range(len(sizes))]
+        return _record(nn.Parameter(data, requires_grad=parts[0][0].requires_grad),
+                       [list(zip(p, rows)) for p in parts])
 
     new.experts = Experts.from_weights(stacked("weight", "w1", "w3"), stacked("weight", "w2"),
                                        stacked("bias", "w1", "w3") if bias else None,

@@ -8,7 +8,8 @@ The layout is a list of `Piece`s, one per tensor of the original layer's state d
 the fused module: a whole tensor (`target`), or row `index` of a stacked [E, ...] tensor, optionally only the rows
 `rows` of that slice (a gate_up_proj holds the gate rows then the up rows), optionally transposed. Tensors of the
 fused module that no piece covers stay in its state dict under their own names (none, for the converters of this
-package: every fused tensor comes from the original).
+package: every fused tensor comes from the original). A module whose experts are resized or sharded after conversion
+no longer matches the original's layout and saves in its own.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -57,8 +58,8 @@ def _to_source(module, state_dict, prefix, local_metadata):
     if not pieces:
         return
     targets = {p.target for p in pieces}
-    if not all(prefix + t in state_dict for t in targets):
-        return      # a partial state dict (a caller's filter): left as it is
+    if not all(prefix + t in state_dict for t in targets) or not _still_covers(pieces, state_dict, prefix):
+        return      # a partial state dict, or a module resized or sharded since: saved in its own layout
     with torch.no_grad():
         for p in pieces:
             t = state_dict[prefix + p.target]
@@ -67,6 +68,20 @@ def _to_source(module, state_dict, prefix, local_metadata):
             state_dict[prefix + p.source] = t if whole else p.view(t).clone(memory_format=torch.contiguous_format)
     for t in targets - {p.source for p in pieces}:
         del state_dict[prefix + t]
+
+
+def _still_covers(pieces, state_dict, prefix) -> bool:
+    """Whether the pieces still cover each of their tensors exactly once over (a layer whose experts were added,
+    removed or sharded after conversion has more or fewer rows than the original had)."""
+    covered = {}
+    for p in pieces:
+        t = state_dict[prefix + p.target]
+        if p.index is not None and not 0 <= p.index < t.shape[0]:
+            return False
+        if p.rows is not None and p.rows[1] > (t[p.index] if p.index is not None else t).shape[0]:
+            return False
+        covered[p.target] = covered.get(p.target, 0) + p.view(t).numel()
+    return all(n == state_dict[prefix + target].numel() for target, n in covered.items())
 
 
 def _from_source(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
