@@ -1,4 +1,4 @@
-"""HybridMoE: the hybrid-router layer of hybrid_router_moe.md (soft + sparse + memory routers mixed into dense
+"""HybridMoE: the hybrid-router layer (soft + sparse + memory routers mixed into dense
 expert weights, then a gated fusion of modality features), with its experts run as one dense mixture."""
 import math
 

@@ -38,7 +38,7 @@ class SparseMoE(nn.Module):
     Routing. score: "softmax" | "sigmoid"; renormalize: the k weights sum to one; correction_bias: a DeepSeek-V3
     `e_score_correction_bias` buffer [E] that shifts only the choice; num_groups / topk_groups: group-limited
     choice; routed_scale: multiplies the weights; scale_by_gate=False: each chosen expert's output is added
-    unscaled (weight 1; the Switch layer of the seeds), so the output gives the router no gradient.
+    unscaled (weight 1, as Switch-style layers written by hand do), so the output gives the router no gradient.
     router: any module mapping x [..., D] (called in x's own shape, so an LSTM over [B, S, D] works) to logits
     [..., E], in place of nn.Linear(D, E, bias=router_bias).
     In training only: noisy_gating adds Shazeer et al.'s trainable Gaussian noise to the logits

@@ -112,7 +112,7 @@ def loop_sparse(m, x, logits=None):
     for t in range(T):
         chosen, w = routes[t][0], routes[t][1]
         if not m.scale_by_gate:
-            w = torch.ones_like(w)  # Switch of the seeds: the chosen expert's output, unscaled
+            w = torch.ones_like(w)  # a hand-written Switch layer: the chosen expert's output, unscaled
         terms = [w[j] * loop_expert(m, e, x[t]) for j, e in enumerate(chosen) if kept[t][j]]
         y = sum(terms, x.new_zeros(m.out_dim))
         if m.shared_experts is not None:
@@ -199,7 +199,7 @@ CASES = [
     # expert outputs of another width: down_proj [E, O, H], out [..., O]
     pytest.param(dict(dim=16, hidden=12, E=6, k=2, out_dim=9, bias=True), (2, 7, 16), id="out_dim-9<D"),
     pytest.param(dict(dim=8, hidden=12, E=5, k=3, out_dim=20, capacity_factor=0.75), (13, 8), id="out_dim-20>D"),
-    # Switch of the seeds: top-1, the chosen expert's output unscaled, ReLU MLP experts with biases
+    # a hand-written Switch layer: top-1, the chosen expert's output unscaled, ReLU MLP experts with biases
     pytest.param(dict(dim=16, hidden=12, E=6, k=1, scale_by_gate=False, activation="relu", gated=False, bias=True,
                       router_bias=True), (3, 5, 16), id="switch-unscaled"),
     pytest.param(dict(dim=16, hidden=12, E=6, k=2, scale_by_gate=False), (11, 16), id="unscaled-k2"),
@@ -299,7 +299,7 @@ def test_gradients_match_loop(cfg, shape, backend):
     names = ["x"] + [n for n, _ in named]
     for name, a, b in zip(names, got, want):
         if name.startswith("router.") and not m.scale_by_gate:
-            # unscaled outputs (Switch of the seeds): the router learns nothing from the output, in both
+            # unscaled outputs (a hand-written Switch layer): the router learns nothing from the output, in both
             assert a is None and b is None, name
             continue
         assert_close(a, b, name=f"grad {name}")
