@@ -161,8 +161,8 @@ def test_gradients_match_loop(cfg, backend):
 
 
 class LSTMGate(nn.Module):
-    """A gating network over sequences, [B, S, D] -> gates [B, S, E] already softmaxed (the LSTMMoE of the
-    the LSTM-gated layer of tests/zoo): the router must see x in its own shape, and score=None takes its output as the gates."""
+    """A gating network over sequences, [B, S, D] -> gates [B, S, E] already softmaxed (the LSTM-gated layer of
+    tests/zoo): the router must see x in its own shape, and score=None takes its output as the gates."""
 
     def __init__(self, dim, hidden, num_experts):
         super().__init__()
