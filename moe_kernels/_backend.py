@@ -80,6 +80,16 @@ def resolve(op: str, device_type: str, *, warn: bool = True) -> str:
     return name if name in impls else "reference"
 
 
+# the activations the native CPU ops compute (moe_kernels.reference.activations spec strings without options);
+# others run on the reference backend there
+NATIVE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
+
+
+def native_takes(activation: str) -> bool:
+    """Whether the native ops compute this activation spec string."""
+    return activation in NATIVE_ACTIVATIONS
+
+
 def register(op: str, backend: str, fn) -> None:
     IMPLS.setdefault(op, {})[backend] = fn
 

@@ -100,10 +100,10 @@ def rand_experts(T, k, E, generator=None):
 
 
 # --- independent oracles of the activations, and the comparisons built on assert_earned ----------------
-def naive_act(v, activation):
-    """The activations from their textbook formulas, on a float64 vector."""
+def naive_act(v, activation, alpha=1.0):
+    """The activations from their textbook formulas, on a float64 vector (silu with alpha: v sigmoid(alpha v))."""
     if activation == "silu":
-        return v / (1 + torch.exp(-v))
+        return v / (1 + torch.exp(-alpha * v))
     if activation == "gelu":
         return 0.5 * v * (1 + torch.erf(v / math.sqrt(2)))
     if activation == "gelu_tanh":
@@ -112,21 +112,46 @@ def naive_act(v, activation):
         return torch.where(v > 0, v, torch.zeros_like(v))
     if activation == "identity":
         return v.clone()
+    if activation == "relu2":
+        return torch.where(v > 0, v, torch.zeros_like(v)) ** 2
     raise AssertionError(activation)
 
 
 def naive_glu(h, activation, gated):
-    """h: pre-activation vector [2H] (gate first, then up) when gated, else [H]."""
+    """h: pre-activation vector [2H] when gated (gate half then up half, or alternating when the spec says
+    interleaved), else [H]; the GLU options of moe_kernels' activation spec strings from their definitions."""
+    from moe_kernels.reference.activations import parse_activation
+
+    a = parse_activation(activation)
     if not gated:
-        return naive_act(h, activation)
-    half = h.shape[0] // 2
-    return naive_act(h[:half], activation) * h[half:]
+        return naive_act(h, a.name, a.alpha)
+    if a.interleaved:
+        gate, up = h[0::2], h[1::2]
+    else:
+        gate, up = h[:h.shape[0] // 2], h[h.shape[0] // 2:]
+    limit = a.limit
+    if limit is not None:
+        if not a.clamp_after:
+            gate = torch.where(gate > limit, torch.full_like(gate, limit), gate)
+        up = torch.where(up > limit, torch.full_like(up, limit), torch.where(up < -limit, torch.full_like(up, -limit), up))
+    g = naive_act(gate, a.name, a.alpha)
+    if limit is not None and a.clamp_after:
+        g = torch.where(g > limit, torch.full_like(g, limit), g)
+    return g * (up + a.up_offset)
+
+
+# the GLU options of the transformers families, as activation spec strings (moe_kernels.reference.activations)
+GLU_SPECS = ["silu[alpha=1.702,limit=7.0,up_offset=1.0,interleaved]",      # GPT-OSS
+             "silu[alpha=1.702,limit=7.0,up_offset=1.0]",                  # MiniMax-M3-VL, OpenAI privacy filter
+             "silu[limit=10.0]",                                           # DeepSeek-V4, GLM-5 Next, HY-V4
+             "silu[limit=7.0,clamp_after]",                                # Bailing hybrid, Step-3.7
+             "gelu_tanh[limit=2.0,up_offset=0.5,interleaved]"]             # every option on another activation
 
 
 def torch_act(h, activation):
     """Plain PyTorch activations, for the same-dtype baseline of the earned tolerance."""
     return {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
-            "identity": lambda t: t}[activation](h)
+            "identity": lambda t: t, "relu2": lambda t: F.relu(t).square()}[activation](h)
 
 
 def torch_glu(h, activation, gated):

@@ -81,7 +81,7 @@ class Experts(_ExpertBank):
     def __init__(self, dim, hidden_dim, num_experts, *, out_dim=None, activation="silu", gated=True, bias=False,
                  device=None, dtype=None):
         super().__init__()
-        check_activation(activation)
+        activation = str(check_activation(activation, gated))     # a spec string, canonical
         out_dim = dim if out_dim is None else out_dim
         _positive_ints(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, out_dim=out_dim)
         self.dim, self.hidden_dim, self.out_dim, self.num_experts = dim, hidden_dim, out_dim, num_experts

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference.activations import ACTIVATIONS, glu, glu_backward
+from ..reference.activations import check_activation, glu, glu_backward
 from . import _checks
 from .expert_mlp import check_experts_weights
 
@@ -127,7 +127,7 @@ def dense_moe(x: Tensor, gates: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
     _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
     _checks.same_device(x=x, gates=gates, gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
                         down_bias=down_bias)
-    _checks.choice("activation", activation, ACTIVATIONS)
+    activation = str(check_activation(activation, gated))     # ValueError naming the activation argument
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias))
     return _dense_moe(x, gates, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, save)[0]

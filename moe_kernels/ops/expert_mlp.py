@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import _backend
 from .. import triton as _triton
 from ..reference import expert_mlp as ref
-from ..reference.activations import ACTIVATIONS
+from ..reference.activations import check_activation
 from . import _checks
 from .grouped_gemm import grouped_mm
 from .permutation import permute, sort_by_expert, unpermute
@@ -81,6 +81,9 @@ def _fused_backward(ctx, grad, *_):
 
 def _fused_native(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated, capacity,
                   save_for_backward):
+    if not _backend.native_takes(activation):
+        return ref.moe_mlp_fused(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                                 gated, None if capacity is None or capacity < 0 else capacity, save_for_backward)
     return torch.ops.moe_kernels_C.moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias,
                                                    down_bias, activation, gated, -1 if capacity is None else capacity,
                                                    save_for_backward)
@@ -88,6 +91,9 @@ def _fused_native(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, do
 
 def _fused_backward_native(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre, order, inverse,
                            offsets, activation, gated):
+    if not _backend.native_takes(activation):
+        return ref.moe_mlp_fused_backward(grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre,
+                                          order, inverse, offsets, activation, gated)
     gx, gw, gu, gd, gub, gdb = torch.ops.moe_kernels_C.moe_mlp_backward(
         grad, x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, h_pre, order, inverse, offsets, activation,
         gated)
@@ -141,7 +147,7 @@ def check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activatio
     _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
     _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj,
                         gate_up_bias=gate_up_bias, down_bias=down_bias)
-    _checks.choice("activation", activation, ACTIVATIONS)
+    check_activation(activation, gated)      # ValueError naming the activation argument
     return E
 
 
@@ -156,6 +162,7 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     """
     E = check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activation, gated, gate_up_bias,
                              down_bias)
+    activation = str(check_activation(activation, gated))     # the canonical spec string the ops take
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")

@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import _backend
 from .. import triton as _triton
 from ..reference import grouped_gemm as ref
-from ..reference.activations import ACTIVATIONS
+from ..reference.activations import check_activation
 from . import _checks
 
 
@@ -47,10 +47,14 @@ def _backward(ctx, grad):
 
 
 def _grouped_mm_native(a, w, offsets, bias, activation, gated):
+    if not _backend.native_takes(activation):
+        return ref.grouped_mm(a, w, offsets, bias, activation, gated)
     return torch.ops.moe_kernels_C.grouped_mm(a, w, offsets, bias, activation, gated)
 
 
 def _grouped_mm_backward_native(grad, a, w, offsets, bias, activation, gated):
+    if not _backend.native_takes(activation):
+        return ref.grouped_mm_backward(grad, a, w, offsets, bias, activation, gated)
     grad_a, grad_w, grad_b = torch.ops.moe_kernels_C.grouped_mm_backward(grad, a, w, offsets, bias, activation, gated)
     return grad_a, grad_w, grad_b if bias is not None else None
 
@@ -82,7 +86,7 @@ def grouped_mm(a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = N
         _checks.tensor("bias", bias, shape=(E, M))
     _checks.same_dtype(a=a, w=w, bias=bias)
     _checks.same_device(a=a, w=w, offsets=offsets, bias=bias)
-    _checks.choice("activation", activation, ACTIVATIONS)
+    activation = str(check_activation(activation, gated))     # ValueError naming the activation argument
     if gated and M % 2:
         raise ValueError(f"gated=True needs an even output width (gate and up halves), got w {tuple(w.shape)}")
     _checks.rows("a", a)

@@ -24,13 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.activations import ACTIVATIONS, check_activation, glu, glu_backward
+from ..reference.activations import check_activation, glu, glu_backward
+from .activations import ACT_CODE as _ACT_CODE
+from .activations import activation as _activation
 
 _DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# activation name -> the ACT constexpr of the kernels
-_ACT_CODE = {"identity": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
-assert set(_ACT_CODE) == set(ACTIVATIONS)
 # FP32_PRECISION constexpr: 0 = 16-bit operands (tl.dot's default), 1 = fp32 "ieee" (exact), 2 = fp32 "tf32"
 _PREC_16BIT, _PREC_IEEE, _PREC_TF32 = 0, 1, 2
 
@@ -43,23 +42,6 @@ def _dot(a, b, acc, FP32_PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
         return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _activation(h, ACT: tl.constexpr):
-    """h fp32 -> act(h): 0 identity, 1 silu, 2 gelu (erf), 3 gelu_tanh, 4 relu."""
-    if ACT == 1:
-        return h / (1.0 + tl.exp(-h))
-    elif ACT == 2:
-        return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    elif ACT == 3:
-        # 0.5 h (1 + tanh(u)) = h * sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3)
-        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        return h / (1.0 + tl.exp(-2.0 * u))
-    elif ACT == 4:
-        return tl.where((h > 0) | (h != h), h, 0.0)  # NaN stays, as in torch
-    else:
-        return h
 
 
 # --- grouped_gemm -----------------------------------------------------------------------------------------
@@ -148,7 +130,7 @@ def _grouped_gemm_kernel(
         acc += tl.load(b_e, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(b_e + MO, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    v = _activation(acc, ACT)
+    v = _activation(acc, ACT, 1.0)
     if GATED:
         v = v * acc_up
     if HAS_SCALE:
@@ -310,8 +292,17 @@ def grouped_gemm(a, w, offsets, *, trans_w=True, gather=None, scatter=None, row_
     row_scale[p] * glu(a[gather[p] or p] @ W_e + bias[e]), W_e = w[e]^T (trans_w, w [E, M, K]) or w[e]
     (w [E, K, M]); gated: glu = act(gate half) * up half, width M/2. Rows of out that no kept row writes are
     zero. out: [num_out_rows (default N), M or M/2] in out_dtype (default a's dtype; float32 keeps the fp32
-    accumulator unrounded for 16-bit inputs); N = len(gather) if gather else len(a)."""
-    check_activation(activation)
+    accumulator unrounded for 16-bit inputs); N = len(gather) if gather else len(a). An activation with GLU
+    options (moe_kernels.reference.activations) runs as the GEMM, then one pass of glu_forward."""
+    act = check_activation(activation, gated)
+    if not act.plain:
+        if scatter is not None or row_scale is not None or num_out_rows not in (None, a.shape[0]):
+            raise ValueError(f"activation {activation!r}: GLU options take no scatter, row_scale or num_out_rows")
+        from .activations import glu_forward
+        pre = grouped_gemm(a, w, offsets, trans_w=trans_w, gather=gather, bias=bias, allow_tf32=allow_tf32)
+        out = glu_forward(pre, offsets.to(device=a.device, dtype=torch.int32).contiguous(), None, str(act), gated)
+        return out if out_dtype is None else out.to(out_dtype)
+    activation = act.name
     E = w.shape[0]
     K = a.shape[1]
     Kw, MW = (w.shape[2], w.shape[1]) if trans_w else (w.shape[1], w.shape[2])

@@ -106,7 +106,7 @@ def _grouped_gemm_tma_kernel(
                 up_desc = tl.make_tensor_descriptor(pre_ptr + MO, shape=[row_end, MO], strides=[MW, 1],
                                                     block_shape=[BLOCK_M, BLOCK_N])
                 up_desc.store([row0, n0], tl.where(zero_tile, 0.0, acc_up).to(pre_ptr.dtype.element_ty))
-        v = _activation(acc, ACT)
+        v = _activation(acc, ACT, 1.0)
         if GATED:
             v = v * acc_up
         if HAS_SCALE:
@@ -202,8 +202,18 @@ def grouped_gemm_tma(a, w, offsets, *, trans_w=True, row_scale=None, bias=None, 
     """Sorted row p of expert e (offsets[e] <= p < offsets[e+1]): out[p] = row_scale[p] * glu(a[p] @ W_e + bias[e]),
     W_e = w[e]^T (trans_w, w [E, M, K]) or w[e] (w [E, K, M]); rows at or past offsets[E] are zero. a: [R, K]
     contiguous, fp16/bf16. -> out [R, M or M/2] (out_dtype, default a's), and with save_pre also the
-    pre-activation [R, M] (a's dtype, bias included, zero past offsets[E])."""
-    check_activation(activation)
+    pre-activation [R, M] (a's dtype, bias included, zero past offsets[E]). An activation with GLU options
+    (moe_kernels.reference.activations) runs as the GEMM, then one pass of glu_forward."""
+    act = check_activation(activation, gated)
+    if not act.plain:
+        if row_scale is not None:
+            raise ValueError(f"activation {activation!r}: GLU options take no row_scale")
+        from .activations import glu_forward
+        pre = grouped_gemm_tma(a, w, offsets, trans_w=trans_w, bias=bias)
+        out = glu_forward(pre, offsets.to(device=a.device, dtype=torch.int32).contiguous(), None, str(act), gated)
+        out = out if out_dtype is None else out.to(out_dtype)
+        return (out, pre) if save_pre else out
+    activation = act.name
     if gated and not trans_w:
         raise ValueError("a gated grouped_gemm_tma takes w as [E, 2H, K] (trans_w=True)")
     E = w.shape[0]

@@ -17,7 +17,7 @@ from moe_kernels import _backend
 from moe_kernels import reference as ref
 from moe_kernels.ops import moe_mlp
 from moe_kernels.reference.activations import ACTIVATIONS
-from tests.helpers import (assert_close64, assert_earned_dtype, assert_earned_max, assert_grads_close64, naive_glu,
+from tests.helpers import (GLU_SPECS, assert_close64, assert_earned_dtype, assert_earned_max, assert_grads_close64, naive_glu,
                            num_threads, poison_, rand_experts, reordered_sum_atol, torch_glu)
 
 F64 = torch.float64
@@ -178,8 +178,12 @@ def test_forward_float64_matches_naive_and_reference(backend, T, D, H, E, k, lay
         assert bool((out == 0).all())  # nothing reaches an expert, not even its bias
 
 
-@pytest.mark.parametrize("gated", GATED)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+ACTIVATION_CASES = ([pytest.param(a, g, id=f"{a}-{'gated' if g else 'plain'}") for g in (False, True)
+                     for a in ACTIVATIONS]
+                    + [pytest.param(spec, True, id=spec) for spec in GLU_SPECS])
+
+
+@pytest.mark.parametrize("activation,gated", ACTIVATION_CASES)
 def test_forward_every_activation(backend, activation, gated):
     # prime E, odd D and H, sentinels and a capacity that drops pairs
     inputs = make_inputs(29, 9, 7, 7, 2, "sentinel", gated=gated)
@@ -284,8 +288,7 @@ def test_backward_matches_naive_autograd(backend, gated):
     assert bool((got[1][~kept] == 0).all())
 
 
-@pytest.mark.parametrize("gated", GATED)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation,gated", ACTIVATION_CASES)
 def test_backward_every_activation(backend, activation, gated):
     # experts of more than the streaming path's 8 rows (the per-expert epilogues: vectorised silu, relu and identity,
     # ATen's gelu), H = 13 so each row ends in a partial vector

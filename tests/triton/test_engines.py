@@ -10,11 +10,9 @@ pytest.importorskip("triton")
 
 import moe_kernels  # noqa: E402
 from moe_kernels import ops  # noqa: E402
-from moe_kernels.reference.activations import ACTIVATIONS, glu, glu_backward  # noqa: E402
 from moe_kernels.triton import engines  # noqa: E402
-from moe_kernels.triton import expert_mlp as em  # noqa: E402
 from moe_kernels.triton import grouped_gemm_tma as gt  # noqa: E402
-from tests.helpers import (assert_earned_max, assert_moe_mlp_earned, poisoned_empty, rand_experts,  # noqa: E402
+from tests.helpers import (GLU_SPECS, assert_earned_max, assert_moe_mlp_earned, poisoned_empty, rand_experts,  # noqa: E402
                            reordered_sum_atol, run_moe_mlp)
 
 F64 = torch.float64
@@ -108,73 +106,6 @@ def test_unaligned_rows_fall_back_to_the_pointer_kernels(monkeypatch):
     inputs = _inputs(8, 12, 8, 3, 2, True, False, rand_experts, torch.float16)
     _run("triton", inputs, torch.randn(8, 12, dtype=torch.float16))
     assert engines.LAST["up"][0] == "triton" and engines.LAST["dw_up"][0] == "triton"
-
-
-# --- the fused passes around the GEMMs ----------------------------------------------------------------------------
-def _kept_rows(N, E):
-    counts = torch.randint(0, 5, (E,))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).clamp(max=N).to(torch.int32)
-    return offsets
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
-def test_glu_forward_matches_reference(activation, gated, bias):
-    N, H, E = 23, 20, 5
-    offsets = _kept_rows(N, E)
-    end = int(offsets[-1])
-    MW = 2 * H if gated else H
-    pre = torch.randn(N, MW) * 3
-    pre[end:] = float("nan")          # whatever a GEMM left past offsets[E]
-    pre[0, 1] = float("nan")          # NaN in a kept row stays in that row
-    b = torch.randn(E, MW) if bias else None
-    want = pre.double().clone()
-    if bias:
-        rows = torch.arange(N)
-        e = torch.searchsorted(offsets[1:].long(), rows, right=True).clamp(max=E - 1)
-        want += b.double()[e]
-    want[end:] = 0
-    h64 = glu(want, activation, gated)
-    got_pre = pre.clone()
-    with poisoned_empty():
-        h = em.glu_forward(got_pre, offsets, b, activation, gated)
-    same = glu(want.float(), activation, gated)
-    assert_earned_max(h, h64, same, atol=1e-6)
-    torch.testing.assert_close(got_pre.double(), want, rtol=1e-6, atol=1e-6, equal_nan=True)
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("dh_dtype", [torch.float32, torch.float16], ids=["dh32", "dh16"])
-def test_glu_backward_matches_reference(activation, gated, dh_dtype):
-    N, H, E = 29, 20, 4
-    offsets = _kept_rows(N, E)
-    end = int(offsets[-1])
-    MW = 2 * H if gated else H
-    pre = torch.randn(N, MW, dtype=torch.float16) * 3
-    pre[end:] = 0
-    dh = torch.randn(N, H).to(dh_dtype)
-    dh[end:] = float("nan")           # the torch engine leaves rows past offsets[E] unwritten
-    scale = torch.rand(N) + 0.1
-    order = torch.randperm(N).to(torch.int32)
-    extra = torch.randn(N)
-    with poisoned_empty():
-        dpre, hs, gw = em.glu_backward(dh, pre, scale, order, offsets, activation, gated, extra)
-
-    def ref(dtype):
-        p, d, s = pre[:end].to(dtype), dh[:end].to(dtype), scale[:end].to(dtype)
-        h = glu(p, activation, gated)
-        dp = torch.zeros(N, MW, dtype=dtype)
-        dp[:end] = glu_backward(d * s[:, None], p, activation, gated)
-        hs_ = torch.zeros(N, H, dtype=dtype)
-        hs_[:end] = h * s[:, None]
-        g = torch.zeros(N, dtype=dtype)
-        g[order[:end].long()] = (d * h).sum(-1) + extra[:end].to(dtype)
-        return dp, hs_, g
-    for got, want, same, name in zip((dpre, hs, gw), ref(F64), ref(torch.float32), ("dpre", "hs", "grad_w")):
-        assert not got.isnan().any(), f"{name}: NaN leaked from rows past offsets[E]"
-        assert_earned_max(got, want, same, atol=reordered_sum_atol(want, torch.float16, H), name=name)
 
 
 # --- the choice --------------------------------------------------------------------------------------------------
@@ -359,3 +290,22 @@ def test_rows_grouped_mm_leaves_unwritten_are_never_read(monkeypatch):
     out, grads = _run("triton", inputs, grad, capacity=4)
     assert not out.isnan().any() and not any(g.isnan().any() for g in grads.values())
     assert_moe_mlp_earned(_run, inputs, grad, (out, grads), torch.float16, 32, capacity=4)
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("activation", GLU_SPECS + ["relu2"])
+def test_glu_options_on_each_engine(monkeypatch, engine, activation):
+    # the activations of the transformers families (clamps, alpha, up offset, interleaved gate/up rows; relu^2):
+    # forward and every gradient on each engine against float64
+    monkeypatch.setenv(engines.ENGINE_ENV, engine)
+    monkeypatch.setenv(gt.TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    monkeypatch.setenv(gt.TN_TMA_CONFIG_ENV, "16,16,16,4,2,1")
+    gated = activation != "relu2"
+    inputs = _inputs(19, 16, 16, 5, 2, gated, True, rand_experts, torch.float16)
+    inputs["x"] = inputs["x"] * 4         # pre-activations beyond the clamps' limits
+    grad = torch.randn(19, 16, dtype=torch.float16)
+    kw = dict(activation=activation, gated=gated)
+    engines.LAST.clear()
+    out, grads = _run("triton", inputs, grad, **kw)
+    assert engines.LAST["up"][0] == engine and engines.LAST["dx"][0] == engine
+    assert_moe_mlp_earned(_run, inputs, grad, (out, grads), torch.float16, 32, **kw)
