@@ -377,6 +377,8 @@ def convert_transformers(model: nn.Module) -> int:
                 path = f"{parent_name}.{name}" if parent_name else name
                 warnings.warn(f"convert_transformers: {path} ({type(child).__name__}) stays as it is: {why}",
                               stacklevel=2)
+    from .transformers_blocks import convert_blocks  # DBRX, JetMoE, Llama 4, SwitchTransformers; NLLB-MoE warns
+    count += convert_blocks(model, stacklevel=3)
     return count
 
 
@@ -394,6 +396,7 @@ def _register_converters() -> None:
 
     register_converter("transformers experts", is_experts_module, _switch_experts)
     register_converter("transformers v4 sparse MoE block", lambda m: _v4_block(m)[0] is not None, convert_block)
+    from . import transformers_blocks  # noqa: F401  (registers its recognisers: DBRX, JetMoE, Llama 4, ...)
 
 
 _register_converters()
