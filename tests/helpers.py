@@ -134,7 +134,12 @@ def naive_glu(h, activation, gated):
         if not a.clamp_after:
             gate = torch.where(gate > limit, torch.full_like(gate, limit), gate)
         up = torch.where(up > limit, torch.full_like(up, limit), torch.where(up < -limit, torch.full_like(up, -limit), up))
-    g = naive_act(gate, a.name, a.alpha)
+    if a.up_softcap is not None:
+        up = a.up_softcap * torch.tanh(up / a.up_softcap)
+    if a.gate_softcap is not None:     # silu: the linear factor softcapped, the sigmoid on the gate itself
+        g = a.gate_softcap * torch.tanh(gate / a.gate_softcap) / (1 + torch.exp(-a.alpha * gate))
+    else:
+        g = naive_act(gate, a.name, a.alpha)
     if limit is not None and a.clamp_after:
         g = torch.where(g > limit, torch.full_like(g, limit), g)
     return g * (up + a.up_offset)
@@ -145,6 +150,7 @@ GLU_SPECS = ["silu[alpha=1.702,limit=7.0,up_offset=1.0,interleaved]",      # GPT
              "silu[alpha=1.702,limit=7.0,up_offset=1.0]",                  # MiniMax-M3-VL, OpenAI privacy filter
              "silu[limit=10.0]",                                           # DeepSeek-V4, GLM-5 Next, HY-V4
              "silu[limit=7.0,clamp_after]",                                # Bailing hybrid, Step-3.7
+             "silu[gate_softcap=2.0,up_softcap=3.0]",                      # Inkling2's softcapped SwiGLU
              "gelu_tanh[limit=2.0,up_offset=0.5,interleaved]"]             # every option on another activation
 
 

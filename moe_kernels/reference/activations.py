@@ -10,11 +10,13 @@ the MoE families use, in brackets:
                                                   gate * sigmoid(1.702 gate) * (up + 1)
     "silu[limit=10]"                              DeepSeek-V4 / GLM-5 Next / HY-V4: the same clamps, silu, no offset
     "silu[limit=7,clamp_after]"                   Bailing hybrid / Step-3.7: the gate's clamp after the activation
+    "silu[gate_softcap=20,up_softcap=30]"         Inkling2: c tanh(gate / c) * sigmoid(gate) * c' tanh(up / c')
     "relu2"                                       Nemotron-H: relu(x)^2
 
 Options: alpha (silu only: a(g) = g * sigmoid(alpha g)), limit (gate clamped from above, up to [-limit, limit]),
 clamp_after (the gate's clamp applied to act(gate) instead of gate), up_offset (up + up_offset), interleaved
-(gate and up columns alternate instead of gate half then up half). The clamps' gradients follow torch.clamp: they
+(gate and up columns alternate instead of gate half then up half), gate_softcap (silu only: the linear factor g of
+g * sigmoid(alpha g) softcapped to c tanh(g / c), the sigmoid seeing g itself), up_softcap (up softcapped alike). The clamps' gradients follow torch.clamp: they
 pass where the input lies within the bounds, bounds included. Options other than alpha need gated experts.
 """
 import functools
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity", "relu2")
-_OPTION = re.compile(r"(alpha|limit|up_offset)=([-+0-9.eE]+(?:inf)?)|(clamp_after|interleaved)")
+_OPTION = re.compile(r"(alpha|limit|up_offset|gate_softcap|up_softcap)=([-+0-9.eE]+(?:inf)?)|(clamp_after|interleaved)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Activation:
     clamp_after: bool = False
     up_offset: float = 0.0
     interleaved: bool = False
+    gate_softcap: Optional[float] = None
+    up_softcap: Optional[float] = None
 
     @property
     def plain(self) -> bool:
@@ -50,7 +54,9 @@ class Activation:
             [f"limit={self.limit!r}"] if self.limit is not None else []) + (
             ["clamp_after"] if self.clamp_after else []) + (
             [f"up_offset={self.up_offset!r}"] if self.up_offset != 0.0 else []) + (
-            ["interleaved"] if self.interleaved else [])
+            ["interleaved"] if self.interleaved else []) + (
+            [f"gate_softcap={self.gate_softcap!r}"] if self.gate_softcap is not None else []) + (
+            [f"up_softcap={self.up_softcap!r}"] if self.up_softcap is not None else [])
         return self.name + (f"[{','.join(opts)}]" if opts else "")
 
 
@@ -79,8 +85,11 @@ def parse_activation(spec) -> Activation:
             except ValueError:
                 raise ValueError(f"activation {spec!r}: {opt.group(1)} must be a number, got {opt.group(2)!r}") from None
     act = Activation(name, **kwargs)
-    if act.alpha != 1.0 and name != "silu":
-        raise ValueError(f"activation {spec!r}: alpha applies to silu only")
+    if (act.alpha != 1.0 or act.gate_softcap is not None) and name != "silu":
+        raise ValueError(f"activation {spec!r}: alpha and gate_softcap apply to silu only")
+    for cap in (act.gate_softcap, act.up_softcap):
+        if cap is not None and not (cap > 0 and math.isfinite(cap)):
+            raise ValueError(f"activation {spec!r}: a softcap must be a finite number > 0")
     if act.limit is not None and not (act.limit > 0 and math.isfinite(act.limit)):
         raise ValueError(f"activation {spec!r}: limit must be a finite number > 0")
     if not math.isfinite(act.alpha) or not math.isfinite(act.up_offset):
@@ -93,8 +102,9 @@ def parse_activation(spec) -> Activation:
 def check_activation(activation, gated: bool = True) -> Activation:
     """The parsed activation; ValueError for an unknown one, or for GLU options on experts that are not gated."""
     act = parse_activation(activation)
-    if not gated and (act.limit is not None or act.up_offset or act.interleaved):
-        raise ValueError(f"activation {activation!r}: limit, up_offset and interleaved need gated experts "
+    if not gated and (act.limit is not None or act.up_offset or act.interleaved or act.gate_softcap is not None
+                      or act.up_softcap is not None):
+        raise ValueError(f"activation {activation!r}: limit, up_offset, interleaved and the softcaps need gated experts "
                          "(gated=True)")
     return act
 
@@ -103,6 +113,8 @@ def act(h: torch.Tensor, activation) -> torch.Tensor:
     """The base activation (and alpha) of `activation`, elementwise."""
     a = parse_activation(activation)
     if a.name == "silu":
+        if a.gate_softcap is not None:
+            return a.gate_softcap * torch.tanh(h / a.gate_softcap) * torch.sigmoid(a.alpha * h)
         return F.silu(h) if a.alpha == 1.0 else h * torch.sigmoid(a.alpha * h)
     if a.name == "gelu":
         return F.gelu(h)
@@ -120,6 +132,9 @@ def act_grad(h: torch.Tensor, activation) -> torch.Tensor:
     a = parse_activation(activation)
     if a.name == "silu":
         s = torch.sigmoid(a.alpha * h)
+        if a.gate_softcap is not None:
+            t = torch.tanh(h / a.gate_softcap)
+            return (1 - t * t) * s + a.gate_softcap * t * a.alpha * s * (1 - s)
         return s * (1 + a.alpha * h * (1 - s))
     if a.name == "gelu":
         cdf = 0.5 * (1 + torch.erf(h * (1 / math.sqrt(2))))
@@ -176,6 +191,8 @@ def glu(h: torch.Tensor, activation, gated: bool) -> torch.Tensor:
         if not a.clamp_after:
             gate = gate.clamp(max=a.limit)
         up = up.clamp(min=-a.limit, max=a.limit)
+    if a.up_softcap is not None:
+        up = a.up_softcap * torch.tanh(up / a.up_softcap)
     g = act(gate, a)
     if a.limit is not None and a.clamp_after:
         g = g.clamp(max=a.limit)
@@ -194,6 +211,9 @@ def glu_backward(grad: torch.Tensor, h: torch.Tensor, activation, gated: bool) -
         up_c = up.clamp(min=-a.limit, max=a.limit)
     else:
         gate_in, up_c = gate, up
+    if a.up_softcap is not None:
+        t_up = torch.tanh(up_c / a.up_softcap)
+        up_c = a.up_softcap * t_up
     g = act(gate_in, a)
     if a.limit is not None and a.clamp_after:
         d_g = torch.where(_within(g, None, a.limit), grad * (up_c + a.up_offset), zero)
@@ -202,6 +222,8 @@ def glu_backward(grad: torch.Tensor, h: torch.Tensor, activation, gated: bool) -
         d_g = grad * (up_c + a.up_offset)
     d_gate = act_backward(d_g, gate_in, a)
     d_up = grad * g
+    if a.up_softcap is not None:
+        d_up = d_up * (1 - t_up * t_up)
     if a.limit is not None:
         if not a.clamp_after:
             d_gate = torch.where(_within(gate, None, a.limit), d_gate, zero)

@@ -67,18 +67,47 @@ def _clamp_max(x, LIMIT):
 
 
 @triton.jit
-def _glu_parts(g, u, ACT: tl.constexpr, ALPHA, LIMIT, UP_OFFSET, CLAMP: tl.constexpr):
-    """(act'ed gate, its input, the up factor) of gate g and up u under the GLU options."""
+def _tanh(x):
+    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * x))     # saturating to +-1
+
+
+@triton.jit
+def _gate_act(g, ACT: tl.constexpr, ALPHA, GCAP, HAS_GCAP: tl.constexpr):
+    """act(g); with a gate softcap (silu): GCAP tanh(g / GCAP) sigmoid(ALPHA g)."""
+    if HAS_GCAP:
+        return GCAP * _tanh(g / GCAP) / (1.0 + tl.exp(-ALPHA * g))
+    else:
+        return activation(g, ACT, ALPHA)
+
+
+@triton.jit
+def _gate_act_backward(grad, g, ACT: tl.constexpr, ALPHA, GCAP, HAS_GCAP: tl.constexpr):
+    if HAS_GCAP:
+        t = _tanh(g / GCAP)
+        sg = 1.0 / (1.0 + tl.exp(-ALPHA * g))
+        return grad * ((1.0 - t * t) * sg + GCAP * t * ALPHA * sg * (1.0 - sg))
+    else:
+        return act_backward(grad, g, ACT, ALPHA)
+
+
+@triton.jit
+def _glu_parts(g, u, ACT: tl.constexpr, ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP, CLAMP: tl.constexpr,
+               HAS_GCAP: tl.constexpr, HAS_UCAP: tl.constexpr):
+    """(act'ed gate, its input, the up factor, the up softcap's tanh) of gate g and up u under the GLU options."""
     if CLAMP == 1:
         g_in = _clamp_max(g, LIMIT)
     else:
         g_in = g
-    a = activation(g_in, ACT, ALPHA)
+    a = _gate_act(g_in, ACT, ALPHA, GCAP, HAS_GCAP)
     if CLAMP == 2:
         a = _clamp_max(a, LIMIT)
     if CLAMP != 0:
         u = tl.where(u < -LIMIT, -LIMIT, _clamp_max(u, LIMIT))
-    return a, g_in, u + UP_OFFSET
+    t_up = u
+    if HAS_UCAP:
+        t_up = _tanh(u / UCAP)
+        u = UCAP * t_up
+    return a, g_in, u + UP_OFFSET, t_up
 
 
 @triton.jit
@@ -95,15 +124,18 @@ def _row_expert(offsets_ptr, p, E, BLOCK_E: tl.constexpr):
 def _glu_args(act, gated):
     """The runtime and constexpr arguments of the GLU options of a parsed activation."""
     clamp = _NO_CLAMP if act.limit is None else _CLAMP_AFTER if act.clamp_after else _CLAMP_BEFORE
-    return dict(ALPHA=float(act.alpha), LIMIT=float(act.limit or 0.0), UP_OFFSET=float(act.up_offset)), dict(
-        ACT=ACT_CODE[act.name], CLAMP=clamp, INTERLEAVED=bool(act.interleaved), GATED=bool(gated))
+    return dict(ALPHA=float(act.alpha), LIMIT=float(act.limit or 0.0), UP_OFFSET=float(act.up_offset),
+                GCAP=float(act.gate_softcap or 1.0), UCAP=float(act.up_softcap or 1.0)), dict(
+        ACT=ACT_CODE[act.name], CLAMP=clamp, INTERLEAVED=bool(act.interleaved), GATED=bool(gated),
+        HAS_GCAP=act.gate_softcap is not None, HAS_UCAP=act.up_softcap is not None)
 
 
 # --- glu_forward: h = glu(pre + bias) after a GEMM that wrote the raw pre-activation ---------------------------------
 @triton.jit
-def _glu_forward_kernel(pre_ptr, h_ptr, offsets_ptr, bias_ptr, N, H, E, ALPHA, LIMIT, UP_OFFSET,
+def _glu_forward_kernel(pre_ptr, h_ptr, offsets_ptr, bias_ptr, N, H, E, ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP,
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, INTERLEAVED: tl.constexpr,
-                        GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
+                        GATED: tl.constexpr, HAS_GCAP: tl.constexpr, HAS_UCAP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
     """pre [N, MW] (MW = 2H gated: gate column c at c and up at H + c, or at 2c and 2c + 1 when INTERLEAVED)
     -> h [N, H]. The bias is added into pre (the saved pre-activation includes it); rows at or past offsets[E]
     become zero in both (whatever the GEMM left)."""
@@ -135,7 +167,7 @@ def _glu_forward_kernel(pre_ptr, h_ptr, offsets_ptr, bias_ptr, N, H, E, ALPHA, L
                 u += tl.load(b_row[:, None] + cu[None, :], mask=m, other=0.0).to(tl.float32)
             u = tl.where(m, u, 0.0)
             tl.store(pre_row[:, None] + cu[None, :], u.to(pre_ptr.dtype.element_ty), mask=st)
-            a, _, uf = _glu_parts(g, u, ACT, ALPHA, LIMIT, UP_OFFSET, CLAMP)
+            a, _, uf, _ = _glu_parts(g, u, ACT, ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP, CLAMP, HAS_GCAP, HAS_UCAP)
             v = a * uf
         else:
             v = activation(g, ACT, ALPHA)
@@ -166,9 +198,9 @@ def glu_forward(pre, offsets, bias, activation, gated):
 # --- glu_backward: the one pass between dH and the backward GEMMs ----------------------------------------------------
 @triton.jit
 def _glu_backward_kernel(dh_ptr, pre_ptr, scale_ptr, order_ptr, offsets_ptr, extra_ptr, dpre_ptr, hs_ptr, gw_ptr,
-                         N, H, E, ALPHA, LIMIT, UP_OFFSET, HAS_EXTRA: tl.constexpr, ACT: tl.constexpr,
+                         N, H, E, ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP, HAS_EXTRA: tl.constexpr, ACT: tl.constexpr,
                          CLAMP: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+                         HAS_GCAP: tl.constexpr, HAS_UCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Sorted row p (kept when p < offsets[E]), s = scale[p], h = glu(pre[p]):
         dpre[p] = d glu / d pre applied to s * dh[p]      [N, MW]
         hs[p]   = s * h                                   [N, H] (the dY of dW_down = dOut^T (s h))
@@ -196,13 +228,16 @@ def _glu_backward_kernel(dh_ptr, pre_ptr, scale_ptr, order_ptr, offsets_ptr, ext
         ds = d * s[:, None]
         if GATED:
             u = tl.load(pre_row[:, None] + cu[None, :], mask=m, other=0.0).to(tl.float32)
-            a, g_in, uf = _glu_parts(g, u, ACT, ALPHA, LIMIT, UP_OFFSET, CLAMP)
+            a, g_in, uf, t_up = _glu_parts(g, u, ACT, ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP, CLAMP, HAS_GCAP,
+                                           HAS_UCAP)
             h = a * uf
             d_a = ds * uf
             if CLAMP == 2:
-                d_a = tl.where(activation(g_in, ACT, ALPHA) <= LIMIT, d_a, 0.0)
-            dgate = act_backward(d_a, g_in, ACT, ALPHA)
+                d_a = tl.where(_gate_act(g_in, ACT, ALPHA, GCAP, HAS_GCAP) <= LIMIT, d_a, 0.0)
+            dgate = _gate_act_backward(d_a, g_in, ACT, ALPHA, GCAP, HAS_GCAP)
             dup = ds * a
+            if HAS_UCAP:
+                dup = dup * (1.0 - t_up * t_up)
             if CLAMP == 1:
                 dgate = tl.where(g <= LIMIT, dgate, 0.0)
             if CLAMP != 0:
@@ -247,13 +282,14 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (activation spec, gated, bias) of the compiled variants: every base activation, and the GLU options
 _AOT_VARIANTS = (("silu", True, False), ("gelu", True, True), ("relu", False, True), ("gelu_tanh", False, False),
                  ("relu2", False, False), ("silu[alpha=1.702,limit=7.0,up_offset=1.0,interleaved]", True, True),
-                 ("silu[limit=7.0,clamp_after]", True, False), ("identity", True, False))
+                 ("silu[limit=7.0,clamp_after]", True, False), ("identity", True, False),
+                 ("silu[gate_softcap=20.0,up_softcap=30.0]", True, False))
 
 
 def _aot_configs():
     out = []
     BM, BH, warps = GLU_CONFIG
-    floats = {"ALPHA": "fp32", "LIMIT": "fp32", "UP_OFFSET": "fp32"}
+    floats = {"ALPHA": "fp32", "LIMIT": "fp32", "UP_OFFSET": "fp32", "GCAP": "fp32", "UCAP": "fp32"}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         ty = _TL[dtype]
         for spec, gated, bias in _AOT_VARIANTS:
@@ -264,8 +300,8 @@ def _aot_configs():
                 "name": f"glu_forward-{ty}-{label}", "fn": _glu_forward_kernel,
                 "signature": {"pre_ptr": f"*{ty}", "h_ptr": f"*{ty}", "offsets_ptr": "*i32", "bias_ptr": f"*{ty}",
                               "N": "i32", "H": "i32", "E": "i32", **floats,
-                              **{c: "constexpr" for c in ("HAS_BIAS", "ACT", "CLAMP", "INTERLEAVED", "GATED", "BLOCK_M",
-                                                          "BLOCK_H", "BLOCK_E")}},
+                              **{c: "constexpr" for c in ("HAS_BIAS", "ACT", "CLAMP", "INTERLEAVED", "GATED", "HAS_GCAP",
+                                                          "HAS_UCAP", "BLOCK_M", "BLOCK_H", "BLOCK_E")}},
                 "constexprs": {"HAS_BIAS": bias, **consts, "BLOCK_M": BM, "BLOCK_H": BH, "BLOCK_E": GEMM_BLOCK_E},
                 "num_warps": warps, "num_stages": 2, "divisible": ("pre_ptr", "h_ptr", "offsets_ptr", "bias_ptr", "H")})
             for dh_ty in sorted({ty, "fp32"}):
@@ -276,7 +312,7 @@ def _aot_configs():
                                   "dpre_ptr": f"*{ty}", "hs_ptr": f"*{ty}", "gw_ptr": "*fp32",
                                   "N": "i32", "H": "i32", "E": "i32", **floats,
                                   **{c: "constexpr" for c in ("HAS_EXTRA", "ACT", "CLAMP", "INTERLEAVED", "GATED",
-                                                              "BLOCK_M", "BLOCK_H")}},
+                                                              "HAS_GCAP", "HAS_UCAP", "BLOCK_M", "BLOCK_H")}},
                     "constexprs": {"HAS_EXTRA": bias, **consts, "BLOCK_M": BM, "BLOCK_H": BH},
                     "num_warps": warps, "num_stages": 2,
                     "divisible": ("dh_ptr", "pre_ptr", "scale_ptr", "order_ptr", "offsets_ptr", "extra_ptr",
