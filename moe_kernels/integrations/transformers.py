@@ -17,6 +17,8 @@ built, loaded or switched), so `register()` runs before any of those.
 
 transformers is imported only when a function here needs it; importing moe_kernels never does.
 """
+import functools
+import math
 import re
 import warnings
 from typing import Optional
@@ -30,7 +32,7 @@ from ..ops import distributed
 from ..nn.source_layout import Piece, keep_source_layout
 from ..nn.sparse import SparseMoE
 from ..ops.expert_mlp import check_experts_weights
-from ..reference.activations import ACTIVATIONS
+from ..reference.activations import ACTIVATIONS, Activation, glu
 
 NAME = "moe_kernels"
 # the first transformers whose models accept any name registered in ALL_EXPERTS_FUNCTIONS (5.0-5.6 accept only
@@ -66,8 +68,60 @@ def _hf_moe():
 def register() -> None:
     """Adds "moe_kernels" (`experts_forward`) to transformers' experts implementations, so that
     `from_pretrained(..., experts_implementation="moe_kernels")`, `Config(..., experts_implementation=...)` and
-    `model.set_experts_implementation("moe_kernels")` work. Idempotent."""
+    `model.set_experts_implementation("moe_kernels")` work, and a model whose experts it cannot run is refused
+    there (ValueError naming the experts class and why), not at its first forward. Also answers for FP8 experts
+    (refused with the reason). Idempotent."""
     _hf_moe().ExpertsInterface.register(NAME, experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+        FP8ExpertsInterface.register(NAME, fp8_experts_forward)
+    except (ImportError, AttributeError):
+        pass
+    _refuse_early()
+
+
+def check_model(model: nn.Module) -> int:
+    """Finds the activation of every experts module of `model` set to run on "moe_kernels" (kept on the module, so
+    that a compiled forward only reads it); ValueError naming the first one it cannot run and why. Returns how
+    many it checked."""
+    n = 0
+    for m in model.modules():
+        if is_experts_module(m) and getattr(m.config, "_experts_implementation", None) == NAME:
+            check_experts(m)
+            n += 1
+    return n
+
+
+def _refuse_early() -> None:
+    """transformers' models check the experts implementation they are given by name only: PreTrainedModel.post_init
+    (the end of every model's construction, from_pretrained included) and set_experts_implementation also run
+    check_model, so a family that cannot run is refused when it is set (the previous implementation restored)."""
+    from transformers import PreTrainedModel
+
+    if getattr(PreTrainedModel, "_moe_kernels_checks", False):
+        return
+    post_init, set_impl = PreTrainedModel.post_init, PreTrainedModel.set_experts_implementation
+
+    @functools.wraps(post_init)
+    def checked_post_init(self, *args, **kwargs):
+        out = post_init(self, *args, **kwargs)
+        check_model(self)
+        return out
+
+    @functools.wraps(set_impl)
+    def checked_set(self, experts_implementation):
+        before = self.get_experts_implementation()
+        out = set_impl(self, experts_implementation)
+        try:
+            check_model(self)
+        except (TypeError, ValueError):
+            set_impl(self, before)
+            raise
+        return out
+
+    PreTrainedModel.post_init = checked_post_init
+    PreTrainedModel.set_experts_implementation = checked_set
+    PreTrainedModel._moe_kernels_checks = True
 
 
 # --- activations --------------------------------------------------------------------------------------------
@@ -87,7 +141,8 @@ def _activation_table() -> dict:
         # NewGELU, FastGELU (sqrt(2/pi) rounded to 10 digits) and AccurateGELU are the tanh approximation
         for cls_name, name in (("SiLUActivation", "silu"), ("GELUActivation", "gelu"), ("GELUTanh", "gelu_tanh"),
                                ("NewGELUActivation", "gelu_tanh"), ("FastGELUActivation", "gelu_tanh"),
-                               ("AccurateGELUActivation", "gelu_tanh"), ("LinearActivation", "identity")):
+                               ("AccurateGELUActivation", "gelu_tanh"), ("LinearActivation", "identity"),
+                               ("ReLUSquaredActivation", "relu2")):
             cls = getattr(hf_act, cls_name, None)
             if cls is not None:
                 table[cls] = name
@@ -97,8 +152,8 @@ def _activation_table() -> dict:
 
 def experts_activation(act_fn) -> str:
     """Our name (one of ACTIVATIONS) of an activation module or function: transformers' ACT2FN silu, swish, gelu,
-    gelu_python, gelu_new, gelu_fast, gelu_accurate, gelu_pytorch_tanh, gelu_python_tanh, relu, linear; torch's
-    nn.SiLU, nn.GELU, nn.ReLU, nn.Identity and their functions. ValueError for any other."""
+    gelu_python, gelu_new, gelu_fast, gelu_accurate, gelu_pytorch_tanh, gelu_python_tanh, relu, relu2, linear;
+    torch's nn.SiLU, nn.GELU, nn.ReLU, nn.Identity and their functions. ValueError for any other."""
     if type(act_fn) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}[act_fn.approximate]
     table = _activation_table()
@@ -111,32 +166,116 @@ def experts_activation(act_fn) -> str:
         raise ValueError(f"act_fn {act_fn!r} ({type(act_fn).__module__}.{type(act_fn).__qualname__}) has no "
                          f"moe_kernels equivalent: moe_kernels runs {ACTIVATIONS} (transformers' silu, swish, gelu, "
                          "gelu_python, gelu_new, gelu_fast, gelu_accurate, gelu_pytorch_tanh, gelu_python_tanh, relu, "
-                         "linear)")
+                         "relu2, linear)")
     return name
 
 
 # --- transformers 5.x: the experts function -----------------------------------------------------------------
-def _default_gate(gate_fn) -> bool:
-    """Whether an experts module's `_apply_gate` is transformers' default, act_fn(gate) * up with the gate first
-    (by name: transformers re-imports itself on some paths, so identity is not stable)."""
-    fn = getattr(gate_fn, "__func__", None)
-    return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) == (
-        "transformers.integrations.moe", "_default_apply_gate")
+_SPEC = "_moe_kernels_activation"      # the activation spec an experts module runs with, found once and kept on it
+_NUMBER = (int, float)
+
+
+def _numbers(module: nn.Module, names) -> list:
+    return sorted({float(v) for n in names for v in [getattr(module, n, None)]
+                   if isinstance(v, _NUMBER) and not isinstance(v, bool) and math.isfinite(v) and v > 0})
+
+
+def _softcaps(act_fn) -> list:
+    """The softcap values a gate module holds (Inkling2's act_fn keeps them in submodules)."""
+    if not isinstance(act_fn, nn.Module):
+        return []
+    return sorted({float(v) for m in act_fn.modules() for n, v in vars(m).items()
+                   if "softcap" in n and isinstance(v, _NUMBER) and not isinstance(v, bool) and v > 0})
+
+
+def _spec_candidates(experts: nn.Module, base: Optional[str]):
+    """Activation specs an experts module's gate may compute, plainest first: its act_fn's activation as it is,
+    then the GLU options its attributes name (limit / swiglu_limit, alpha / swiglu_alpha, softcaps)."""
+    yield base
+    limits = [None] + _numbers(experts, ("limit", "swiglu_limit"))
+    alphas = [1.0] + _numbers(experts, ("alpha", "swiglu_alpha"))
+    caps = [None] + _softcaps(getattr(experts, "act_fn", None))
+    for name in dict.fromkeys([base, "silu"]):
+        if name is None:
+            continue
+        for interleaved in (False, True):
+            for limit in limits:
+                for clamp_after in ((False, True) if limit is not None else (False,)):
+                    for alpha in alphas if name == "silu" else [1.0]:
+                        for offset in (0.0, 1.0):
+                            for gcap in caps if name == "silu" else [None]:
+                                for ucap in caps:
+                                    yield str(Activation(name, alpha, limit, clamp_after, offset, interleaved, gcap,
+                                                         ucap))
+
+
+def _gate_matches(experts: nn.Module, gate_fn, spec: str, limit_scale: float) -> bool:
+    """Whether gate_fn(experts, h) is glu(h, spec) on random pre-activations (float64; 1e-5 relative, so a gate that
+    computes in float32 still matches), values across the clamps' bounds included."""
+    g = torch.Generator().manual_seed(0)
+    # on the CPU, also under the meta device from_pretrained builds models on
+    h = torch.randn(64, 2 * 8, generator=g, dtype=torch.float64, device="cpu") * limit_scale
+    h[0, :4] = limit_scale / 1.5
+    h[1, :4] = -limit_scale / 1.5
+    try:
+        want = gate_fn(experts, h)
+        got = glu(h, spec, True)
+    except Exception:  # noqa: BLE001 -- a gate that cannot take the probe is not this spec
+        return False
+    return want.shape == got.shape and torch.allclose(want.double(), got, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def experts_spec(experts: nn.Module) -> str:
+    """The activation spec (moe_kernels.reference.activations) that computes this experts module's activation:
+    its act_fn (silu, gelu, relu2, ...), and for a gated module whose `_apply_gate` is its own (GPT-OSS's clamped,
+    interleaved SwiGLU with alpha and the +1 on up; the limits of DeepSeek-V4, GLM-5 Next, HY-V4, Bailing,
+    Step-3.7; Inkling2's softcaps; ...) the GLU options that compute the same, found by running the gate on probe
+    values. Kept on the module after the first call. ValueError naming the class when none does."""
+    spec = getattr(experts, _SPEC, None)
+    if spec is not None:
+        return spec
+    where = type(experts).__name__
+    gated = getattr(experts, "has_gate", True)
+    act_fn = getattr(experts, "act_fn", None)
+    try:
+        base = experts_activation(act_fn) if act_fn is not None else None
+    except ValueError:
+        base = None
+    gate_fn = getattr(type(experts), "_apply_gate", None)
+    if not gated or gate_fn is None:
+        if base is None:
+            raise ValueError(f"{where}: act_fn {act_fn!r} has no moe_kernels equivalent (moe_kernels runs "
+                             f"{ACTIVATIONS})")
+        spec = base
+    else:
+        bounds = _numbers(experts, ("limit", "swiglu_limit")) + _softcaps(act_fn)
+        scale = 1.5 * max(bounds + [2.0])
+        spec = next((c for c in _spec_candidates(experts, base) if c is not None
+                     and _gate_matches(experts, gate_fn, c, scale)), None)
+        if spec is None:
+            raise ValueError(f"{where}: its _apply_gate computes an activation no moe_kernels epilogue matches "
+                             f"(act_fn {type(act_fn).__name__}; tried its activation with the clamps, alpha, offsets, "
+                             "softcaps and layouts its attributes allow)")
+    object.__setattr__(experts, _SPEC, spec)
+    return spec
+
+
+def post_expert_norm(experts: nn.Module) -> Optional[nn.Module]:
+    """The norm a `has_post_expert_norm` experts module applies to each expert's output (before the routing
+    weight): its one submodule whose name holds "norm"; None for the others. ValueError when it has none or several."""
+    if not getattr(experts, "has_post_expert_norm", False):
+        return None
+    norms = [m for n, m in experts.named_children() if "norm" in n]
+    if len(norms) != 1:
+        raise ValueError(f"{type(experts).__name__}: has_post_expert_norm, but {len(norms)} submodules named *norm*")
+    return norms[0]
 
 
 def experts_arguments(experts: nn.Module):
     """A transformers experts module -> (gate_up_proj [E, 2H|H, D], down_proj [E, D, H] (views of its weights),
     the keyword arguments of `ops.moe_mlp`). ValueError for what ops.moe_mlp does not compute."""
-    where = type(experts).__name__
-    if getattr(experts, "has_post_expert_norm", False):
-        raise ValueError(f"{where}: experts with a post-expert norm (has_post_expert_norm=True) are not supported "
-                         "by the 'moe_kernels' experts implementation")
     gated, has_bias = getattr(experts, "has_gate", True), getattr(experts, "has_bias", False)
     if gated:
-        gate_fn = getattr(experts, "_apply_gate", None)
-        if gate_fn is not None and not _default_gate(gate_fn):
-            raise ValueError(f"{where} defines its own _apply_gate (GPT-OSS's clamped SwiGLU, say); the 'moe_kernels' "
-                             "experts implementation computes act_fn(gate) * up with the gate rows first only")
         up = experts.gate_up_proj
         up_bias = experts.gate_up_proj_bias if has_bias else None
     else:
@@ -145,20 +284,18 @@ def experts_arguments(experts: nn.Module):
     down, down_bias = experts.down_proj, (experts.down_proj_bias if has_bias else None)
     if getattr(experts, "is_transposed", False):
         up, down = up.transpose(1, 2), down.transpose(1, 2)
-    act_fn = getattr(experts, "act_fn", None)
-    if act_fn is None:
-        raise ValueError(f"{where} has no act_fn")
-    try:
-        activation = experts_activation(act_fn)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-    return up, down, dict(activation=activation, gated=gated, gate_up_bias=up_bias, down_bias=down_bias)
+    return up, down, dict(activation=experts_spec(experts), gated=gated, gate_up_bias=up_bias, down_bias=down_bias)
 
 
 def check_experts(experts: nn.Module) -> None:
     """Raises (ValueError / TypeError naming the module, the argument and the shapes) unless `experts_forward`
-    can run this experts module."""
+    can run this experts module; finds its activation spec on the way."""
     up, down, kw = experts_arguments(experts)
+    if _is_fp8(up):
+        raise ValueError(f"{type(experts).__name__} holds FP8 weights ({up.dtype}): the 'moe_kernels' experts "
+                         "implementation runs 16- and 32-bit experts; dequantise the model (from_pretrained with "
+                         "dequantize=True in its quantization config) or use another experts implementation")
+    post_expert_norm(experts)
     try:
         check_experts_weights(up, down, kw["gated"], kw["gate_up_bias"], kw["down_bias"])
     except (TypeError, ValueError) as exc:
@@ -166,18 +303,38 @@ def check_experts(experts: nn.Module) -> None:
         raise type(exc)(f"{type(experts).__name__}: {exc}{layout}") from None
 
 
+def _is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts contract on `ops.moe_mlp`: hidden_states [T, D], top_k_index [T, k] int (ids outside
     [0, E) contribute zero), top_k_weights [T, k] -> [T, D] in hidden_states' dtype. hidden_states are cast to the
-    weights' dtype first, as transformers' grouped_mm does under autocast. No host syncs here."""
+    weights' dtype first, as transformers' grouped_mm does under autocast. A post-expert norm runs between the
+    expert MLP's pieces (sort, grouped GEMMs, norm, weighted combine). No host syncs here."""
     up, down, kw = experts_arguments(self)
-    if getattr(self, "moe_kernels_sharded", False):   # by moe_kernels.distributed.expert_parallel: global ids
-        out = distributed.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down,
+    x = hidden_states.to(up.dtype)
+    norm = post_expert_norm(self)
+    if norm is not None:
+        s = ops.sort_by_expert(top_k_index, up.shape[0])
+        h = ops.grouped_mm(ops.permute(x, s), up, s.offsets, kw["gate_up_bias"], activation=kw["activation"],
+                           gated=kw["gated"])
+        y = norm(ops.grouped_mm(h, down, s.offsets, kw["down_bias"]))
+        out = ops.unpermute(y, s, top_k_weights.to(y.dtype))
+    elif getattr(self, "moe_kernels_sharded", False):   # by moe_kernels.distributed.expert_parallel: global ids
+        out = distributed.moe_mlp(x, top_k_index, top_k_weights, up, down,
                                   process_group=self.moe_kernels_process_group, **kw)
     else:
-        out = ops.moe_mlp(hidden_states.to(up.dtype), top_k_index, top_k_weights, up, down, **kw)
+        out = ops.moe_mlp(x, top_k_index, top_k_weights, up, down, **kw)
     return out.to(hidden_states.dtype)
+
+
+def fp8_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """The 'moe_kernels' entry of transformers' FP8 experts interface: FP8 experts are refused with the reason
+    (check_experts), until they run on moe_kernels' kernels."""
+    check_experts(self)
+    raise ValueError(f"{type(self).__name__}: FP8 experts do not run on 'moe_kernels' yet")
 
 
 def is_experts_module(module: nn.Module) -> bool:

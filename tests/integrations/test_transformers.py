@@ -26,6 +26,7 @@ from transformers.integrations import moe as hf_moe  # noqa: E402
 
 import moe_kernels  # noqa: E402
 from moe_kernels.integrations.transformers import (NAME, SparseMoEBlock, check_experts, convert_block,  # noqa: E402
+                                                   experts_spec, is_experts_module,
                                                    convert_transformers, experts_activation, experts_forward, register)
 
 from ..helpers import assert_close64, assert_earned_dtype, float64_everywhere, naive_act, rand_experts  # noqa: E402
@@ -359,23 +360,64 @@ def test_experts_function_low_precision_keeps_the_dtype_earned(dtype, backend):
     torch.testing.assert_close(out32, out.float(), rtol=0, atol=0)
 
 
-def test_experts_function_refuses_what_it_does_not_compute():
-    # a post-expert norm
-    if HAS_POST_NORM:
-        m = make_experts(4, 8, 6, post_norm=True)
-        with pytest.raises(ValueError, match="post-expert norm"):
-            experts_forward(m, torch.randn(3, 8, dtype=F64), *routing(3, 2, 4))
-    # an activation we do not have (Nemotron-H's relu2)
-    m = make_experts(4, 8, 6, gated=False, act="relu2")
-    with pytest.raises(ValueError, match="Experts: act_fn .*ReLUSquaredActivation.*no moe_kernels equivalent"):
-        experts_forward(m, torch.randn(3, 8, dtype=F64), *routing(3, 2, 4))
-    # GPT-OSS: its own _apply_gate (clamped SwiGLU, interleaved gate/up)
-    if hasattr(transformers, "GptOssConfig"):
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+def _with_post_norm_loop(m, x, top_k_index, top_k_weights):
+    """The contract with a post-expert norm: out[t] = sum_j w[t, j] * norm(expert_e(x_t)); float64."""
+    out = torch.zeros(x.shape[0], m.down_proj.shape[1], dtype=F64)
+    for t in range(x.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            if 0 <= e < m.num_experts:
+                h = F.silu(m.gate_up_proj[e, :m.down_proj.shape[2]] @ x[t]) * (m.gate_up_proj[e, m.down_proj.shape[2]:] @ x[t])
+                out[t] += top_k_weights[t, j] * m.post_expert_norm(m.down_proj[e] @ h)
+    return out
 
-        experts = GptOssExperts(transformers.GptOssConfig(hidden_size=8, intermediate_size=6, num_local_experts=4))
-        with pytest.raises(ValueError, match="GptOssExperts defines its own _apply_gate"):
-            experts_forward(experts, torch.randn(3, 8), *routing(3, 2, 4, torch.float32))
+
+@pytest.mark.skipif(not HAS_POST_NORM, reason="this transformers has no has_post_expert_norm")
+def test_post_expert_norm_runs_between_the_expert_mlp_and_the_weights():
+    m = make_experts(4, 8, 6, post_norm=True)
+    with torch.no_grad():
+        m.post_expert_norm.weight.uniform_(0.5, 1.5)
+        m.post_expert_norm.bias.normal_()
+    x = torch.randn(5, 8, dtype=F64)
+    idx, w = routing(5, 2, 4)
+    idx[0, 1] = 4                                    # the expert-parallel sentinel: contributes nothing
+    torch.testing.assert_close(experts_forward(m, x, idx, w), _with_post_norm_loop(m, x, idx, w))
+
+
+def test_relu2_experts_run():
+    # Nemotron-H's relu^2, not gated
+    m = make_experts(4, 8, 6, gated=False, act="relu2")
+    assert experts_spec(m) == "relu2"
+    x = torch.randn(5, 8, dtype=F64)
+    idx, w = routing(5, 2, 4)
+    want = sum(w[:, j, None] * torch.stack([m.down_proj[e] @ F.relu(m.up_proj[e] @ x[t]).square()
+                                             for t, e in enumerate(idx[:, j].tolist())]) for j in range(2))
+    torch.testing.assert_close(experts_forward(m, x, idx, w), want)
+
+
+def test_a_gate_nothing_computes_is_refused_naming_the_class():
+    m = make_experts(4, 8, 6)
+    type(m)._apply_gate = lambda self, h: torch.tanh(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1] ** 2
+    with pytest.raises(ValueError, match="Experts: its _apply_gate computes an activation no moe_kernels epilogue"):
+        experts_forward(m, torch.randn(3, 8, dtype=F64), *routing(3, 2, 4))
+
+
+def test_a_family_that_cannot_run_is_refused_when_it_is_set():
+    # refused by set_experts_implementation (the model keeps its implementation) and when the model is built
+    register()
+    model = tiny_model("mixtral", experts_implementation="eager")
+    experts = next(m for m in model.modules() if is_experts_module(m))
+    type(experts)._apply_gate_saved = getattr(type(experts), "_apply_gate")
+    try:
+        type(experts)._apply_gate = lambda self, h: torch.tanh(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1] ** 2
+        with pytest.raises(ValueError, match="MixtralExperts: its _apply_gate computes"):
+            model.set_experts_implementation(NAME)
+        assert model.get_experts_implementation()[""] == "eager"
+        with pytest.raises(ValueError, match="MixtralExperts: its _apply_gate computes"):
+            tiny_model("mixtral", experts_implementation=NAME)
+    finally:
+        type(experts)._apply_gate = type(experts)._apply_gate_saved
+        del type(experts)._apply_gate_saved
 
 
 def test_check_experts_names_the_module_and_the_shapes():
@@ -394,22 +436,34 @@ def test_convert_transformers_on_a_submodule_switches_the_config_its_experts_rea
     assert model.config._experts_implementation == NAME  # one config for the model and its layers
 
 
-def test_convert_refuses_gpt_oss_and_switches_nothing():
+def test_gpt_oss_runs_with_the_same_logits_and_gradients():
+    # GPT-OSS: interleaved gate/up rows, gate <= 7, -7 <= up <= 7, gate * sigmoid(1.702 gate) * (up + 1), biases
     if not hasattr(transformers, "GptOssForCausalLM"):
         pytest.skip("no GPT-OSS in this transformers")
+    register()
     config = transformers.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
                                        num_experts_per_tok=2, experts_implementation="eager")
-    model = transformers.GptOssForCausalLM(config)
-    with pytest.raises(ValueError, match="_apply_gate"):
-        convert_transformers(model)
-    assert model.config._experts_implementation == "eager"
+    model = transformers.GptOssForCausalLM(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(3.0 * torch.randn_like(p))        # pre-activations well past the clamps
+    ids, cot = torch.randint(0, 64, (2, 6)), torch.randn(2, 6, 64, dtype=F64)
+    with float64_everywhere():
+        want, want_grads = logits_and_grads(model, ids, cot)
+        assert convert_transformers(model) == 1
+        experts = next(m for m in model.modules() if is_experts_module(m))
+        assert experts_spec(experts) == "silu[alpha=1.702,limit=7.0,up_offset=1.0,interleaved]"
+        got, got_grads = logits_and_grads(model, ids, cot)
+    assert_close64(got, want, "logits")
+    for name in want_grads:
+        assert_close64(got_grads[name], want_grads[name], f"grad of {name}")
 
 
 # --- activations --------------------------------------------------------------------------------------------
 SUPPORTED = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
              "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-             "gelu_python_tanh": "gelu_tanh", "relu": "relu", "linear": "identity"}
+             "gelu_python_tanh": "gelu_tanh", "relu": "relu", "linear": "identity", "relu2": "relu2"}
 
 
 @pytest.mark.parametrize("hf_name", sorted(ACT2FN))
