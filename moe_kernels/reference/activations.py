@@ -19,7 +19,6 @@ clamp_after (the gate's clamp applied to act(gate) instead of gate), up_offset (
 g * sigmoid(alpha g) softcapped to c tanh(g / c), the sigmoid seeing g itself), up_softcap (up softcapped alike). The clamps' gradients follow torch.clamp: they
 pass where the input lies within the bounds, bounds included. Options other than alpha need gated experts.
 """
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -60,11 +59,21 @@ class Activation:
         return self.name + (f"[{','.join(opts)}]" if opts else "")
 
 
-@functools.lru_cache(maxsize=256)
+_PARSED: dict = {}     # spec string -> Activation (a plain dict: torch.compile traces through it without a warning)
+
+
 def parse_activation(spec) -> Activation:
     """The Activation of a spec string (or an Activation, returned as it is); ValueError naming what is wrong."""
     if isinstance(spec, Activation):
         return spec
+    if isinstance(spec, str) and spec in _PARSED:
+        return _PARSED[spec]
+    act = _parse(spec)
+    _PARSED[spec] = act
+    return act
+
+
+def _parse(spec) -> Activation:
     if not isinstance(spec, str):
         raise ValueError(f"activation must be a string, one of {ACTIVATIONS} with optional [options], got {spec!r}")
     m = re.fullmatch(r"\s*([a-z_0-9]+)\s*(?:\[(.*)\])?\s*", spec)
