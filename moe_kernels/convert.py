@@ -122,11 +122,20 @@ def convert(model: nn.Module, *, strict: bool = False) -> nn.Module:
                         setattr(module, child_name, new)
         return done[key][1]
 
-    new_root = replacement(model)
+    # recognisers warn about look-alikes they leave as they are, saying why; the warnings pass on to the caller,
+    # and a strict conversion that converts nothing names them
+    with warnings.catch_warnings(record=True) as seen_warnings:
+        warnings.simplefilter("always")
+        new_root = replacement(model)
+    for w in seen_warnings:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if strict and all(new is None for _, new in done.values()):
         seen = sorted({type(m).__name__ for m in model.modules()})
-        raise ValueError(f"convert(strict=True): no MoE layer recognised in {type(model).__name__}; module types "
-                         f"seen: {', '.join(seen)}; recognisers tried: {', '.join(c.name for c in convs) or 'none'}")
+        why = [str(w.message) for w in seen_warnings if str(w.message).startswith("moe_kernels.convert:")]
+        raise ValueError(f"convert(strict=True): no MoE layer recognised in {type(model).__name__}; "
+                         + (f"left as they are: {'; '.join(why)}; " if why else "")
+                         + f"module types seen: {', '.join(seen)}; recognisers tried: "
+                           f"{', '.join(c.name for c in convs) or 'none'}")
     return model if new_root is None else new_root
 
 
