@@ -17,6 +17,7 @@ shapes specialises them (16-byte aligned pointers, integers that are multiples o
 Exits 1 on a compile failure or any failed requirement, each named after `<-`.
 """
 import argparse
+import collections
 import concurrent.futures
 import importlib
 import multiprocessing
@@ -48,6 +49,10 @@ def configs():
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         mod = importlib.import_module(f"moe_kernels.triton.{info.name}")
         out.extend((info.name, e) for e in getattr(mod, "AOT_CONFIGS", ()))
+    seen = collections.Counter(f"{family}.{e['name']}" for family, e in out)
+    repeated = sorted(name for name, n in seen.items() if n > 1)
+    if repeated:     # a report row must name one compile
+        raise ValueError(f"AOT_CONFIGS entries share a name: {', '.join(repeated)}")
     return out
 
 

@@ -295,7 +295,9 @@ def _aot_configs():
         for spec, gated, bias in _AOT_VARIANTS:
             act = check_activation(spec, gated)
             _, consts = _glu_args(act, gated)
-            label = f"{act.name}{'-opts' if not act.plain else ''}{'-gated' if gated else ''}{'-bias' if bias else ''}"
+            opts = [f"clamp{consts['CLAMP']}"] * (consts["CLAMP"] != _NO_CLAMP) + ["interleaved"] * consts[
+                "INTERLEAVED"] + ["gcap"] * consts["HAS_GCAP"] + ["ucap"] * consts["HAS_UCAP"]
+            label = "-".join([act.name, *opts] + ["gated"] * gated + ["bias"] * bias)
             out.append({
                 "name": f"glu_forward-{ty}-{label}", "fn": _glu_forward_kernel,
                 "signature": {"pre_ptr": f"*{ty}", "h_ptr": f"*{ty}", "offsets_ptr": "*i32", "bias_ptr": f"*{ty}",

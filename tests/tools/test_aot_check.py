@@ -184,3 +184,15 @@ def test_no_configs_is_an_error():
 def test_no_compile_left_by_the_archs_is_an_error():
     r = run(["-m", "moe_kernels.tools.aot_check", "--arch", "80", "--filter", "grouped_gemm_tn_tma-fp16-large"])
     assert r.returncode == 1 and "no kernel compiles for sm_80" in r.stderr
+
+
+def test_config_names_are_unique(monkeypatch):
+    import moe_kernels.tools.aot_check as aot
+    names = [f + "." + e["name"] for f, e in aot.configs()]
+    assert len(names) == len(set(names))
+    from moe_kernels.triton import routing
+    entries = list(getattr(routing, "AOT_CONFIGS", ()))
+    assert entries, "routing has no AOT configs to repeat"
+    monkeypatch.setattr(routing, "AOT_CONFIGS", entries + entries[:1], raising=False)
+    with pytest.raises(ValueError, match=f"share a name: routing.{entries[0]['name']}"):
+        aot.configs()
