@@ -49,7 +49,7 @@ MlpArgs mlp_args(const char* op, const at::Tensor& x, const at::Tensor& gate_up,
               ": x, gate_up_proj and down_proj must share a dtype, got ", x.scalar_type(), ", ", gate_up.scalar_type(),
               ", ", down.scalar_type());
   MlpArgs m{x.contiguous(), gate_up.contiguous(), down.contiguous(), at::Tensor(), at::Tensor(),
-            x.size(0), D, E, H2, H, O, parse_activation(activation, op), gated};
+            x.size(0), D, E, H2, H, O, parse_activation(activation, gated, op), gated};
   if (gate_up_bias.has_value()) {
     TORCH_CHECK(gate_up_bias->sizes() == at::IntArrayRef({E, H2}) && gate_up_bias->scalar_type() == x.scalar_type(),
                 op, ": gate_up_bias must be [E, ", H2, "] in x's dtype, got ", gate_up_bias->sizes(), " ",
@@ -103,10 +103,19 @@ void few_rows_forward(const MlpArgs& m, int64_t e, int64_t lo, int64_t hi, const
   if (h_pre != nullptr) {
     for (int64_t i = 0; i < rows * H2; ++i) h_pre[lo * H2 + i] = static_cast<x_t>(pre[i]);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < H; ++j) {
-      const acc_t a = activate(pre[r * H2 + j], m.act);
-      h[r * H + j] = m.gated ? a * pre[r * H2 + H + j] : a;
+  if (m.act.plain() || !m.gated) {
+    const acc_t alpha = static_cast<acc_t>(m.act.alpha);  // 1 unless silu's alpha: the one option when not gated
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < H; ++j) {
+        const acc_t a = activate(pre[r * H2 + j], m.act.kind, alpha);
+        h[r * H + j] = m.gated ? a * pre[r * H2 + H + j] : a;
+      }
+    }
+  } else {
+    const int64_t gate_col = m.act.interleaved ? 2 : 1, up_start = m.act.interleaved ? 1 : H;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* p = pre.data() + r * H2;
+      for (int64_t j = 0; j < H; ++j) h[r * H + j] = glu_one(p[gate_col * j], p[up_start + gate_col * j], m.act);
     }
   }
   if constexpr (std::is_same_v<y_t, acc_t>) {

@@ -8,7 +8,8 @@
 // for_each_group). bfloat16 GEMMs run in bfloat16 where the CPU has bf16 dot products (bf16_gemm: oneDNN, about 4x
 // the float32 rate); elsewhere float16/bfloat16 operands are widened to float32 one slice at a time (CPU BLAS has no
 // fast 16-bit GEMM there, and the widened slice is cache-resident). Epilogues compute in float32 either way.
-// Rows outside every group (at or past offsets[E]) are zero in the output and get zero gradient.
+// Rows outside every group (at or past offsets[E]) are zero in the output and get zero gradient. The activation
+// is a spec string (parse_activation: a base activation and the GLU options), parsed once per call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,21 +21,131 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <locale>
 #include <mutex>
 #include <numeric>
+#include <sstream>
 #include <string>
 #include <type_traits>
 
 namespace moe_kernels {
 
-Activation parse_activation(c10::string_view name, const char* op) {
-  if (name == "silu") return Activation::silu;
-  if (name == "gelu") return Activation::gelu;
-  if (name == "gelu_tanh") return Activation::gelu_tanh;
-  if (name == "relu") return Activation::relu;
-  if (name == "identity") return Activation::identity;
-  TORCH_CHECK(false, op, ": activation must be one of silu, gelu, gelu_tanh, relu, identity; got '",
-              std::string(name), "'");
+namespace {
+
+constexpr const char* kActivationNames[] = {"silu", "gelu", "gelu_tanh", "relu", "identity", "relu2"};  // by ActKind
+constexpr const char* kActivationUsage =
+    "one of silu, gelu, gelu_tanh, relu, identity, relu2, optionally with options in brackets: [alpha=<number>, "
+    "limit=<number>, clamp_after, up_offset=<number>, interleaved, gate_softcap=<number>, up_softcap=<number>], "
+    "e.g. 'silu[alpha=1.702,limit=7.0,up_offset=1.0,interleaved]'";
+
+bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+
+std::string stripped(const std::string& s) {
+  size_t lo = 0, hi = s.size();
+  while (lo < hi && is_space(s[lo])) ++lo;
+  while (hi > lo && is_space(s[hi - 1])) --hi;
+  return s.substr(lo, hi - lo);
+}
+
+// A number as the spec writes it: [-+0-9.eE]+ optionally followed by "inf", the whole text read as a double.
+bool parse_number(const std::string& text, double& value) {
+  size_t body = text.size();
+  if (body >= 3 && text.compare(body - 3, 3, "inf") == 0) body -= 3;
+  if (body == 0) return false;
+  for (size_t i = 0; i < body; ++i) {
+    const char c = text[i];
+    if (!((c >= '0' && c <= '9') || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E')) return false;
+  }
+  std::istringstream in(text);
+  in.imbue(std::locale::classic());
+  if (body < text.size()) {  // [sign]inf
+    const std::string sign = text.substr(0, body);
+    if (sign != "-" && sign != "+") return false;
+    value = sign == "-" ? -std::numeric_limits<double>::infinity() : std::numeric_limits<double>::infinity();
+    return true;
+  }
+  if (text[0] == '+' && text.size() > 1 && (text[1] == '+' || text[1] == '-')) return false;
+  in >> value;
+  return !in.fail() && in.peek() == std::char_traits<char>::eof();
+}
+
+}  // namespace
+
+Activation parse_activation(c10::string_view spec_view, bool gated, const char* op) {
+  const std::string spec(spec_view);
+  const std::string s = stripped(spec);
+  size_t i = 0;
+  while (i < s.size() && ((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9') || s[i] == '_')) ++i;
+  const std::string name = s.substr(0, i);
+  int kind = -1;
+  for (int k = 0; k < 6; ++k) {
+    if (name == kActivationNames[k]) kind = k;
+  }
+  std::string rest = stripped(s.substr(i));
+  const bool bracketed = rest.size() >= 2 && rest.front() == '[' && rest.back() == ']';
+  TORCH_CHECK(kind >= 0 && (rest.empty() || bracketed), op, ": activation must be ", kActivationUsage, "; got '",
+              spec, "'");
+  Activation a;
+  a.kind = static_cast<ActKind>(kind);
+  const std::string options = bracketed ? rest.substr(1, rest.size() - 2) : std::string();
+  size_t start = 0;
+  while (start <= options.size()) {
+    size_t end = options.find(',', start);
+    if (end == std::string::npos) end = options.size();
+    const std::string part = stripped(options.substr(start, end - start));
+    start = end + 1;
+    if (part.empty()) continue;
+    if (part == "clamp_after") {
+      a.clamp_after = true;
+      continue;
+    }
+    if (part == "interleaved") {
+      a.interleaved = true;
+      continue;
+    }
+    const size_t eq = part.find('=');
+    const std::string key = part.substr(0, eq);
+    TORCH_CHECK(eq != std::string::npos && (key == "alpha" || key == "limit" || key == "up_offset" ||
+                                            key == "gate_softcap" || key == "up_softcap"),
+                op, ": activation '", spec, "': unknown option '", part,
+                "' (alpha=<number>, limit=<number>, clamp_after, up_offset=<number>, interleaved, "
+                "gate_softcap=<number>, up_softcap=<number>)");
+    double value = 0.0;
+    TORCH_CHECK(parse_number(part.substr(eq + 1), value), op, ": activation '", spec, "': ", key,
+                " must be a number, got '", part.substr(eq + 1), "'");
+    if (key == "alpha") {
+      a.alpha = value;
+    } else if (key == "limit") {
+      a.has_limit = true;
+      a.limit = value;
+    } else if (key == "gate_softcap") {
+      a.has_gate_softcap = true;
+      a.gate_softcap = value;
+    } else if (key == "up_softcap") {
+      a.has_up_softcap = true;
+      a.up_softcap = value;
+    } else {
+      a.up_offset = value;
+    }
+  }
+  TORCH_CHECK((a.alpha == 1.0 && !a.has_gate_softcap) || a.kind == ActKind::silu, op, ": activation '", spec,
+              "': alpha and gate_softcap apply to silu only");
+  for (const auto& [has, cap] : {std::make_pair(a.has_gate_softcap, a.gate_softcap),
+                                 std::make_pair(a.has_up_softcap, a.up_softcap)}) {
+    TORCH_CHECK(!has || (cap > 0 && std::isfinite(cap)), op, ": activation '", spec,
+                "': a softcap must be a finite number > 0");
+  }
+  TORCH_CHECK(!a.has_limit || (a.limit > 0 && std::isfinite(a.limit)), op, ": activation '", spec,
+              "': limit must be a finite number > 0");
+  TORCH_CHECK(std::isfinite(a.alpha) && std::isfinite(a.up_offset), op, ": activation '", spec,
+              "': alpha and up_offset must be finite");
+  TORCH_CHECK(!a.clamp_after || a.has_limit, op, ": activation '", spec, "': clamp_after needs a limit");
+  TORCH_CHECK(gated || (!a.has_limit && a.up_offset == 0.0 && !a.interleaved && !a.has_gate_softcap &&
+                        !a.has_up_softcap),
+              op, ": activation '", spec,
+              "': limit, up_offset, interleaved and the softcaps need gated experts (gated=True)");
+  return a;
 }
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -453,12 +564,13 @@ void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
 }
 
 // --- the activation epilogues ---
-// silu, relu and identity run as one vectorised pass over the rows (built per ISA level like stream_rows); gelu and
-// gelu_tanh go through ATen's kernels.
+// silu, relu, relu2 and identity run as one vectorised pass over the rows (built per ISA level like stream_rows), a
+// loop of its own per base activation and per plain spec or spec with options; gelu and gelu_tanh go through ATen's
+// kernels.
 namespace {
 
-bool fused_activation(Activation a) {
-  return a == Activation::silu || a == Activation::relu || a == Activation::identity;
+bool fused_activation(ActKind a) {
+  return a == ActKind::silu || a == ActKind::relu || a == ActKind::relu2 || a == ActKind::identity;
 }
 
 template <typename acc_t>
@@ -521,36 +633,83 @@ inline __attribute__((always_inline)) Vec<acc_t> exp_lanes(Vec<acc_t> x) {
   }
 }
 
-// act(g) and, when wanted, act'(g) (not for relu: see times_slope), per lane, with torch's semantics (relu keeps
-// NaN).
-template <typename acc_t, bool derivative>
-inline __attribute__((always_inline)) void act_lanes(Vec<acc_t> g, Activation a, Vec<acc_t>& value,
+// tanh per lane (libm's): the softcaps' only use, off the plain paths.
+template <typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> tanh_lanes(Vec<acc_t> x) {
+  constexpr int L = 32 / sizeof(acc_t);
+  for (int l = 0; l < L; ++l) x[l] = std::tanh(x[l]);
+  return x;
+}
+
+// The options of an Activation as the vectorised loops take them.
+template <typename acc_t>
+struct GluLanes {
+  Vec<acc_t> alpha, limit, neg_limit, offset, gate_cap, up_cap;
+  bool has_limit, clamp_before, clamp_after, has_offset, interleaved, has_gate_cap, has_up_cap;
+  explicit GluLanes(const Activation& a)
+      : alpha(splat(acc_t(a.alpha))),
+        limit(splat(acc_t(a.limit))),
+        neg_limit(splat(-acc_t(a.limit))),
+        offset(splat(acc_t(a.up_offset))),
+        gate_cap(splat(acc_t(a.has_gate_softcap ? a.gate_softcap : 1.0))),
+        up_cap(splat(acc_t(a.has_up_softcap ? a.up_softcap : 1.0))),
+        has_limit(a.has_limit),
+        clamp_before(a.has_limit && !a.clamp_after),
+        clamp_after(a.has_limit && a.clamp_after),
+        has_offset(a.up_offset != 0.0),
+        interleaved(a.interleaved),
+        has_gate_cap(a.has_gate_softcap),
+        has_up_cap(a.has_up_softcap) {}
+};
+
+// act(g) and, when wanted, act'(g) (not for relu and relu2: see times_slope), per lane, with torch's semantics (relu
+// and relu2 keep NaN). kOpts: silu with o's alpha (g sigmoid(alpha g)) and gate softcap (c tanh(g / c) sigmoid(alpha
+// g)); without, torch's silu.
+template <ActKind K, typename acc_t, bool derivative, bool kOpts>
+inline __attribute__((always_inline)) void act_lanes(Vec<acc_t> g, const GluLanes<acc_t>& o, Vec<acc_t>& value,
                                                      Vec<acc_t>& slope) {
   const Vec<acc_t> zero = {}, one = splat(acc_t(1));
-  switch (a) {
-    case Activation::silu: {
-      const Vec<acc_t> s = one / (one + exp_lanes<acc_t>(-g));
+  if constexpr (K == ActKind::silu) {
+    const Vec<acc_t> ag = kOpts ? o.alpha * g : g;
+    const Vec<acc_t> s = one / (one + exp_lanes<acc_t>(-ag));
+    if (kOpts && o.has_gate_cap) {
+      const Vec<acc_t> t = tanh_lanes<acc_t>(g / o.gate_cap);
+      value = (o.gate_cap * t) * s;
+      if constexpr (derivative) slope = (one - t * t) * s + o.gate_cap * t * o.alpha * s * (one - s);
+    } else {
       value = g * s;
-      if constexpr (derivative) slope = s * (one + g * (one - s));
-      return;
+      if constexpr (derivative) slope = s * (one + ag * (one - s));
     }
-    case Activation::relu:  // the slope is applied by times_slope
-      value = g > zero ? g : (g != g ? g : zero);
-      return;
-    default:  // identity (the others are not fused)
-      value = g;
-      if constexpr (derivative) slope = one;
-      return;
+  } else if constexpr (K == ActKind::relu) {  // the slope is applied by times_slope
+    value = g > zero ? g : (g != g ? g : zero);
+  } else if constexpr (K == ActKind::relu2) {  // the slope is applied by times_slope
+    const Vec<acc_t> r = g > zero ? g : (g != g ? g : zero);
+    value = r * r;
+  } else {  // identity (the others are not fused)
+    static_assert(K == ActKind::identity);
+    value = g;
+    if constexpr (derivative) slope = one;
   }
 }
 
-// grad * act'(g): a product, except for relu, which selects as torch's threshold_backward does: 0 where g <= 0,
-// grad itself elsewhere (at a NaN g too, and an infinite grad stays infinite rather than 0 * inf).
-template <typename acc_t>
-inline __attribute__((always_inline)) Vec<acc_t> times_slope(Vec<acc_t> grad, Vec<acc_t> g, Vec<acc_t> slope,
-                                                             Activation a) {
-  if (a == Activation::relu) return g <= Vec<acc_t>{} ? Vec<acc_t>{} : grad;
+// grad * act'(g): a product, except for relu and relu2, which select as torch's threshold_backward does: 0 where
+// g <= 0, grad itself (relu) or grad * 2g (relu2) elsewhere (at a NaN g too; an infinite grad at g <= 0 gives 0
+// rather than 0 * inf).
+template <ActKind K, typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> times_slope(Vec<acc_t> grad, Vec<acc_t> g, Vec<acc_t> slope) {
+  if constexpr (K == ActKind::relu) return g <= Vec<acc_t>{} ? Vec<acc_t>{} : grad;
+  if constexpr (K == ActKind::relu2) return g <= Vec<acc_t>{} ? Vec<acc_t>{} : grad * (g + g);
   return grad * slope;
+}
+
+// torch.clamp's forms, per lane: NaN stays NaN.
+template <typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> clamp_max_lanes(Vec<acc_t> v, Vec<acc_t> high) {
+  return v > high ? high : v;
+}
+template <typename acc_t>
+inline __attribute__((always_inline)) Vec<acc_t> clamp_lanes(Vec<acc_t> v, Vec<acc_t> low, Vec<acc_t> high) {
+  return v > high ? high : (v < low ? low : v);
 }
 
 template <typename acc_t>
@@ -615,21 +774,85 @@ inline __attribute__((always_inline)) acc_t sum_lanes(Vec<acc_t> v) {
   return lanes[0];
 }
 
-// out [rows, N] = act(h[:, :N]) * h[:, N:] (gated, M = 2N) or act(h) (M = N), for h [rows, M]; h and out in g_t
-// (the GEMM dtype: acc_t, or bfloat16 under bf16_gemm); save [rows, M] (nullable) gets h narrowed to s_t in the
-// same pass.
-template <typename s_t, typename g_t, typename acc_t>
-inline __attribute__((always_inline)) void act_rows_impl(const g_t* h, int64_t rows, int64_t M, Activation a,
+// The gate and up lanes of columns [j, j + n) (up to a vector of them) of a gated row of width 2N: from the halves
+// (gate at j, up at N + j), or interleaved (gate at 2j, up at 2j + 1: two vectors split into their even and odd
+// lanes).
+template <typename p_t, typename acc_t>
+inline __attribute__((always_inline)) void load_gate_up(const p_t* row, int64_t N, int64_t j, int64_t n,
+                                                        bool interleaved, Vec<acc_t>& gate, Vec<acc_t>& up) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  if (!interleaved) {
+    gate = load_widened_lanes<p_t, acc_t>(row + j, n);
+    up = load_widened_lanes<p_t, acc_t>(row + N + j, n);
+    return;
+  }
+  const int64_t both = 2 * std::min(n, L);
+  const Vec<acc_t> lo = load_widened_lanes<p_t, acc_t>(row + 2 * j, std::min(both, L));
+  const Vec<acc_t> hi = both > L ? load_widened_lanes<p_t, acc_t>(row + 2 * j + L, both - L) : Vec<acc_t>{};
+  if constexpr (L == 8) {
+    gate = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+    up = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+  } else {
+    static_assert(L == 4);
+    gate = __builtin_shufflevector(lo, hi, 0, 2, 4, 6);
+    up = __builtin_shufflevector(lo, hi, 1, 3, 5, 7);
+  }
+}
+
+// Stores the gate and up lanes of columns [j, j + n) of a gated row of width 2N, laid out as load_gate_up reads them.
+template <typename o_t, typename acc_t>
+inline __attribute__((always_inline)) void store_gate_up(o_t* row, int64_t N, int64_t j, int64_t n, bool interleaved,
+                                                         Vec<acc_t> gate, Vec<acc_t> up) {
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  if (!interleaved) {
+    store_narrowed_lanes<o_t, acc_t>(row + j, gate, n);
+    store_narrowed_lanes<o_t, acc_t>(row + N + j, up, n);
+    return;
+  }
+  Vec<acc_t> lo, hi;
+  if constexpr (L == 8) {
+    lo = __builtin_shufflevector(gate, up, 0, 8, 1, 9, 2, 10, 3, 11);
+    hi = __builtin_shufflevector(gate, up, 4, 12, 5, 13, 6, 14, 7, 15);
+  } else {
+    static_assert(L == 4);
+    lo = __builtin_shufflevector(gate, up, 0, 4, 1, 5);
+    hi = __builtin_shufflevector(gate, up, 2, 6, 3, 7);
+  }
+  const int64_t both = 2 * std::min(n, L);
+  store_narrowed_lanes<o_t, acc_t>(row + 2 * j, lo, std::min(both, L));
+  if (both > L) store_narrowed_lanes<o_t, acc_t>(row + 2 * j + L, hi, both - L);
+}
+
+// out [rows, N] = act(gate) * up (gated, M = 2N) or act(h) (M = N), for h [rows, M]; h and out in g_t (the GEMM
+// dtype: acc_t, or bfloat16 under bf16_gemm); save [rows, M] (nullable) gets h narrowed to s_t in the same pass.
+// kOpts: with the options of a (alpha, the limit's clamps, the softcaps, up_offset, the interleaved layout); without,
+// the plain activation of the halves (a's options unread).
+template <ActKind K, bool kOpts, typename s_t, typename g_t, typename acc_t>
+inline __attribute__((always_inline)) void act_rows_impl(const g_t* h, int64_t rows, int64_t M, const Activation& a,
                                                          bool gated, g_t* out, s_t* save) {
   constexpr int64_t L = 32 / sizeof(acc_t);
   const int64_t N = gated ? M / 2 : M;
+  const GluLanes<acc_t> o(a);
   for (int64_t r = 0; r < rows; ++r) {
     const g_t* hr = h + r * M;
     for (int64_t j = 0; j < N; j += L) {
       const int64_t n = N - j;
       Vec<acc_t> value, unused;
-      act_lanes<acc_t, false>(load_widened_lanes<g_t, acc_t>(hr + j, n), a, value, unused);
-      if (gated) value *= load_widened_lanes<g_t, acc_t>(hr + N + j, n);
+      if constexpr (!kOpts) {
+        act_lanes<K, acc_t, false, false>(load_widened_lanes<g_t, acc_t>(hr + j, n), o, value, unused);
+        if (gated) value *= load_widened_lanes<g_t, acc_t>(hr + N + j, n);
+      } else if (!gated) {  // alpha is the one option of experts that are not gated
+        act_lanes<K, acc_t, false, true>(load_widened_lanes<g_t, acc_t>(hr + j, n), o, value, unused);
+      } else {
+        Vec<acc_t> gate, up;
+        load_gate_up<g_t, acc_t>(hr, N, j, n, o.interleaved, gate, up);
+        if (o.clamp_before) gate = clamp_max_lanes<acc_t>(gate, o.limit);
+        if (o.has_limit) up = clamp_lanes<acc_t>(up, o.neg_limit, o.limit);
+        if (o.has_up_cap) up = o.up_cap * tanh_lanes<acc_t>(up / o.up_cap);
+        act_lanes<K, acc_t, false, true>(gate, o, value, unused);
+        if (o.clamp_after) value = clamp_max_lanes<acc_t>(value, o.limit);
+        value *= o.has_offset ? up + o.offset : up;
+      }
       store_narrowed_lanes<g_t, acc_t>(out + r * N + j, value, n);
     }
     if (save != nullptr) {
@@ -641,14 +864,17 @@ inline __attribute__((always_inline)) void act_rows_impl(const g_t* h, int64_t r
 // From pre [rows, M] in its storage dtype p_t and dh [rows, N]: dpre [rows, M] = the gradient of act_rows' output
 // w.r.t. pre given dh * scale[r] (scale nullable: 1); h [rows, N] = act_rows(pre) and hdot[r] = sum_j dh * h
 // (unscaled; lanes summed in a fixed order), each nullable. dh, dpre and h in g_t (the GEMM dtype), scale and
-// hdot in acc_t.
-template <typename p_t, typename g_t, typename acc_t>
+// hdot in acc_t. kOpts as for act_rows_impl; the clamps pass the gradient where their input lies within the
+// bounds (bounds included, NaN nowhere) and give 0 elsewhere, selected (an infinite gradient there gives 0).
+template <ActKind K, bool kOpts, typename p_t, typename g_t, typename acc_t>
 inline __attribute__((always_inline)) void act_backward_rows_impl(const p_t* pre, int64_t rows, int64_t M,
-                                                                  Activation a, bool gated, const g_t* dh,
+                                                                  const Activation& a, bool gated, const g_t* dh,
                                                                   const acc_t* scale, g_t* dpre, g_t* h,
                                                                   acc_t* hdot) {
   constexpr int64_t L = 32 / sizeof(acc_t);
   const int64_t N = gated ? M / 2 : M;
+  const GluLanes<acc_t> o(a);
+  const Vec<acc_t> zero = {}, one = splat(acc_t(1));
   for (int64_t r = 0; r < rows; ++r) {
     const p_t* pr = pre + r * M;
     const g_t* dr = dh + r * N;
@@ -656,18 +882,48 @@ inline __attribute__((always_inline)) void act_backward_rows_impl(const p_t* pre
     Vec<acc_t> dot = {};
     for (int64_t j = 0; j < N; j += L) {
       const int64_t n = N - j;
-      const Vec<acc_t> gate = load_widened_lanes<p_t, acc_t>(pr + j, n);
       const Vec<acc_t> grad = load_widened_lanes<g_t, acc_t>(dr + j, n);
-      Vec<acc_t> value, slope = {};
-      act_lanes<acc_t, true>(gate, a, value, slope);
       const Vec<acc_t> d = grad * s;
-      if (gated) {
-        const Vec<acc_t> up = load_widened_lanes<p_t, acc_t>(pr + N + j, n);
-        store_narrowed_lanes<g_t, acc_t>(dpre + r * M + j, times_slope<acc_t>(d * up, gate, slope, a), n);
-        store_narrowed_lanes<g_t, acc_t>(dpre + r * M + N + j, d * value, n);
-        value *= up;
+      Vec<acc_t> value, slope = {};
+      if constexpr (!kOpts) {
+        const Vec<acc_t> gate = load_widened_lanes<p_t, acc_t>(pr + j, n);
+        act_lanes<K, acc_t, true, false>(gate, o, value, slope);
+        if (gated) {
+          const Vec<acc_t> up = load_widened_lanes<p_t, acc_t>(pr + N + j, n);
+          store_narrowed_lanes<g_t, acc_t>(dpre + r * M + j, times_slope<K, acc_t>(d * up, gate, slope), n);
+          store_narrowed_lanes<g_t, acc_t>(dpre + r * M + N + j, d * value, n);
+          value *= up;
+        } else {
+          store_narrowed_lanes<g_t, acc_t>(dpre + r * M + j, times_slope<K, acc_t>(d, gate, slope), n);
+        }
+      } else if (!gated) {  // alpha only
+        const Vec<acc_t> gate = load_widened_lanes<p_t, acc_t>(pr + j, n);
+        act_lanes<K, acc_t, true, true>(gate, o, value, slope);
+        store_narrowed_lanes<g_t, acc_t>(dpre + r * M + j, times_slope<K, acc_t>(d, gate, slope), n);
       } else {
-        store_narrowed_lanes<g_t, acc_t>(dpre + r * M + j, times_slope<acc_t>(d, gate, slope, a), n);
+        Vec<acc_t> gate0, up0;
+        load_gate_up<p_t, acc_t>(pr, N, j, n, o.interleaved, gate0, up0);
+        const Vec<acc_t> gate = o.clamp_before ? clamp_max_lanes<acc_t>(gate0, o.limit) : gate0;
+        Vec<acc_t> up = o.has_limit ? clamp_lanes<acc_t>(up0, o.neg_limit, o.limit) : up0;
+        Vec<acc_t> t_up = {};
+        if (o.has_up_cap) {
+          t_up = tanh_lanes<acc_t>(up / o.up_cap);
+          up = o.up_cap * t_up;
+        }
+        if (o.has_offset) up += o.offset;
+        act_lanes<K, acc_t, true, true>(gate, o, value, slope);
+        Vec<acc_t> d_act = d * up;
+        if (o.clamp_after) {
+          d_act = value <= o.limit ? d_act : zero;
+          value = clamp_max_lanes<acc_t>(value, o.limit);
+        }
+        Vec<acc_t> d_gate = times_slope<K, acc_t>(d_act, gate, slope);
+        Vec<acc_t> d_up = d * value;
+        if (o.has_up_cap) d_up *= one - t_up * t_up;
+        if (o.clamp_before) d_gate = gate0 <= o.limit ? d_gate : zero;
+        if (o.has_limit) d_up = (up0 >= o.neg_limit) & (up0 <= o.limit) ? d_up : zero;
+        store_gate_up<g_t, acc_t>(dpre + r * M, N, j, n, o.interleaved, d_gate, d_up);
+        value *= up;
       }
       if (h != nullptr) store_narrowed_lanes<g_t, acc_t>(h + r * N + j, value, n);
       dot += grad * value;  // zero-padded lanes of a tail add 0 * value
@@ -676,38 +932,79 @@ inline __attribute__((always_inline)) void act_backward_rows_impl(const p_t* pre
   }
 }
 
+// act_rows_impl / act_backward_rows_impl for a's kind and whether it has options: a loop of its own for each, the
+// choice made once per call.
+template <typename s_t, typename g_t, typename acc_t>
+inline __attribute__((always_inline)) void act_rows_any(const g_t* h, int64_t rows, int64_t M, const Activation& a,
+                                                        bool gated, g_t* out, s_t* save) {
+  const bool opts = !a.plain();
+#define MOE_KERNELS_CASE(K)                                                                          \
+  case ActKind::K:                                                                                   \
+    return opts ? act_rows_impl<ActKind::K, true, s_t, g_t, acc_t>(h, rows, M, a, gated, out, save) \
+                : act_rows_impl<ActKind::K, false, s_t, g_t, acc_t>(h, rows, M, a, gated, out, save)
+  switch (a.kind) {
+    MOE_KERNELS_CASE(silu);
+    MOE_KERNELS_CASE(relu);
+    MOE_KERNELS_CASE(relu2);
+    MOE_KERNELS_CASE(identity);
+    default: TORCH_CHECK(false, "the vectorised activation pass has no ", kActivationNames[int(a.kind)]);
+  }
+#undef MOE_KERNELS_CASE
+}
+
+template <typename p_t, typename g_t, typename acc_t>
+inline __attribute__((always_inline)) void act_backward_rows_any(const p_t* pre, int64_t rows, int64_t M,
+                                                                 const Activation& a, bool gated, const g_t* dh,
+                                                                 const acc_t* scale, g_t* dpre, g_t* h, acc_t* hdot) {
+  const bool opts = !a.plain();
+#define MOE_KERNELS_CASE(K)                                                                                    \
+  case ActKind::K:                                                                                             \
+    return opts ? act_backward_rows_impl<ActKind::K, true, p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, \
+                                                                            dpre, h, hdot)                     \
+                : act_backward_rows_impl<ActKind::K, false, p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, \
+                                                                             dpre, h, hdot)
+  switch (a.kind) {
+    MOE_KERNELS_CASE(silu);
+    MOE_KERNELS_CASE(relu);
+    MOE_KERNELS_CASE(relu2);
+    MOE_KERNELS_CASE(identity);
+    default: TORCH_CHECK(false, "the vectorised activation pass has no ", kActivationNames[int(a.kind)]);
+  }
+#undef MOE_KERNELS_CASE
+}
+
 #define MOE_KERNELS_ACT_ROWS(p_t, g_t, acc_t, name)                                                               \
-  static void name##_fwd_baseline(const g_t* h, int64_t rows, int64_t M, Activation a, bool gated, g_t* out,      \
-                                  p_t* save) {                                                                    \
-    act_rows_impl<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                              \
+  static void name##_fwd_baseline(const g_t* h, int64_t rows, int64_t M, const Activation& a, bool gated,         \
+                                  g_t* out, p_t* save) {                                                          \
+    act_rows_any<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                               \
   }                                                                                                               \
-  MOE_KERNELS_AVX2 static void name##_fwd_avx2(const g_t* h, int64_t rows, int64_t M, Activation a, bool gated,   \
-                                               g_t* out, p_t* save) {                                             \
-    act_rows_impl<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                              \
+  MOE_KERNELS_AVX2 static void name##_fwd_avx2(const g_t* h, int64_t rows, int64_t M, const Activation& a,        \
+                                               bool gated, g_t* out, p_t* save) {                                 \
+    act_rows_any<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                               \
   }                                                                                                               \
-  MOE_KERNELS_AVX512 static void name##_fwd_avx512(const g_t* h, int64_t rows, int64_t M, Activation a,           \
+  MOE_KERNELS_AVX512 static void name##_fwd_avx512(const g_t* h, int64_t rows, int64_t M, const Activation& a,    \
                                                    bool gated, g_t* out, p_t* save) {                             \
-    act_rows_impl<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                              \
+    act_rows_any<p_t, g_t, acc_t>(h, rows, M, a, gated, out, save);                                               \
   }                                                                                                               \
-  static void name##_bwd_baseline(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated,              \
+  static void name##_bwd_baseline(const p_t* pre, int64_t rows, int64_t M, const Activation& a, bool gated,       \
                                   const g_t* dh, const acc_t* scale, g_t* dpre, g_t* h, acc_t* hdot) {            \
-    act_backward_rows_impl<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                    \
+    act_backward_rows_any<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                     \
   }                                                                                                               \
-  MOE_KERNELS_AVX2 static void name##_bwd_avx2(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated, \
-                                               const g_t* dh, const acc_t* scale, g_t* dpre, g_t* h,              \
+  MOE_KERNELS_AVX2 static void name##_bwd_avx2(const p_t* pre, int64_t rows, int64_t M, const Activation& a,      \
+                                               bool gated, const g_t* dh, const acc_t* scale, g_t* dpre, g_t* h,  \
                                                acc_t* hdot) {                                                     \
-    act_backward_rows_impl<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                    \
+    act_backward_rows_any<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                     \
   }                                                                                                               \
-  MOE_KERNELS_AVX512 static void name##_bwd_avx512(const p_t* pre, int64_t rows, int64_t M, Activation a,         \
+  MOE_KERNELS_AVX512 static void name##_bwd_avx512(const p_t* pre, int64_t rows, int64_t M, const Activation& a,  \
                                                    bool gated, const g_t* dh, const acc_t* scale, g_t* dpre,      \
                                                    g_t* h, acc_t* hdot) {                                         \
-    act_backward_rows_impl<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                    \
+    act_backward_rows_any<p_t, g_t, acc_t>(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                     \
   }                                                                                                               \
-  void act_rows(const g_t* h, int64_t rows, int64_t M, Activation a, bool gated, g_t* out, p_t* save) {           \
+  void act_rows(const g_t* h, int64_t rows, int64_t M, const Activation& a, bool gated, g_t* out, p_t* save) {    \
     static const auto fn = pick_isa(&name##_fwd_baseline, &name##_fwd_avx2, &name##_fwd_avx512);                  \
     fn(h, rows, M, a, gated, out, save);                                                                          \
   }                                                                                                               \
-  void act_backward_rows(const p_t* pre, int64_t rows, int64_t M, Activation a, bool gated, const g_t* dh,        \
+  void act_backward_rows(const p_t* pre, int64_t rows, int64_t M, const Activation& a, bool gated, const g_t* dh, \
                          const acc_t* scale, g_t* dpre, g_t* h, acc_t* hdot) {                                    \
     static const auto fn = pick_isa(&name##_bwd_baseline, &name##_bwd_avx2, &name##_bwd_avx512);                  \
     fn(pre, rows, M, a, gated, dh, scale, dpre, h, hdot);                                                         \
@@ -733,27 +1030,50 @@ MOE_KERNELS_AVX512 static void exp_doubles_avx512(const double* x, int64_t n, do
   exp_doubles_impl(x, n, out);
 }
 
-at::Tensor act(const at::Tensor& x, Activation a) {
-  switch (a) {
-    case Activation::silu: return at::silu(x);
-    case Activation::gelu: return at::gelu(x);
-    case Activation::gelu_tanh: return at::gelu(x, "tanh");
-    case Activation::relu: return at::relu(x);
-    case Activation::identity: return x;
+at::Tensor act(const at::Tensor& x, const Activation& a) {
+  switch (a.kind) {
+    case ActKind::silu:
+      if (a.has_gate_softcap) return at::tanh(x / a.gate_softcap) * a.gate_softcap * at::sigmoid(x * a.alpha);
+      return a.alpha == 1.0 ? at::silu(x) : x * at::sigmoid(x * a.alpha);
+    case ActKind::gelu: return at::gelu(x);
+    case ActKind::gelu_tanh: return at::gelu(x, "tanh");
+    case ActKind::relu: return at::relu(x);
+    case ActKind::relu2: return at::relu(x).square();
+    case ActKind::identity: return x;
   }
   TORCH_CHECK(false, "unreachable activation");
 }
 
-// dst = grad * act'(x)
-void act_backward_out(const at::Tensor& dst_c, const at::Tensor& grad, const at::Tensor& x, Activation a) {
+// dst = grad * act'(x); relu and relu2 select as threshold_backward does (0 where x <= 0)
+void act_backward_out(const at::Tensor& dst_c, const at::Tensor& grad, const at::Tensor& x, const Activation& a) {
   auto& dst = const_cast<at::Tensor&>(dst_c);
-  switch (a) {
-    case Activation::silu: at::silu_backward_out(dst, grad, x); return;
-    case Activation::gelu: at::gelu_backward_out(dst, grad, x); return;
-    case Activation::gelu_tanh: at::gelu_backward_out(dst, grad, x, "tanh"); return;
-    case Activation::relu: at::threshold_backward_out(dst, grad, x, 0); return;
-    case Activation::identity: dst.copy_(grad); return;
+  switch (a.kind) {
+    case ActKind::silu:
+      if (a.has_gate_softcap) {
+        const auto s = at::sigmoid(x * a.alpha);
+        const auto t = at::tanh(x / a.gate_softcap);
+        at::mul_out(dst, grad, (1 - t * t) * s + t * a.gate_softcap * a.alpha * s * (1 - s));
+      } else if (a.alpha == 1.0) {
+        at::silu_backward_out(dst, grad, x);
+      } else {
+        const auto ax = x * a.alpha;
+        const auto s = at::sigmoid(ax);
+        at::mul_out(dst, grad, s * (ax * (1 - s) + 1));
+      }
+      return;
+    case ActKind::gelu: at::gelu_backward_out(dst, grad, x); return;
+    case ActKind::gelu_tanh: at::gelu_backward_out(dst, grad, x, "tanh"); return;
+    case ActKind::relu: at::threshold_backward_out(dst, grad, x, 0); return;
+    case ActKind::relu2: at::threshold_backward_out(dst, grad * (x * 2), x, 0); return;
+    case ActKind::identity: dst.copy_(grad); return;
   }
+}
+
+// The gate and up columns of a gated [rows, 2N] tensor as a lays them out (views).
+std::pair<at::Tensor, at::Tensor> gate_and_up(const at::Tensor& t, const Activation& a) {
+  const int64_t M = t.size(1), N = M / 2;
+  if (a.interleaved) return {t.slice(1, 0, M, 2), t.slice(1, 1, M, 2)};
+  return {t.narrow(1, 0, N), t.narrow(1, N, N)};
 }
 
 bool fused_rows(const at::Tensor& t) { return t.dim() == 2 && t.is_contiguous(); }
@@ -765,11 +1085,12 @@ void exp_into(const double* x, int64_t n, double* out) {
   fn(x, n, out);
 }
 
-void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, bool gated, const at::Tensor& save) {
+void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, const Activation& a, bool gated,
+                    const at::Tensor& save) {
   auto& dst = const_cast<at::Tensor&>(dst_c);
   const auto ct = compute_dtype(h.scalar_type());
   const int64_t rows = h.size(0), M = h.size(1);
-  if (fused_activation(a) && fused_rows(h) && h.scalar_type() == at::kBFloat16 && !save.defined()) {
+  if (fused_activation(a.kind) && fused_rows(h) && h.scalar_type() == at::kBFloat16 && !save.defined()) {
     const auto out = dst.scalar_type() == at::kBFloat16 && fused_rows(dst)
                          ? dst
                          : kept_empty(Kept::act, dst.sizes(), at::kBFloat16);
@@ -778,7 +1099,7 @@ void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, 
     if (!out.is_same(dst)) dst.copy_(out);
     return;
   }
-  if (fused_activation(a) && h.scalar_type() == ct && fused_rows(h) &&
+  if (fused_activation(a.kind) && h.scalar_type() == ct && fused_rows(h) &&
       (!save.defined() || (fused_rows(save) && compute_dtype(save.scalar_type()) == ct))) {
     const auto out = dst.scalar_type() == ct && fused_rows(dst) ? dst : kept_empty(Kept::act, dst.sizes(), ct);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, save.defined() ? save.scalar_type() : ct,
@@ -798,21 +1119,36 @@ void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, Activation a, 
     return;
   }
   const int64_t half = M / 2;
-  if (dst.scalar_type() == ct) {
-    at::mul_out(dst, act(hc.narrow(1, 0, half), a), hc.narrow(1, half, half));
-  } else {
-    dst.copy_(act(hc.narrow(1, 0, half), a) * hc.narrow(1, half, half));
+  if (a.plain()) {
+    if (dst.scalar_type() == ct) {
+      at::mul_out(dst, act(hc.narrow(1, 0, half), a), hc.narrow(1, half, half));
+    } else {
+      dst.copy_(act(hc.narrow(1, 0, half), a) * hc.narrow(1, half, half));
+    }
+    return;
   }
+  // the options, as moe_kernels.reference.activations.glu writes them
+  auto [gate, up] = gate_and_up(hc, a);
+  if (a.has_limit) {
+    if (!a.clamp_after) gate = at::clamp_max(gate, a.limit);
+    up = at::clamp(up, -a.limit, a.limit);
+  }
+  if (a.has_up_softcap) up = at::tanh(up / a.up_softcap) * a.up_softcap;
+  auto g = act(gate, a);
+  if (a.has_limit && a.clamp_after) g = at::clamp_max(g, a.limit);
+  if (a.up_offset != 0.0) up = up + a.up_offset;
+  dst.copy_(g * up);
 }
 
-at::Tensor gated_act(const at::Tensor& h, Activation a, bool gated) {
+at::Tensor gated_act(const at::Tensor& h, const Activation& a, bool gated) {
   auto out = at::empty({h.size(0), gated ? h.size(1) / 2 : h.size(1)}, h.options());
   gated_act_into(out, h, a, gated);
   return out;
 }
 
-void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, const at::Tensor& pre, Activation a,
-                             bool gated, const at::Tensor& scale, const at::Tensor& h_c, const at::Tensor& hdot_c) {
+void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, const at::Tensor& pre,
+                             const Activation& a, bool gated, const at::Tensor& scale, const at::Tensor& h_c,
+                             const at::Tensor& hdot_c) {
   auto &dpre = const_cast<at::Tensor&>(dpre_c), &h = const_cast<at::Tensor&>(h_c),
        &hdot = const_cast<at::Tensor&>(hdot_c);
   const auto ct = compute_dtype(pre.scalar_type());
@@ -824,7 +1160,7 @@ void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, con
                   (!h.defined() || (h.sizes() == dh.sizes() && h.scalar_type() == gt)) &&
                   (!hdot.defined() || (hdot.numel() == rows && hdot.scalar_type() == ct)),
               "gated_act_backward_into: shapes or dtypes disagree");
-  if (fused_activation(a) && fused_rows(pre) && fused_rows(dpre) && fused_rows(dh) &&
+  if (fused_activation(a.kind) && fused_rows(pre) && fused_rows(dpre) && fused_rows(dh) &&
       (!scale.defined() || scale.is_contiguous()) && (!h.defined() || fused_rows(h)) &&
       (!hdot.defined() || hdot.is_contiguous())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "gated_act_backward_into", [&] {
@@ -847,20 +1183,51 @@ void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, con
   // ATen's kernels, in the compute dtype; results narrowed into the GEMM dtype where that is bfloat16
   const auto p = to_compute(pre);
   const auto dhc = dh.to(ct);
-  const auto gate = gated ? p.narrow(1, 0, N) : p;
-  const auto a_gate = act(gate, a);
-  const auto value = gated ? a_gate * p.narrow(1, N, N) : a_gate;
-  if (h.defined()) h.copy_(value);
-  if (hdot.defined()) hdot.copy_((dhc * value).sum(1));
   const auto d = scale.defined() ? dhc * scale.reshape({rows, 1}) : dhc;
   auto dp = gt == ct ? dpre : at::empty(dpre.sizes(), dpre.options().dtype(ct));
+  at::Tensor value;
   if (!gated) {
+    value = act(p, a);
     act_backward_out(dp, d, p, a);
-  } else {
+  } else if (a.plain()) {
+    const auto gate = p.narrow(1, 0, N);
+    const auto a_gate = act(gate, a);
+    value = a_gate * p.narrow(1, N, N);
     act_backward_out(dp.narrow(1, 0, N), d * p.narrow(1, N, N), gate, a);
     auto d_up = dp.narrow(1, N, N);
     at::mul_out(d_up, d, a_gate);
+  } else {
+    // the options, as moe_kernels.reference.activations.glu_backward writes them
+    const auto [gate0, up0] = gate_and_up(p, a);
+    const auto gate = a.has_limit && !a.clamp_after ? at::clamp_max(gate0, a.limit) : gate0;
+    auto up = a.has_limit ? at::clamp(up0, -a.limit, a.limit) : up0;
+    at::Tensor t_up;
+    if (a.has_up_softcap) {
+      t_up = at::tanh(up / a.up_softcap);
+      up = t_up * a.up_softcap;
+    }
+    if (a.up_offset != 0.0) up = up + a.up_offset;
+    auto g = act(gate, a);
+    auto d_act = d * up;
+    if (a.has_limit && a.clamp_after) {
+      d_act = at::where(g <= a.limit, d_act, 0);
+      g = at::clamp_max(g, a.limit);
+    }
+    auto d_gate = at::empty_like(gate, at::MemoryFormat::Contiguous);
+    act_backward_out(d_gate, d_act, gate, a);
+    auto d_up = d * g;
+    if (a.has_up_softcap) d_up = d_up * (1 - t_up * t_up);
+    if (a.has_limit) {
+      if (!a.clamp_after) d_gate = at::where(gate0 <= a.limit, d_gate, 0);
+      d_up = at::where(at::logical_and(up0 >= -a.limit, up0 <= a.limit), d_up, 0);
+    }
+    auto [dp_gate, dp_up] = gate_and_up(dp, a);
+    dp_gate.copy_(d_gate);
+    dp_up.copy_(d_up);
+    value = g * up;
   }
+  if (h.defined()) h.copy_(value);
+  if (hdot.defined()) hdot.copy_((dhc * value).sum(1));
   if (!dp.is_same(dpre)) dpre.copy_(dp);
 }
 
@@ -924,7 +1291,7 @@ GroupedArgs grouped_args(const char* op, const at::Tensor& a, const at::Tensor& 
   TORCH_CHECK(!gated || w.size(1) % 2 == 0, op, ": gated needs an even M (gate and up halves), got w ", w.sizes());
   TORCH_CHECK(a.size(0) < (int64_t(1) << 31), op, ": a ", a.sizes(), " has more rows than int32 offsets address");
   GroupedArgs g{a.contiguous(), w.contiguous(), at::Tensor(), read_offsets(offsets, a.size(0), op),
-                parse_activation(activation, op), gated};
+                parse_activation(activation, gated, op), gated};
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == w.size(0) && bias->size(1) == w.size(1), op,
                 ": bias must be [E, M] = [", w.size(0), ", ", w.size(1), "], got ", bias->sizes());
@@ -948,7 +1315,7 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& w_in, const at::
   const int64_t N = g.a.size(0), M = g.w.size(1);
   auto out = at::empty({N, gated ? M / 2 : M}, g.a.options());
   zero_outside(out, g.bounds);
-  const bool in_place = !gated && g.act == Activation::identity &&
+  const bool in_place = !gated && g.act.kind == ActKind::identity && g.act.plain() &&
                         g.a.scalar_type() == gemm_dtype(g.a.scalar_type());
   for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     const auto a = to_gemm_kept(Kept::input, g.a.slice(0, lo, hi));
@@ -985,7 +1352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
     grad_w[e].zero_();
     if (g.bias.defined()) grad_b[e].zero_();
   }
-  const bool recompute = gated || g.act != Activation::identity;
+  const bool recompute = gated || g.act.kind != ActKind::identity || !g.act.plain();
   for_each_group(g.bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     const auto a = to_gemm_kept(Kept::input, g.a.slice(0, lo, hi));
     const auto w = to_gemm_kept(Kept::weight_a, g.w[e]);

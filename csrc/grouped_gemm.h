@@ -11,10 +11,43 @@
 
 namespace moe_kernels {
 
-enum class Activation { silu, gelu, gelu_tanh, relu, identity };
+// The base activations (moe_kernels.reference.activations.ACTIVATIONS): relu2 is relu(x)^2.
+enum class ActKind { silu, gelu, gelu_tanh, relu, identity, relu2 };
 
-// "silu" | "gelu" | "gelu_tanh" | "relu" | "identity"; anything else is an error naming `op`.
-Activation parse_activation(c10::string_view name, const char* op);
+// An activation spec string parsed (moe_kernels.reference.activations: its definition and oracle), e.g. "silu",
+// "relu2", "silu[alpha=1.702,limit=7.0,up_offset=1.0,interleaved]", "silu[limit=7.0,clamp_after]",
+// "silu[gate_softcap=20.0,up_softcap=30.0]". For gated experts, with the gate and up columns of the [rows, 2N]
+// pre-activation as halves (gate first) or interleaved (gate at column 2c, up at 2c+1): with a limit, gate is
+// clamped from above to limit before the activation (or, with clamp_after, act(gate) after it) and up to
+// [-limit, limit]; an up softcap c' makes up c' tanh(up / c') (after its clamp); h = act(gate) * (up + up_offset),
+// where act is the base activation (silu with alpha: g sigmoid(alpha g); with a gate softcap c:
+// c tanh(g / c) sigmoid(alpha g)). The clamps pass their gradient where the input lies within the bounds, bounds
+// included, and NaN passes through them (with a zero gradient), as torch.clamp does.
+struct Activation {
+  ActKind kind = ActKind::identity;
+  double alpha = 1.0;             // silu only
+  bool has_limit = false;         // limit: finite, > 0, when has_limit
+  double limit = 0.0;
+  bool clamp_after = false;       // needs a limit
+  double up_offset = 0.0;
+  bool interleaved = false;
+  bool has_gate_softcap = false;  // silu only; the softcaps: finite, > 0
+  double gate_softcap = 0.0;
+  bool has_up_softcap = false;
+  double up_softcap = 0.0;
+  // the base activation alone (gate half first when gated): the fast paths
+  bool plain() const {
+    return alpha == 1.0 && !has_limit && !clamp_after && up_offset == 0.0 && !interleaved && !has_gate_softcap &&
+           !has_up_softcap;
+  }
+};
+
+// The Activation of a spec string: a base activation (silu, gelu, gelu_tanh, relu, identity, relu2) and optional
+// [alpha=<number>, limit=<number>, clamp_after, up_offset=<number>, interleaved, gate_softcap=<number>,
+// up_softcap=<number>] (comma-separated; the canonical form is
+// str(moe_kernels.reference.activations.parse_activation(s))). A malformed spec, or options that need gated
+// experts on experts that are not, is an error naming `op` and what is wrong.
+Activation parse_activation(c10::string_view spec, bool gated, const char* op);
 
 // The dtype epilogues accumulate in: float64 for float64 data, float32 for everything else.
 at::ScalarType compute_dtype(at::ScalarType t);
@@ -110,21 +143,50 @@ void stream_rows(const double* a, int64_t rows, int64_t K, const double* w, int6
 // [-708, 709] (subnormal or infinite results) and at NaN, std::exp's value. out may alias x.
 void exp_into(const double* x, int64_t n, double* out);
 
-// One value through an activation, for the few-row paths (tensors go through ATen's kernels): the formulas of
-// torch's silu, gelu (erf and tanh forms) and relu (NaN stays NaN).
+// One value through a base activation, for the few-row paths (tensors go through ATen's kernels): the formulas of
+// torch's silu (with alpha: v sigmoid(alpha v)), gelu (erf and tanh forms), relu and relu^2 (NaN stays NaN).
 template <typename T>
-T activate(T v, Activation a) {
+T activate(T v, ActKind a, T alpha = T(1)) {
   switch (a) {
-    case Activation::silu: return v / (T(1) + std::exp(-v));
-    case Activation::gelu: return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
-    case Activation::gelu_tanh: {
+    case ActKind::silu: return alpha == T(1) ? v / (T(1) + std::exp(-v)) : v / (T(1) + std::exp(-(alpha * v)));
+    case ActKind::gelu: return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
+    case ActKind::gelu_tanh: {
       const T inner = T(M_2_SQRTPI * M_SQRT1_2) * (v + T(0.044715) * v * v * v);
       return T(0.5) * v * (T(1) + std::tanh(inner));
     }
-    case Activation::relu: return std::isnan(v) || v > T(0) ? v : T(0);
-    case Activation::identity: return v;
+    case ActKind::relu: return std::isnan(v) || v > T(0) ? v : T(0);
+    case ActKind::relu2: {
+      const T r = std::isnan(v) || v > T(0) ? v : T(0);
+      return r * r;
+    }
+    case ActKind::identity: return v;
   }
   return v;
+}
+
+// One value through the gate's activation with its options (silu's alpha and gate softcap), for the few-row paths.
+template <typename T>
+T activate_gate(T v, const Activation& a) {
+  if (a.has_gate_softcap) {  // silu
+    const T cap = T(a.gate_softcap);
+    return cap * std::tanh(v / cap) / (T(1) + std::exp(-(T(a.alpha) * v)));
+  }
+  return activate(v, a.kind, T(a.alpha));
+}
+
+// One output of the gated activation with every option of a (the few-row paths): act(gate) * (up + up_offset),
+// the clamps of a limit applied as torch.clamp does (NaN stays NaN), the softcaps as a defines them.
+template <typename T>
+T glu_one(T gate, T up, const Activation& a) {
+  const T limit = T(a.limit);
+  if (a.has_limit) {
+    if (!a.clamp_after) gate = gate > limit ? limit : gate;
+    up = up > limit ? limit : (up < -limit ? -limit : up);
+  }
+  if (a.has_up_softcap) up = T(a.up_softcap) * std::tanh(up / T(a.up_softcap));
+  T g = activate_gate(gate, a);
+  if (a.has_limit && a.clamp_after) g = g > limit ? limit : g;
+  return a.up_offset != 0.0 ? g * (up + T(a.up_offset)) : g * up;
 }
 
 // out = a @ w^T (+ bias): a [rows, K], out [rows, M] (a row slice of a larger tensor is fine) and bias [M] in
@@ -137,19 +199,20 @@ at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
 void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b);
 
 // The expert MLP's activation on a pre-activation h [rows, M] in the GEMM dtype: dst [rows, N] =
-// act(h[:, :N]) * h[:, N:] when gated (M = 2N), act(h) otherwise (N = M), computed in the compute dtype. save
-// ([rows, M], undefined to skip) gets a copy of h in its own dtype. silu, relu and identity
-// run as one vectorised pass (float32's exp within 1.02 ulp); gelu and gelu_tanh through ATen's kernels.
-void gated_act_into(const at::Tensor& dst, const at::Tensor& h, Activation act, bool gated,
+// act(gate) * up when gated (M = 2N; gate and up as the spec lays them out, with its options), act(h) otherwise
+// (N = M), computed in the compute dtype. save ([rows, M], undefined to skip) gets a copy of h in its own dtype.
+// silu, relu, relu2 and identity run as one vectorised pass (float32's exp within 1.02 ulp), a plain spec and one
+// with options each in a loop of its own; gelu and gelu_tanh through ATen's kernels.
+void gated_act_into(const at::Tensor& dst, const at::Tensor& h, const Activation& act, bool gated,
                     const at::Tensor& save = at::Tensor());
-at::Tensor gated_act(const at::Tensor& h, Activation act, bool gated);
+at::Tensor gated_act(const at::Tensor& h, const Activation& act, bool gated);
 
 // The backward of gated_act at pre [rows, M] (any floating dtype, read as it is): dpre [rows, M] = the gradient
 // w.r.t. pre given the output's gradient dh [rows, N] times scale [rows] (1 when undefined). h [rows, N] and
 // hdot [rows], when defined, get gated_act(pre) and sum_j dh[:, j] * h[:, j] (unscaled) from the same pass. dh,
 // dpre and h in the GEMM dtype (bfloat16 only with a bfloat16 pre), scale and hdot in the compute dtype.
-void gated_act_backward_into(const at::Tensor& dpre, const at::Tensor& dh, const at::Tensor& pre, Activation act,
-                             bool gated, const at::Tensor& scale = at::Tensor(), const at::Tensor& h = at::Tensor(),
-                             const at::Tensor& hdot = at::Tensor());
+void gated_act_backward_into(const at::Tensor& dpre, const at::Tensor& dh, const at::Tensor& pre,
+                             const Activation& act, bool gated, const at::Tensor& scale = at::Tensor(),
+                             const at::Tensor& h = at::Tensor(), const at::Tensor& hdot = at::Tensor());
 
 }  // namespace moe_kernels

@@ -80,14 +80,32 @@ def resolve(op: str, device_type: str, *, warn: bool = True) -> str:
     return name if name in impls else "reference"
 
 
-# the activations the native CPU ops compute (moe_kernels.reference.activations spec strings without options);
-# others run on the reference backend there
-NATIVE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
+# the base activations the native CPU ops compute, and the options of a spec string they compute with each
+# (moe_kernels.reference.activations); a spec with an option outside these runs on the reference backend there
+NATIVE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity", "relu2")
+NATIVE_OPTIONS = ("alpha", "limit", "clamp_after", "up_offset", "interleaved", "gate_softcap", "up_softcap")
+_NATIVE_TAKES: dict = {}  # spec string -> bool (a plain dict: torch.compile traces through it without a warning)
 
 
 def native_takes(activation: str) -> bool:
-    """Whether the native ops compute this activation spec string."""
-    return activation in NATIVE_ACTIVATIONS
+    """Whether the native ops compute this activation spec string: every valid spec whose options they know (they
+    parse the string themselves); an invalid one runs on the reference backend, which names what is wrong."""
+    takes = _NATIVE_TAKES.get(activation) if isinstance(activation, str) else None
+    if takes is None:
+        import dataclasses
+
+        from .reference.activations import Activation, parse_activation
+        try:
+            a = parse_activation(activation)
+        except ValueError:
+            return False
+        default = Activation(a.name)
+        takes = a.name in NATIVE_ACTIVATIONS and all(
+            getattr(a, f.name) == getattr(default, f.name) for f in dataclasses.fields(a)
+            if f.name != "name" and f.name not in NATIVE_OPTIONS)
+        if isinstance(activation, str):
+            _NATIVE_TAKES[activation] = takes
+    return takes
 
 
 def register(op: str, backend: str, fn) -> None:
