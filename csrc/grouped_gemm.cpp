@@ -1330,12 +1330,13 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& w_in, const at::
   return out;
 }
 
-// -> (grad_a [N, K], grad_w [E, M, K], grad_bias [E, M] or [0] without bias). The pre-activation is recomputed
-// per expert.
+// -> (grad_a [N, K], grad_w [E, M, K] ([0] unless want_grad_w: a frozen weight skips its GEMM), grad_bias [E, M]
+// or [0] without bias). The pre-activation is recomputed per expert.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_in, const at::Tensor& a_in,
                                                                    const at::Tensor& w_in, const at::Tensor& offsets,
                                                                    const std::optional<at::Tensor>& bias_in,
-                                                                   c10::string_view activation, bool gated) {
+                                                                   c10::string_view activation, bool gated,
+                                                                   bool want_grad_w) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const GroupedArgs g = grouped_args("grouped_mm_backward", a_in, w_in, offsets, bias_in, activation, gated);
   const int64_t N = g.a.size(0), E = g.w.size(0), M = g.w.size(1);
@@ -1344,12 +1345,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
               grad_in.sizes());
   const auto grad = grad_in.contiguous();
   auto grad_a = at::empty_like(g.a);
-  auto grad_w = at::empty_like(g.w);
+  auto grad_w = want_grad_w ? at::empty_like(g.w) : at::empty({0}, g.a.options());
   auto grad_b = g.bias.defined() ? at::empty_like(g.bias) : at::empty({0}, g.a.options());
   zero_outside(grad_a, g.bounds);
   for (int64_t e = 0; e < E; ++e) {
     if (g.bounds[e + 1] > g.bounds[e]) continue;
-    grad_w[e].zero_();
+    if (want_grad_w) grad_w[e].zero_();
     if (g.bias.defined()) grad_b[e].zero_();
   }
   const bool recompute = gated || g.act.kind != ActKind::identity || !g.act.plain();
@@ -1364,7 +1365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
       dh = dpre;
     }
     mm_into(grad_a.slice(0, lo, hi), dh, w);
-    mm_into(grad_w[e], dh.t(), a);
+    if (want_grad_w) mm_into(grad_w[e], dh.t(), a);
     if (g.bias.defined()) grad_b[e].copy_(dh.sum(0));
   });
   return {grad_a, grad_w, grad_b};
@@ -1375,7 +1376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
 TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
   m.def("grouped_mm(Tensor a, Tensor w, Tensor offsets, Tensor? bias, str activation, bool gated) -> Tensor");
   m.def("grouped_mm_backward(Tensor grad, Tensor a, Tensor w, Tensor offsets, Tensor? bias, str activation, "
-        "bool gated) -> (Tensor, Tensor, Tensor)");
+        "bool gated, bool grad_w=True) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", []() { return std::string(cpu_isa_name()); });
   m.def("cpu_bf16_gemm() -> bool", []() { return bf16_gemm(); });
 }

@@ -31,8 +31,9 @@ from .. import ops
 from ..ops import distributed
 from ..nn.source_layout import Piece, keep_source_layout
 from ..nn.sparse import SparseMoE
-from ..ops.expert_mlp import check_experts_weights
+from ..ops.expert_mlp import check_experts_weights, check_lora, project
 from ..reference.activations import ACTIVATIONS, Activation, glu
+from .peft import weight_and_lora
 
 NAME = "moe_kernels"
 # the first transformers whose models accept any name registered in ALL_EXPERTS_FUNCTIONS (5.0-5.6 accept only
@@ -275,16 +276,16 @@ def experts_arguments(experts: nn.Module):
     """A transformers experts module -> (gate_up_proj [E, 2H|H, D], down_proj [E, D, H] (views of its weights),
     the keyword arguments of `ops.moe_mlp`). ValueError for what ops.moe_mlp does not compute."""
     gated, has_bias = getattr(experts, "has_gate", True), getattr(experts, "has_bias", False)
-    if gated:
-        up = experts.gate_up_proj
-        up_bias = experts.gate_up_proj_bias if has_bias else None
-    else:
-        up = experts.up_proj
-        up_bias = experts.up_proj_bias if has_bias else None
-    down, down_bias = experts.down_proj, (experts.down_proj_bias if has_bias else None)
-    if getattr(experts, "is_transposed", False):
+    transposed = getattr(experts, "is_transposed", False)
+    up_name = "gate_up_proj" if gated else "up_proj"
+    up, up_lora = weight_and_lora(experts, up_name, transposed)
+    down, down_lora = weight_and_lora(experts, "down_proj", transposed)
+    up_bias = getattr(experts, f"{up_name}_bias") if has_bias else None
+    down_bias = experts.down_proj_bias if has_bias else None
+    if transposed:
         up, down = up.transpose(1, 2), down.transpose(1, 2)
-    return up, down, dict(activation=experts_spec(experts), gated=gated, gate_up_bias=up_bias, down_bias=down_bias)
+    return up, down, dict(activation=experts_spec(experts), gated=gated, gate_up_bias=up_bias, down_bias=down_bias,
+                          gate_up_lora=up_lora, down_lora=down_lora)
 
 
 def check_experts(experts: nn.Module) -> None:
@@ -298,6 +299,8 @@ def check_experts(experts: nn.Module) -> None:
     post_expert_norm(experts)
     try:
         check_experts_weights(up, down, kw["gated"], kw["gate_up_bias"], kw["down_bias"])
+        check_lora("gate_up_lora", kw["gate_up_lora"], up)
+        check_lora("down_lora", kw["down_lora"], down)
     except (TypeError, ValueError) as exc:
         layout = " (transposed from its is_transposed layout)" if getattr(experts, "is_transposed", False) else ""
         raise type(exc)(f"{type(experts).__name__}: {exc}{layout}") from None
@@ -318,11 +321,14 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     norm = post_expert_norm(self)
     if norm is not None:
         s = ops.sort_by_expert(top_k_index, up.shape[0])
-        h = ops.grouped_mm(ops.permute(x, s), up, s.offsets, kw["gate_up_bias"], activation=kw["activation"],
-                           gated=kw["gated"])
-        y = norm(ops.grouped_mm(h, down, s.offsets, kw["down_bias"]))
+        h = project(ops.permute(x, s), up, s.offsets, kw["gate_up_bias"], kw["gate_up_lora"],
+                    activation=kw["activation"], gated=kw["gated"])
+        y = norm(project(h, down, s.offsets, kw["down_bias"], kw["down_lora"]))
         out = ops.unpermute(y, s, top_k_weights.to(y.dtype))
     elif getattr(self, "moe_kernels_sharded", False):   # by moe_kernels.distributed.expert_parallel: global ids
+        if any(kw.pop(name) is not None for name in ("gate_up_lora", "down_lora")):
+            raise ValueError(f"{type(self).__name__}: LoRA adapters on expert-parallel experts do not run on "
+                             "'moe_kernels' yet; merge the adapter or run the experts unsharded")
         out = distributed.moe_mlp(x, top_k_index, top_k_weights, up, down,
                                   process_group=self.moe_kernels_process_group, **kw)
     else:

@@ -1,7 +1,7 @@
 """The expert MLP of a sparse MoE layer, `moe_mlp`, in the transformers v5 experts contract, composed of
 the routing-metadata, permutation and grouped-GEMM ops (each with its own backend and backward).
 Spec: moe_kernels.reference.expert_mlp."""
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import _backend
 from .. import triton as _triton
 from ..reference import expert_mlp as ref
-from ..reference.activations import check_activation
+from ..reference.activations import check_activation, glu
 from . import _checks
 from .grouped_gemm import grouped_mm
 from .permutation import permute, sort_by_expert, unpermute
@@ -112,6 +112,46 @@ if _triton.AVAILABLE:
     _backend.register("moe_mlp_fused_backward", "triton", _tri.moe_mlp_backward)
 
 
+# --- LoRA adapters on the projections ------------------------------------------------------------------------
+class LoRA(NamedTuple):
+    """A LoRA adapter on an expert projection w [E, N, K]: the layer computes with w + scale * B[e] @ A[e] without
+    ever forming it. A [E, r, K], B [E, N, r] (each expert's rank-r pair, w's dtype and device), scale a float."""
+    A: Tensor
+    B: Tensor
+    scale: float = 1.0
+
+
+def check_lora(name: str, lora, w: Tensor) -> None:
+    """lora: a LoRA (or None) on the projection `name` of shape [E, N, K]."""
+    if lora is None:
+        return
+    if not isinstance(lora, LoRA):
+        raise TypeError(f"{name}: expected a moe_kernels.ops.LoRA(A, B, scale) or None, got {type(lora).__name__}")
+    E, N, K = w.shape
+    _checks.tensor(f"{name}.A", lora.A, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor(f"{name}.B", lora.B, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    r = lora.A.shape[1]
+    if r < 1 or lora.A.shape != (E, r, K) or lora.B.shape != (E, N, r):
+        raise ValueError(f"{name}: A must be [E, r, K] = [{E}, r, {K}] and B [E, N, r] = [{E}, {N}, r] with r >= 1 "
+                         f"for the weight {tuple(w.shape)}, got A {tuple(lora.A.shape)} and B {tuple(lora.B.shape)}")
+    if isinstance(lora.scale, bool) or not isinstance(lora.scale, (int, float)):
+        raise TypeError(f"{name}: scale must be a float, got {type(lora.scale).__name__}")
+    _checks.same_dtype(**{"weight": w, f"{name}.A": lora.A, f"{name}.B": lora.B})
+    _checks.same_device(**{"weight": w, f"{name}.A": lora.A, f"{name}.B": lora.B})
+
+
+def project(a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = None, lora: Optional[LoRA] = None, *,
+            activation: str = "identity", gated: bool = False) -> Tensor:
+    """grouped_mm of rows in expert order with an optional LoRA adapter on w: act(a w^T + bias + scale (a A^T) B^T)
+    per expert, the low-rank term as its own grouped GEMM pair (through rank r) added to the pre-activation. With
+    a frozen w only A, B and a get gradients (w's own GEMM is skipped in the backward)."""
+    if lora is None:
+        return grouped_mm(a, w, offsets, bias, activation=activation, gated=gated)
+    low = grouped_mm(grouped_mm(a, lora.A, offsets) * lora.scale, lora.B, offsets)
+    pre = grouped_mm(a, w, offsets, bias) + low
+    return pre if not gated and activation == "identity" else glu(pre, activation, gated)
+
+
 # --- public function ----------------------------------------------------------------------------------------
 def check_experts_weights(gate_up_proj: Tensor, down_proj: Tensor, gated: bool, gate_up_bias=None, down_bias=None):
     """gate_up_proj: [E, 2H, D] ([E, H, D] when not gated), down_proj: [E, O, H] (O, the output width, is
@@ -153,12 +193,15 @@ def check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activatio
 
 def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor, *,
             activation: str = "silu", gated: bool = True, gate_up_bias: Optional[Tensor] = None,
-            down_bias: Optional[Tensor] = None, capacity: Optional[int] = None) -> Tensor:
+            down_bias: Optional[Tensor] = None, capacity: Optional[int] = None, gate_up_lora: Optional[LoRA] = None,
+            down_lora: Optional[LoRA] = None) -> Tensor:
     """x: [T, D], experts: [T, k] int, weights: [T, k], gate_up_proj: [E, 2H, D] (gate rows first; [E, H, D]
     when not gated), down_proj: [E, O, H] -> [T, O] in x's dtype (O = D in a transformer block).
 
     out[t] = sum_j weights[t, j] * down_e(act(gate_e x[t]) * up_e x[t]) with e = experts[t, j]; ids outside
     [0, E) contribute zero (the expert-parallel sentinel); pairs beyond `capacity` rows per expert are dropped.
+    gate_up_lora / down_lora: LoRA adapters on the projections (the weight plus scale * B @ A, never formed: each
+    adapter is its own grouped GEMM pair through rank r, see `project`).
     """
     E = check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activation, gated, gate_up_bias,
                              down_bias)
@@ -166,8 +209,11 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")
+    check_lora("gate_up_lora", gate_up_lora, gate_up_proj)
+    check_lora("down_lora", down_lora, down_proj)
+    lora = gate_up_lora is not None or down_lora is not None
     backend = _backend.resolve("moe_mlp_fused", x.device.type)
-    if backend in ("triton", "native"):
+    if backend in ("triton", "native") and not lora:
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weights, gate_up_proj, down_proj, gate_up_bias, down_bias))
         if backend == "native" and not save and not torch.compiler.is_compiling():
@@ -178,6 +224,5 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
         return _moe_mlp_fused(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, gated,
                               -1 if capacity is None else capacity, save)[0]
     s = sort_by_expert(experts, E, capacity)
-    h = grouped_mm(permute(x, s), gate_up_proj, s.offsets, gate_up_bias, activation=activation, gated=gated)
-    y = grouped_mm(h, down_proj, s.offsets, down_bias)
-    return unpermute(y, s, weights)
+    h = project(permute(x, s), gate_up_proj, s.offsets, gate_up_bias, gate_up_lora, activation=activation, gated=gated)
+    return unpermute(project(h, down_proj, s.offsets, down_bias, down_lora), s, weights)

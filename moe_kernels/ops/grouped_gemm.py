@@ -23,15 +23,17 @@ def _(a, w, offsets, bias, activation, gated):
 
 @torch.library.custom_op("moe_kernels::grouped_mm_backward", mutates_args=())
 def _grouped_mm_backward(grad: Tensor, a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-                         gated: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         gated: bool, grad_w: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (grad_a, grad_w ([0] unless grad_w: a frozen weight skips its GEMM), grad_bias ([0] without bias))."""
     fn = _backend.dispatch("grouped_mm_backward", a.device.type)
-    grad_a, grad_w, grad_b = fn(grad, a, w, offsets, bias, activation, gated)
-    return grad_a, grad_w, grad_b if grad_b is not None else a.new_empty(0)
+    ga, gw, gb = fn(grad, a, w, offsets, bias, activation, gated, grad_w)
+    return ga, gw if grad_w else a.new_empty(0), gb if gb is not None else a.new_empty(0)
 
 
 @_grouped_mm_backward.register_fake
-def _(grad, a, w, offsets, bias, activation, gated):
-    return torch.empty_like(a), torch.empty_like(w), torch.empty_like(bias) if bias is not None else a.new_empty(0)
+def _(grad, a, w, offsets, bias, activation, gated, grad_w=True):
+    return (torch.empty_like(a), torch.empty_like(w) if grad_w else a.new_empty(0),
+            torch.empty_like(bias) if bias is not None else a.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -42,8 +44,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     a, w, offsets, bias = ctx.saved_tensors
-    grad_a, grad_w, grad_b = _grouped_mm_backward(grad.contiguous(), a, w, offsets, bias, *ctx.args)
-    return grad_a, grad_w, None, grad_b if bias is not None else None, None, None
+    want_w = ctx.needs_input_grad[1]
+    grad_a, grad_w, grad_b = _grouped_mm_backward(grad.contiguous(), a, w, offsets, bias, *ctx.args, want_w)
+    return grad_a, grad_w if want_w else None, None, grad_b if bias is not None else None, None, None
 
 
 def _grouped_mm_native(a, w, offsets, bias, activation, gated):
@@ -52,11 +55,11 @@ def _grouped_mm_native(a, w, offsets, bias, activation, gated):
     return torch.ops.moe_kernels_C.grouped_mm(a, w, offsets, bias, activation, gated)
 
 
-def _grouped_mm_backward_native(grad, a, w, offsets, bias, activation, gated):
+def _grouped_mm_backward_native(grad, a, w, offsets, bias, activation, gated, grad_w=True):
     if not _backend.native_takes(activation):
-        return ref.grouped_mm_backward(grad, a, w, offsets, bias, activation, gated)
-    grad_a, grad_w, grad_b = torch.ops.moe_kernels_C.grouped_mm_backward(grad, a, w, offsets, bias, activation, gated)
-    return grad_a, grad_w, grad_b if bias is not None else None
+        return ref.grouped_mm_backward(grad, a, w, offsets, bias, activation, gated, grad_w)
+    ga, gw, gb = torch.ops.moe_kernels_C.grouped_mm_backward(grad, a, w, offsets, bias, activation, gated, grad_w)
+    return ga, gw if grad_w else None, gb if bias is not None else None
 
 
 _backend.register_autograd(_grouped_mm, _backward, _setup_context)

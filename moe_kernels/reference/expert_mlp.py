@@ -10,10 +10,18 @@ from .grouped_gemm import _pre_activation, grouped_mm, grouped_mm_backward
 from .permutation import permute, permute_backward, sort_by_expert, unpermute, unpermute_backward
 
 
+def lora_weight(w, lora):
+    """The weight a LoRA adapter stands for: w [E, N, K] + scale * B @ A, with lora = (A [E, r, K], B [E, N, r],
+    scale); w itself without one."""
+    return w if lora is None else w + lora.scale * (lora.B @ lora.A)
+
+
 def moe_mlp(x, experts, weights, gate_up_proj, down_proj, *, activation="silu", gated=True, gate_up_bias=None,
-            down_bias=None, capacity=None):
+            down_bias=None, capacity=None, gate_up_lora=None, down_lora=None):
     """x: [T, D], experts/weights: [T, k], gate_up_proj: [E, 2H, D] (gate rows first; [E, H, D] when not
-    gated), down_proj: [E, O, H] -> [T, O] in x's dtype. Ids outside [0, E) contribute zero."""
+    gated), down_proj: [E, O, H] -> [T, O] in x's dtype. Ids outside [0, E) contribute zero. A LoRA adapter on a
+    projection (A, B, scale) computes with its weight plus scale * B @ A."""
+    gate_up_proj, down_proj = lora_weight(gate_up_proj, gate_up_lora), lora_weight(down_proj, down_lora)
     T, k = experts.shape
     E = gate_up_proj.shape[0]
     kept = sort_by_expert(experts, E, capacity)[1] >= 0  # [T, k]

@@ -36,17 +36,19 @@ def grouped_mm(a, w, offsets, bias=None, activation="identity", gated=False):
     return out
 
 
-def grouped_mm_backward(grad_out, a, w, offsets, bias=None, activation="identity", gated=False):
-    """-> (grad_a [N, K], grad_w [E, M, K], grad_bias [E, M] or None). The pre-activation is recomputed."""
+def grouped_mm_backward(grad_out, a, w, offsets, bias=None, activation="identity", gated=False, grad_w=True):
+    """-> (grad_a [N, K], grad_w [E, M, K] (None when not grad_w: a frozen weight), grad_bias [E, M] or None).
+    The pre-activation is recomputed."""
     grad_h = grad_out
     if gated or activation != "identity":
         grad_h = glu_backward(grad_out, _pre_activation(a, w, offsets, bias), activation, gated)
     grad_a = torch.zeros_like(a)
-    grad_w = torch.zeros_like(w)
+    grad_wt = torch.zeros_like(w) if grad_w else None
     grad_b = torch.zeros_like(bias) if bias is not None else None
     for e, lo, hi in _segments(offsets, a.shape[0]):
         grad_a[lo:hi] = grad_h[lo:hi] @ w[e]
-        grad_w[e] = grad_h[lo:hi].t() @ a[lo:hi]
+        if grad_w:
+            grad_wt[e] = grad_h[lo:hi].t() @ a[lo:hi]
         if bias is not None:
             grad_b[e] = grad_h[lo:hi].sum(0)
-    return grad_a, grad_w, grad_b
+    return grad_a, grad_wt, grad_b

@@ -533,17 +533,17 @@ def grouped_mm(a, w, offsets, bias=None, activation="identity", gated=False):
     return grouped_gemm(a, w, offsets, bias=bias, activation=activation, gated=gated)
 
 
-def grouped_mm_backward(grad_out, a, w, offsets, bias=None, activation="identity", gated=False):
-    """-> (grad_a [N, K], grad_w [E, M, K], grad_bias [E, M] or None); the pre-activation is recomputed."""
+def grouped_mm_backward(grad_out, a, w, offsets, bias=None, activation="identity", gated=False, grad_w=True):
+    """-> (grad_a [N, K], grad_w [E, M, K] (None when not grad_w), grad_bias [E, M] or None); the pre-activation
+    is recomputed."""
     E = w.shape[0]
     grad_h = grad_out.contiguous()
     if gated or activation != "identity":
         h = grouped_gemm(a, w, offsets, bias=bias)
         grad_h = glu_backward(grad_h, h, activation, gated)
     grad_a = grouped_gemm(grad_h, w, offsets, trans_w=False)            # rows >= offsets[E] zero
-    grad_w = grouped_gemm_tn(a, grad_h, offsets, E)
     grad_b = grouped_colsum(grad_h, offsets, E) if bias is not None else None
-    return grad_a, grad_w, grad_b
+    return grad_a, grouped_gemm_tn(a, grad_h, offsets, E) if grad_w else None, grad_b
 
 
 # --- ahead-of-time compile list -----------------------------------------------------------------------------

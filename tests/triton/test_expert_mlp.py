@@ -146,3 +146,26 @@ def test_bf16_at_real_sizes_on_gpu(T, D, H, E, k):
               for n, t in _inputs(T, D, H, E, k, True, False, rand_experts, torch.bfloat16).items()}
     grad = torch.randn(T, D, dtype=torch.bfloat16, device="cuda")
     assert_moe_mlp_earned(_run, inputs, grad, _run("auto", inputs, grad), torch.bfloat16, D + H)
+
+
+@pytest.mark.parametrize("activation, gated", [("silu", True), ("silu[alpha=1.702,limit=7.0,up_offset=1.0,interleaved]",
+                                                                True), ("gelu", False)])
+def test_lora_adapters_on_triton(activation, gated):
+    # ops.moe_mlp with LoRA on both projections (their grouped GEMM pairs on the triton kernels) in float32 against
+    # the merged float64 reference within the earned tolerance, forward and every gradient, base weights frozen
+    from tests.helpers import reordered_sum_atol
+    from tests.ops.test_expert_mlp_lora import _inputs as lora_inputs, _run as lora_run
+    from moe_kernels import ops
+    from moe_kernels.reference import expert_mlp as ref_mlp
+
+    inputs = lora_inputs(19, 16, 12, 5, 2, 3, gated=gated, bias=True)
+    grad = torch.randn(19, 16, dtype=torch.float64)
+    low = {n: v.float() if v.is_floating_point() else v for n, v in inputs.items()}
+    with moe_kernels.use_backend("triton"):
+        fast = lora_run(ops.moe_mlp, low, grad.float(), activation=activation, gated=gated)
+    ref64 = lora_run(ref_mlp.moe_mlp, inputs, grad, activation=activation, gated=gated)
+    same = lora_run(ref_mlp.moe_mlp, low, grad.float(), activation=activation, gated=gated)
+    assert set(fast[1]) == set(ref64[1])
+    for (name, f), r, s in zip([("out", fast[0]), *fast[1].items()], [ref64[0], *ref64[1].values()],
+                               [same[0], *same[1].values()]):
+        assert_earned_max(f, r, s, atol=1e-6 + reordered_sum_atol(r, torch.float32, 16 + 12 + 19 * 2), name=name)
