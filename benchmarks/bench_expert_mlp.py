@@ -10,14 +10,21 @@ own permutation (argsort + index_add; the transposed views of the same weights),
 implementations `eager`, `grouped_mm` and `batched_mm` on a MixtralExperts module whose parameters are the same
 tensors (batched_mm only where its per-(token, slot) copies of the weights fit in 1 GiB).
 
+LoRA fine-tuning (the `LoRA-r16` cases, forward+backward): PEFT LoRA adapters of rank 16 on both projections
+(`target_parameters`) of a MixtralExperts module with frozen base weights, on "moe_kernels" (ours: the adapters as
+grouped GEMM pairs through the rank, no dW of the base) against the same PEFT module on transformers' `grouped_mm`
+and `eager` experts (PEFT forms the merged weight and its gradient every step).
+
 Shapes are the published models' (Mixtral, Qwen3-30B-A3B, DeepSeek-V3, OLMoE): real on CUDA, scaled on CPU ("OLMoE/4":
 D and H divided by 4, E and k kept). A sweep runs one shape over token counts from decode (T = 1..8) up.
 CPU acceptance targets (fp32): T2048-D512-H256-E64-k8 fwd+bwd >= 1.25x transformers grouped_mm, >= 5x eager,
 >= 75% of the dense rate; T2048-D512-H1024-E8-k2 >= 85% of the dense rate forward and forward+backward; decode
-T4 forward >= 2x the fastest transformers implementation; bf16 at least as fast as fp32.
+T4 forward >= 2x the fastest transformers implementation; bf16 at least as fast as fp32; the OLMoE/4 LoRA step
+>= 1.5x PEFT on transformers grouped_mm.
 GPU targets (bf16): Mixtral T16384 fwd+bwd >= 1.1x the torch grouped_mm layer and fwd >= 85% of the dense cuBLAS
 rate; Qwen3-30B-A3B T32768 and OLMoE T16384 fwd+bwd >= 1.3x the grouped_mm layer; every fwd+bwd case >= 1.0x it;
-decode (Mixtral T1, T4, T8) forward >= 70% of copy bandwidth. Targets are evaluated on a run's rows, never a test.
+decode (Mixtral T1, T4, T8) forward >= 70% of copy bandwidth; the OLMoE LoRA step >= 1.2x PEFT on transformers
+grouped_mm. Targets are evaluated on a run's rows, never a test.
 """
 import torch
 
@@ -45,7 +52,8 @@ SHAPES = {
                     ("OLMoE/4", 2048, ALL, "OLMoE/4"),            # (a) the OLMoE-like target
                     ("Mixtral/8", 2048, ALL, None),               # (b) the Mixtral-like target
                     ("Qwen3-30B-A3B/16", 2048, ALL, None),
-                    ("DeepSeek-V3/16", 1024, ("fwd",), None)],
+                    ("DeepSeek-V3/16", 1024, ("fwd",), None),
+                    ("OLMoE/4 LoRA-r16", 2048, ("fwd+bwd",), None)],
         "full": [("OLMoE/4", 4096, ALL, "OLMoE/4"), *[("Mixtral/8", T, ("fwd",), "Mixtral/8") for T in (1, 4, 64, 512)],
                  ("Mixtral/8", 8192, ALL, "Mixtral/8"), ("DeepSeek-V3/16", 4096, ALL, None),
                  ("Qwen3-30B-A3B/16", 4, ("fwd",), None)],
@@ -55,14 +63,19 @@ SHAPES = {
         "default": [*[("Mixtral", T, ("fwd",), "Mixtral") for T in (*DECODE, 64, 1024)],
                     ("Mixtral", 16384, ALL, "Mixtral"), ("Qwen3-30B-A3B", 32768, ALL, None),
                     *[("Qwen3-30B-A3B", T, ("fwd",), "Qwen3-30B-A3B") for T in (1, 8, 64)],
-                    ("OLMoE", 16384, ALL, None), ("DeepSeek-V3", 4096, ALL, None)],
+                    ("OLMoE", 16384, ALL, None), ("DeepSeek-V3", 4096, ALL, None),
+                    ("OLMoE LoRA-r16", 16384, ("fwd+bwd",), None)],
         "full": [("Mixtral", 4096, ALL, "Mixtral"), ("Qwen3-30B-A3B", 8192, ALL, "Qwen3-30B-A3B"),
                  ("DeepSeek-V3", 16384, ("fwd",), None), ("DeepSeek-V3", 8, ("fwd",), None)],
     },
 }
 
 
+LORA = " LoRA-r"   # a shape name with it: the LoRA fine-tuning case of that shape at that rank
+
+
 def dims(name):
+    name = name.split(LORA)[0]
     return MODELS.get(name) or SCALED[name]
 
 
@@ -72,8 +85,10 @@ def cases(device: str, size: str) -> list:
     out = []
     for name, T, passes, sweep in shapes:
         D, H, E, k = dims(name)
+        make = build if LORA not in name else (
+            lambda device, dtype, T, D, H, E, k, r=int(name.split(LORA)[1]): build_lora(device, dtype, T, D, H, E, k, r))
         out.append(Case(FAMILY, f"{name} T{T}-D{D}-H{H}-E{E}-k{k}", passes,
-                        lambda device, dtype, T=T, D=D, H=H, E=E, k=k: build(device, dtype, T, D, H, E, k),
+                        lambda device, dtype, T=T, D=D, H=H, E=E, k=k, make=make: make(device, dtype, T, D, H, E, k),
                         sweep=f"{FAMILY} {sweep}" if sweep else None, tokens=T))
     return out
 
@@ -130,10 +145,50 @@ def build(device, dtype, T, D, H, E, k):
     return pass_of
 
 
+def build_lora(device, dtype, T, D, H, E, k, r):
+    """A LoRA fine-tuning step: PEFT adapters of rank r on both projections of a MixtralExperts module (frozen base
+    weights, the same for every provider), forward and the backward into x and the adapters."""
+    torch.manual_seed(0)
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    route = ops.topk_route(torch.randn(T, E, device=device), k)
+    w_up = torch.randn(E, 2 * H, D, device=device, dtype=dtype) / D**0.5
+    w_down = torch.randn(E, D, H, device=device, dtype=dtype) / H**0.5
+    grad = torch.randn(T, D, device=device, dtype=dtype)
+    experts, weights = route.experts, route.weights
+
+    def pass_of(backward: bool) -> Pass:
+        provs, notes = [], []
+        for name, kind, impl in (("ours", "ours", "moe_kernels"), ("PEFT + transformers grouped_mm", "peer", "grouped_mm"),
+                                 ("PEFT + transformers eager", "peer", "eager")):
+            module = peers.peft_lora_experts(w_up, w_down, impl, r)
+            if module is None:
+                notes.append("peft or transformers is not installed: the LoRA case runs no provider")
+                break
+            adapters = tuple(p for p in module.parameters() if p.requires_grad)
+
+            def provider(name, kind, forward):
+                return Provider(name, common.pass_fn(forward, (x,), adapters, backward=backward, grad=grad), kind, dtype)
+            provs.append(provider(name, kind, lambda inp, m=module: m(inp, experts, weights)))
+            if impl == "moe_kernels":     # the same module on the reference backend: the check of every provider
+                provs.append(provider("reference", "reference",
+                                      common.under("reference", lambda inp, m=module: m(inp, experts, weights))))
+        # the base GEMMs forward and their dX (no dW: frozen), the adapters' pairs forward, dX and dW
+        base = common.mlp_gemms(T * k, D, H)
+        low = [(T * k, r, D), (T * k, 2 * H, r), (T * k, r, H), (T * k, D, r)]
+        flops = 2 * sum(2 * M * N * K for M, N, K in base) + 3 * sum(2 * M * N * K for M, N, K in low)
+        return Pass(provs, Work(flops, base + base + low * 3), notes=notes)
+    return pass_of
+
+
 # --- the acceptance targets of the docstring, evaluated on a run's rows ------------------------------------------
+def _shape(label):
+    """The shape name of a case label: "OLMoE/4" of "OLMoE/4 T2048-D512-...", "OLMoE/4 LoRA-r16" of a LoRA case."""
+    return label.rsplit(" ", 1)[0]
+
+
 def _row(rows, shape, T, pass_name, provider):
     for r in rows:
-        if (r["family"] == FAMILY and r["label"].startswith(shape + " ") and r["tokens"] == T
+        if (r["family"] == FAMILY and _shape(r["label"]) == shape and r["tokens"] == T
                 and r["pass"] == pass_name and r["provider"] == provider and r.get("seconds")):
             return r
     return None
@@ -171,9 +226,11 @@ def targets(rows, device) -> list:
         share("Mixtral/8 T2048 fwd >= 85% of the dense rate", "Mixtral/8", 2048, "fwd", 85)
         share("Mixtral/8 T2048 fwd+bwd >= 85% of the dense rate", "Mixtral/8", 2048, "fwd+bwd", 85)
         ratio("OLMoE/4 T4 fwd >= 2x the fastest transformers implementation", "OLMoE/4", 4, "fwd", transformers, 2.0)
-        pairs = [(r, _row(rows, r["label"].split(" ")[0], r["tokens"], r["pass"], "ours bf16")) for r in rows
+        ratio("OLMoE/4 LoRA-r16 T2048 fwd+bwd >= 1.5x PEFT on transformers grouped_mm", "OLMoE/4 LoRA-r16", 2048,
+              "fwd+bwd", ["PEFT + transformers grouped_mm"], 1.5)
+        pairs = [(r, _row(rows, _shape(r["label"]), r["tokens"], r["pass"], "ours bf16")) for r in rows
                  if r["family"] == FAMILY and r["provider"] == "ours" and r.get("seconds")]
-        speedups = [(ours["seconds"] / b["seconds"], f"{ours['label'].split(' ')[0]} T{ours['tokens']} {ours['pass']}")
+        speedups = [(ours["seconds"] / b["seconds"], f"{_shape(ours['label'])} T{ours['tokens']} {ours['pass']}")
                     for ours, b in pairs if b is not None]
         if speedups:
             worst = min(speedups)
@@ -186,9 +243,11 @@ def targets(rows, device) -> list:
         ratio("Qwen3-30B-A3B T32768 fwd+bwd >= 1.3x the torch grouped_mm layer", "Qwen3-30B-A3B", 32768, "fwd+bwd",
               gm, 1.3)
         ratio("OLMoE T16384 fwd+bwd >= 1.3x the torch grouped_mm layer", "OLMoE", 16384, "fwd+bwd", gm, 1.3)
+        ratio("OLMoE LoRA-r16 T16384 fwd+bwd >= 1.2x PEFT on transformers grouped_mm", "OLMoE LoRA-r16", 16384,
+              "fwd+bwd", ["PEFT + transformers grouped_mm"], 1.2)
         ours = [r for r in rows if r["family"] == FAMILY and r["provider"] == "ours" and r["pass"] == "fwd+bwd"
                 and r.get("seconds")]
-        pairs = [(r, _row(rows, r["label"].split(" ")[0], r["tokens"], "fwd+bwd", gm[0])) for r in ours]
+        pairs = [(r, _row(rows, _shape(r["label"]), r["tokens"], "fwd+bwd", gm[0])) for r in ours]
         speedups = [(p["seconds"] / r["seconds"], f"{r['label'].split(' ')[0]} T{r['tokens']}") for r, p in pairs
                     if p is not None]
         name = "every fwd+bwd case >= 1.0x the torch grouped_mm layer"
@@ -218,7 +277,7 @@ def peer_table(rows) -> str:
         cells = []
         for p in PEERS + ("dense",):
             peer = (r.get("limit") or {}).get("dense_matmul_ms") if p == "dense" else (
-                _row(rows, r["label"].split(" ")[0], r["tokens"], r["pass"], p) or {}).get("ms")
+                _row(rows, _shape(r["label"]), r["tokens"], r["pass"], p) or {}).get("ms")
             cells.append("-" if peer is None else f"{peer:.3g}" + (f" ({peer / mine:.2f}x)" if mine else ""))
         tf = f"{r['flops'] / r['seconds'] / 1e12:.0f}" if r.get("seconds") and r.get("flops") else "-"
         out.append(f"| {r['label']} | {r['pass']} | " + (f"{mine:.3g}" if mine else r["status"][:60]) + " | "

@@ -92,6 +92,31 @@ def transformers_experts(w_up, w_down, implementation):
     return module
 
 
+def peft_lora_experts(w_up, w_down, implementation, r):
+    """transformers_experts(w_up, w_down, implementation) with frozen weights and PEFT LoRA adapters of rank r on
+    gate_up_proj and down_proj (`target_parameters`; A and B random, seeded: every implementation gets the same
+    ones), called as the experts module; None without peft or transformers."""
+    try:
+        import peft
+    except ImportError:
+        common.note("peft is not installed: the LoRA fine-tuning case is skipped")
+        return None
+    module = transformers_experts(w_up.detach(), w_down.detach(), implementation)
+    if module is None:
+        return None
+    if implementation == "moe_kernels":
+        from moe_kernels.integrations.transformers import register
+        register()
+    holder = nn.Module()
+    holder.experts = module
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=[], init_lora_weights=False,
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    with torch.random.fork_rng(devices=[w_up.device] if w_up.is_cuda else []):
+        torch.manual_seed(1)
+        holder = peft.inject_adapter_in_model(config, holder)
+    return holder.experts
+
+
 def batched_mm_bytes(T, k, D, H, O, itemsize):
     """Bytes of the per-(token, slot) weight copies transformers' batched_mm makes."""
     return T * k * (2 * H * D + O * H) * itemsize
