@@ -13,6 +13,7 @@ from ..reference.activations import check_activation, glu
 from . import _checks
 from .grouped_gemm import grouped_mm
 from .permutation import permute, sort_by_expert, unpermute
+from .quantized import QuantizedWeight, moe_mlp_quantized
 
 
 # --- the fused op ----------------------------------------------------------------------------------------
@@ -173,10 +174,34 @@ def check_experts_weights(gate_up_proj: Tensor, down_proj: Tensor, gated: bool, 
     return E, H, D, O
 
 
+def _check_quantized_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias, x):
+    """check_experts_weights for QuantizedWeight projections (both quantized; biases in x's dtype)."""
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if not isinstance(w, QuantizedWeight):
+            raise TypeError(f"gate_up_proj and down_proj must both be QuantizedWeight or both tensors, got {name} "
+                            f"{type(w).__name__}")
+    E, H2, D = gate_up_proj.shape
+    H = H2 // 2 if gated else H2
+    O = down_proj.shape[1]
+    if (gated and H2 % 2) or down_proj.shape != (E, O, H):
+        raise ValueError(f"gate_up_proj and down_proj must be {'[E, 2H, D]' if gated else '[E, H, D]'} and "
+                         f"[E, O, H] (gated={gated}), got {gate_up_proj.shape} and {down_proj.shape} (quantized)")
+    if gate_up_bias is not None:
+        _checks.tensor("gate_up_bias", gate_up_bias, shape=(E, H2))
+    if down_bias is not None:
+        _checks.tensor("down_bias", down_bias, shape=(E, O))
+    _checks.same_dtype(x=x, gate_up_bias=gate_up_bias, down_bias=down_bias)
+    return E, H, D, O
+
+
 def check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activation, gated, gate_up_bias=None,
                          down_bias=None) -> int:
     """The arguments of moe_mlp (and of its expert-parallel form) checked against each other; returns E."""
-    E, H, D, _ = check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
+    quantized = isinstance(gate_up_proj, QuantizedWeight) or isinstance(down_proj, QuantizedWeight)
+    if quantized:
+        E, H, D, _ = _check_quantized_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias, x)
+    else:
+        E, H, D, _ = check_experts_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_bias)
     _checks.tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("experts", experts, ndim=2, dtypes=_checks.INDEX_DTYPES)
     if x.shape[1] != D:
@@ -184,8 +209,10 @@ def check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activatio
     if experts.shape[0] != x.shape[0]:
         raise ValueError(f"experts must be [T, k] with T = {x.shape[0]} of x {tuple(x.shape)}, got {tuple(experts.shape)}")
     _checks.tensor("weights", weights, shape=tuple(experts.shape), dtypes=_checks.FLOAT_DTYPES)
-    _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
-    _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=gate_up_proj, down_proj=down_proj,
+    if not quantized:
+        _checks.same_dtype(x=x, gate_up_proj=gate_up_proj)
+    up, down = (w.data if quantized else w for w in (gate_up_proj, down_proj))
+    _checks.same_device(x=x, experts=experts, weights=weights, gate_up_proj=up, down_proj=down,
                         gate_up_bias=gate_up_bias, down_bias=down_bias)
     check_activation(activation, gated)      # ValueError naming the activation argument
     return E
@@ -196,7 +223,8 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
             down_bias: Optional[Tensor] = None, capacity: Optional[int] = None, gate_up_lora: Optional[LoRA] = None,
             down_lora: Optional[LoRA] = None) -> Tensor:
     """x: [T, D], experts: [T, k] int, weights: [T, k], gate_up_proj: [E, 2H, D] (gate rows first; [E, H, D]
-    when not gated), down_proj: [E, O, H] -> [T, O] in x's dtype (O = D in a transformer block).
+    when not gated), down_proj: [E, O, H] -> [T, O] in x's dtype (O = D in a transformer block). The projections
+    may be QuantizedWeight (FP8 block-scaled or MXFP4, both in one format; inference only).
 
     out[t] = sum_j weights[t, j] * down_e(act(gate_e x[t]) * up_e x[t]) with e = experts[t, j]; ids outside
     [0, E) contribute zero (the expert-parallel sentinel); pairs beyond `capacity` rows per expert are dropped.
@@ -209,6 +237,11 @@ def moe_mlp(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: Tensor, d
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")
+    if isinstance(gate_up_proj, QuantizedWeight):
+        if gate_up_lora is not None or down_lora is not None:
+            raise ValueError("LoRA adapters on quantized projections are not supported: dequantize() the weights")
+        return moe_mlp_quantized(x, experts, weights, gate_up_proj, down_proj, activation=activation, gated=gated,
+                                 gate_up_bias=gate_up_bias, down_bias=down_bias, capacity=capacity)
     check_lora("gate_up_lora", gate_up_lora, gate_up_proj)
     check_lora("down_lora", down_lora, down_proj)
     lora = gate_up_lora is not None or down_lora is not None
