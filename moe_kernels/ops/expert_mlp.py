@@ -159,18 +159,24 @@ def check_experts_weights(gate_up_proj: Tensor, down_proj: Tensor, gated: bool, 
     usually D); returns (E, H, D, O)."""
     _checks.tensor("gate_up_proj", gate_up_proj, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("down_proj", down_proj, ndim=3, dtypes=_checks.FLOAT_DTYPES)
-    E, H2, D = gate_up_proj.shape
+    dims = _check_shapes(tuple(gate_up_proj.shape), tuple(down_proj.shape), gated, gate_up_bias, down_bias)
+    _checks.same_dtype(gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias)
+    return dims
+
+
+def _check_shapes(up_shape, down_shape, gated, gate_up_bias, down_bias, what=""):
+    """(E, H, D, O) of projections [E, 2H|H, D] and [E, O, H] and their optional biases [E, 2H|H] and [E, O]."""
+    E, H2, D = up_shape
     H = H2 // 2 if gated else H2
-    O = down_proj.shape[1]
-    if (gated and H2 % 2) or down_proj.shape != (E, O, H):
+    O = down_shape[1]
+    if (gated and H2 % 2) or down_shape != (E, O, H):
         want = "[E, 2H, D] and [E, O, H]" if gated else "[E, H, D] and [E, O, H]"
-        raise ValueError(f"gate_up_proj and down_proj must be {want} (gated={gated}), got "
-                         f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
+        raise ValueError(f"gate_up_proj and down_proj must be {want} (gated={gated}), got {up_shape} and "
+                         f"{down_shape}{what}")
     if gate_up_bias is not None:
         _checks.tensor("gate_up_bias", gate_up_bias, shape=(E, H2))
     if down_bias is not None:
         _checks.tensor("down_bias", down_bias, shape=(E, O))
-    _checks.same_dtype(gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias)
     return E, H, D, O
 
 
@@ -180,18 +186,9 @@ def _check_quantized_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_
         if not isinstance(w, QuantizedWeight):
             raise TypeError(f"gate_up_proj and down_proj must both be QuantizedWeight or both tensors, got {name} "
                             f"{type(w).__name__}")
-    E, H2, D = gate_up_proj.shape
-    H = H2 // 2 if gated else H2
-    O = down_proj.shape[1]
-    if (gated and H2 % 2) or down_proj.shape != (E, O, H):
-        raise ValueError(f"gate_up_proj and down_proj must be {'[E, 2H, D]' if gated else '[E, H, D]'} and "
-                         f"[E, O, H] (gated={gated}), got {gate_up_proj.shape} and {down_proj.shape} (quantized)")
-    if gate_up_bias is not None:
-        _checks.tensor("gate_up_bias", gate_up_bias, shape=(E, H2))
-    if down_bias is not None:
-        _checks.tensor("down_bias", down_bias, shape=(E, O))
+    dims = _check_shapes(gate_up_proj.shape, down_proj.shape, gated, gate_up_bias, down_bias, " (quantized)")
     _checks.same_dtype(x=x, gate_up_bias=gate_up_bias, down_bias=down_bias)
-    return E, H, D, O
+    return dims
 
 
 def check_moe_mlp_inputs(x, experts, weights, gate_up_proj, down_proj, activation, gated, gate_up_bias=None,
