@@ -32,6 +32,7 @@ from ..ops import distributed
 from ..nn.source_layout import Piece, keep_source_layout
 from ..nn.sparse import SparseMoE
 from ..ops.expert_mlp import check_experts_weights, check_lora, project
+from ..reference import quantized as ref_quantized
 from ..reference.activations import ACTIVATIONS, Activation, glu
 from .peft import weight_and_lora
 
@@ -71,7 +72,7 @@ def register() -> None:
     `from_pretrained(..., experts_implementation="moe_kernels")`, `Config(..., experts_implementation=...)` and
     `model.set_experts_implementation("moe_kernels")` work, and a model whose experts it cannot run is refused
     there (ValueError naming the experts class and why), not at its first forward. Also answers for FP8 experts
-    (refused with the reason). Idempotent."""
+    (transformers' FP8 experts interface: `fp8_experts_forward`). Idempotent."""
     _hf_moe().ExpertsInterface.register(NAME, experts_forward)
     try:
         from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
@@ -291,11 +292,14 @@ def experts_arguments(experts: nn.Module):
 def check_experts(experts: nn.Module) -> None:
     """Raises (ValueError / TypeError naming the module, the argument and the shapes) unless `experts_forward`
     can run this experts module; finds its activation spec on the way."""
+    if hasattr(experts, "down_proj_scale_inv"):     # transformers' FP8Experts
+        fp8_weights(experts)
+        experts_spec(experts)
+        return
     up, down, kw = experts_arguments(experts)
     if _is_fp8(up):
-        raise ValueError(f"{type(experts).__name__} holds FP8 weights ({up.dtype}): the 'moe_kernels' experts "
-                         "implementation runs 16- and 32-bit experts; dequantise the model (from_pretrained with "
-                         "dequantize=True in its quantization config) or use another experts implementation")
+        raise ValueError(f"{type(experts).__name__} holds FP8 weights ({up.dtype}) without their scales: run it "
+                         "through transformers' FP8 quantization config, or dequantise the model")
     post_expert_norm(experts)
     try:
         check_experts_weights(up, down, kw["gated"], kw["gate_up_bias"], kw["down_bias"])
@@ -336,11 +340,45 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     return out.to(hidden_states.dtype)
 
 
+def fp8_weights(experts: nn.Module) -> tuple:
+    """The projections of a transformers FP8Experts module (e4m3 weights with fp32 or ue8m0 block scales, dynamic
+    activation scheme) as ops.QuantizedWeight, the weights themselves (no copy); ValueError naming the class and
+    the reason for what moe_kernels does not run."""
+    name = type(experts).__name__
+    gated = getattr(experts, "has_gate", True)
+    up_name = "gate_up_proj" if gated else "up_proj"
+    up, down = getattr(experts, up_name), experts.down_proj
+    up_s, down_s = getattr(experts, f"{up_name}_scale_inv"), experts.down_proj_scale_inv
+    if up.dtype != torch.float8_e4m3fn or down.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{name}: 'moe_kernels' runs FP8 (e4m3) experts with block scales, got {up.dtype} weights "
+                         f"(FP4-packed experts are not supported yet)")
+    if getattr(experts, "activation_scheme", "dynamic") != "dynamic":
+        raise ValueError(f"{name}: static activation scales (activation_scheme={experts.activation_scheme!r}) "
+                         "are not supported: 'moe_kernels' computes with unquantised activations")
+    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+        raise ValueError(f"{name}: FP8 experts with biases or transposed weights are not supported")
+    block = getattr(experts, "block_size", None)
+    if block is None:      # one scale per expert and projection: a block covering both projections whole
+        block = (max(up.shape[1], down.shape[1]), max(up.shape[2], down.shape[2]))
+    scales = []
+    for s in (up_s, down_s):
+        if s.dtype != torch.float32:    # ue8m0 scales: the powers of two they stand for
+            s = ref_quantized.e8m0_to_float(s.view(torch.uint8), torch.float32)
+        scales.append(s)
+    try:
+        return (ops.QuantizedWeight.fp8(up.detach(), scales[0].detach(), tuple(block)),
+                ops.QuantizedWeight.fp8(down.detach(), scales[1].detach(), tuple(block)))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+
+
 def fp8_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """The 'moe_kernels' entry of transformers' FP8 experts interface: FP8 experts are refused with the reason
-    (check_experts), until they run on moe_kernels' kernels."""
-    check_experts(self)
-    raise ValueError(f"{type(self).__name__}: FP8 experts do not run on 'moe_kernels' yet")
+    """The 'moe_kernels' entry of transformers' FP8 experts interface: the e4m3 weights and their block scales as
+    they are, through ops.moe_mlp's quantized path (inference: no gradient flows through it)."""
+    up, down = fp8_weights(self)
+    out = ops.moe_mlp(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), up, down,
+                      activation=experts_spec(self), gated=getattr(self, "has_gate", True))
+    return out.to(hidden_states.dtype)
 
 
 def is_experts_module(module: nn.Module) -> bool:
