@@ -15,6 +15,11 @@ LoRA fine-tuning (the `LoRA-r16` cases, forward+backward): PEFT LoRA adapters of
 grouped GEMM pairs through the rank, no dW of the base) against the same PEFT module on transformers' `grouped_mm`
 and `eager` experts (PEFT forms the merged weight and its gradient every step).
 
+Quantized weights (the `bf16-w`, `fp8-w` and `mxfp4-w` cases, forward, bf16 activations): the same layer with its
+projections in bf16, FP8 block-scaled (e4m3 + 128x128 scales) and MXFP4 (e2m1 + e8m0 per 32), ours against the
+reference on the dequantised weights; memory-bound at decode, so GB/s is of the weight bytes the active experts
+hold in that format, and % limit is against copying those bytes.
+
 Shapes are the published models' (Mixtral, Qwen3-30B-A3B, DeepSeek-V3, OLMoE): real on CUDA, scaled on CPU ("OLMoE/4":
 D and H divided by 4, E and k kept). A sweep runs one shape over token counts from decode (T = 1..8) up.
 CPU acceptance targets (fp32): T2048-D512-H256-E64-k8 fwd+bwd >= 1.25x transformers grouped_mm, >= 5x eager,
@@ -53,7 +58,9 @@ SHAPES = {
                     ("Mixtral/8", 2048, ALL, None),               # (b) the Mixtral-like target
                     ("Qwen3-30B-A3B/16", 2048, ALL, None),
                     ("DeepSeek-V3/16", 1024, ("fwd",), None),
-                    ("OLMoE/4 LoRA-r16", 2048, ("fwd+bwd",), None)],
+                    ("OLMoE/4 LoRA-r16", 2048, ("fwd+bwd",), None),
+                    *[(f"{shape} {fmt}-w", T, ("fwd",), f"{shape} {fmt}-w") for fmt in ("bf16", "fp8", "mxfp4")
+                      for shape, Ts in (("OLMoE/4", (1, 4, 8, 2048)), ("Mixtral/8", (4, 2048))) for T in Ts]],
         "full": [("OLMoE/4", 4096, ALL, "OLMoE/4"), *[("Mixtral/8", T, ("fwd",), "Mixtral/8") for T in (1, 4, 64, 512)],
                  ("Mixtral/8", 8192, ALL, "Mixtral/8"), ("DeepSeek-V3/16", 4096, ALL, None),
                  ("Qwen3-30B-A3B/16", 4, ("fwd",), None)],
@@ -64,7 +71,9 @@ SHAPES = {
                     ("Mixtral", 16384, ALL, "Mixtral"), ("Qwen3-30B-A3B", 32768, ALL, None),
                     *[("Qwen3-30B-A3B", T, ("fwd",), "Qwen3-30B-A3B") for T in (1, 8, 64)],
                     ("OLMoE", 16384, ALL, None), ("DeepSeek-V3", 4096, ALL, None),
-                    ("OLMoE LoRA-r16", 16384, ("fwd+bwd",), None)],
+                    ("OLMoE LoRA-r16", 16384, ("fwd+bwd",), None),
+                    *[(f"{shape} {fmt}-w", T, ("fwd",), f"{shape} {fmt}-w") for fmt in ("bf16", "fp8", "mxfp4")
+                      for shape in ("Mixtral", "Qwen3-30B-A3B", "DeepSeek-V3") for T in (1, 8, 64)]],
         "full": [("Mixtral", 4096, ALL, "Mixtral"), ("Qwen3-30B-A3B", 8192, ALL, "Qwen3-30B-A3B"),
                  ("DeepSeek-V3", 16384, ("fwd",), None), ("DeepSeek-V3", 8, ("fwd",), None)],
     },
@@ -72,10 +81,11 @@ SHAPES = {
 
 
 LORA = " LoRA-r"   # a shape name with it: the LoRA fine-tuning case of that shape at that rank
+WEIGHTS = "-w"     # "<shape> <format>-w": the quantized-weights case of that shape in that format
 
 
 def dims(name):
-    name = name.split(LORA)[0]
+    name = name.split(LORA)[0].split(" ")[0]
     return MODELS.get(name) or SCALED[name]
 
 
@@ -85,8 +95,13 @@ def cases(device: str, size: str) -> list:
     out = []
     for name, T, passes, sweep in shapes:
         D, H, E, k = dims(name)
-        make = build if LORA not in name else (
-            lambda device, dtype, T, D, H, E, k, r=int(name.split(LORA)[1]): build_lora(device, dtype, T, D, H, E, k, r))
+        make = build
+        if LORA in name:
+            make = (lambda device, dtype, T, D, H, E, k, r=int(name.split(LORA)[1]):
+                    build_lora(device, dtype, T, D, H, E, k, r))
+        elif name.endswith(WEIGHTS):
+            make = (lambda device, dtype, T, D, H, E, k, fmt=name.split(" ")[-1][:-len(WEIGHTS)]:
+                    build_quantized(device, T, D, H, E, k, fmt))
         out.append(Case(FAMILY, f"{name} T{T}-D{D}-H{H}-E{E}-k{k}", passes,
                         lambda device, dtype, T=T, D=D, H=H, E=E, k=k, make=make: make(device, dtype, T, D, H, E, k),
                         sweep=f"{FAMILY} {sweep}" if sweep else None, tokens=T))
@@ -180,6 +195,39 @@ def build_lora(device, dtype, T, D, H, E, k, r):
     return pass_of
 
 
+def build_quantized(device, T, D, H, E, k, fmt):
+    """The forward of the layer with its weights in `fmt` ("bf16", "fp8", "mxfp4") and bf16 activations: ours, and
+    the reference backend on the same quantized weights (it dequantises them whole)."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    route = ops.topk_route(torch.randn(T, E, device=device), k)
+
+    def weight(N, K):
+        """[E, N, K] of N(0, 1/K) values in fmt, made 8 experts at a time (DeepSeek-V3's would not fit in fp32)."""
+        chunks = [torch.randn(min(8, E - e), N, K, device=device) / K**0.5 for e in range(0, E, 8)]
+        if fmt == "bf16":
+            return torch.cat([c.to(dtype) for c in chunks])
+        parts = [ops.QuantizedWeight.quantize(c, fmt) for c in chunks]
+        return parts[0]._replace(data=torch.cat([q.data for q in parts]), scale=torch.cat([q.scale for q in parts]))
+
+    up, down = weight(2 * H, D), weight(D, H)
+    per_expert = ((up.numel() + down.numel()) * 2 if fmt == "bf16" else up.nbytes + down.nbytes) // E
+    active = int(torch.unique(route.experts).numel())  # a host sync, outside every timed region
+
+    def forward(inp):
+        return ops.moe_mlp(inp, route.experts, route.weights.to(dtype), up, down)
+
+    def pass_of(backward: bool) -> Pass:
+        provs = [Provider(name, common.pass_fn(common.under(backend, forward), (x,), backward=False), kind, dtype)
+                 for name, kind, backend in (("ours", "ours", "auto"), ("reference", "reference", "reference"))]
+        gemms = common.mlp_gemms(T * k, D, H)
+        # the active experts' weights in this format, x read and the output written
+        return Pass(provs, Work(common.gemm_flops(gemms), gemms,
+                                lambda dt: active * per_expert + 2 * T * D * dt.itemsize))
+    return pass_of
+
+
 # --- the acceptance targets of the docstring, evaluated on a run's rows ------------------------------------------
 def _shape(label):
     """The shape name of a case label: "OLMoE/4" of "OLMoE/4 T2048-D512-...", "OLMoE/4 LoRA-r16" of a LoRA case."""
@@ -216,6 +264,13 @@ def targets(rows, device) -> list:
         if r is not None and r.get("pct_limit") is not None:
             out.append((name, f"{r['pct_limit']:.0f}% ({r['bound']})", r["pct_limit"] >= at_least))
 
+    def formats(name, shape, T, fmt, at_least):
+        """ours with weights in fmt against ours with bf16 weights, same shape and tokens."""
+        mine, base = _row(rows, f"{shape} {fmt}-w", T, "fwd", "ours"), _row(rows, f"{shape} bf16-w", T, "fwd", "ours")
+        if mine is not None and base is not None:
+            x = base["seconds"] / mine["seconds"]
+            out.append((name, f"{x:.2f}x ({mine['ms']:.3g} vs {base['ms']:.3g} ms)", x >= at_least))
+
     transformers = [f"transformers {impl}" for impl in peers.EXPERTS_IMPLEMENTATIONS]
     if device == "cpu":
         ratio("OLMoE/4 T2048 fwd+bwd >= 1.25x transformers grouped_mm", "OLMoE/4", 2048, "fwd+bwd",
@@ -228,6 +283,9 @@ def targets(rows, device) -> list:
         ratio("OLMoE/4 T4 fwd >= 2x the fastest transformers implementation", "OLMoE/4", 4, "fwd", transformers, 2.0)
         ratio("OLMoE/4 LoRA-r16 T2048 fwd+bwd >= 1.5x PEFT on transformers grouped_mm", "OLMoE/4 LoRA-r16", 2048,
               "fwd+bwd", ["PEFT + transformers grouped_mm"], 1.5)
+        formats("OLMoE/4 T4 fwd, FP8 weights >= 1.8x bf16 weights", "OLMoE/4", 4, "fp8", 1.8)
+        formats("OLMoE/4 T4 fwd, MXFP4 weights >= 3x bf16 weights", "OLMoE/4", 4, "mxfp4", 3.0)
+        formats("OLMoE/4 T2048 fwd, FP8 weights >= 0.9x bf16 weights", "OLMoE/4", 2048, "fp8", 0.9)
         pairs = [(r, _row(rows, _shape(r["label"]), r["tokens"], r["pass"], "ours bf16")) for r in rows
                  if r["family"] == FAMILY and r["provider"] == "ours" and r.get("seconds")]
         speedups = [(ours["seconds"] / b["seconds"], f"{_shape(ours['label'])} T{ours['tokens']} {ours['pass']}")
@@ -259,6 +317,14 @@ def targets(rows, device) -> list:
             out.append((name, "peer not run", None))
         for T in DECODE:
             share(f"Mixtral T{T} fwd >= 70% of copy bandwidth", "Mixtral", T, "fwd", 70)
+        for shape in ("Mixtral", "Qwen3-30B-A3B", "DeepSeek-V3"):
+            for fmt in ("bf16", "fp8", "mxfp4"):
+                for T in (8, 64):
+                    share(f"{shape} {fmt} weights T{T} fwd >= 85% of the copy rate of its weight bytes",
+                          f"{shape} {fmt}-w", T, "fwd", 85)
+        t1 = _row(rows, "Mixtral bf16-w", 1, "fwd", "ours")
+        if t1 is not None:
+            out.append(("Mixtral bf16 weights T1 fwd <= 0.15 ms", f"{t1['ms']:.3g} ms", t1["ms"] <= 0.15))
     return out
 
 
