@@ -7,23 +7,15 @@ rows; each local expert's weight gradient equals the oracle's (all ranks' tokens
 ranks equal the oracle's.
 """
 import copy
-import datetime
-import os
-import random
-import socket
-import sys
-import tempfile
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_kernels import SparseMoE
 from moe_kernels import distributed as ep
 from tests.helpers import F64, assert_earned_max, reordered_sum_atol
+from tests.processes import check_scenario, run_scenarios
 
 D, H, K = 16, 12, 2
 TIMEOUT_S = 240
@@ -266,69 +258,14 @@ def scenario_errors(rank, W, group):
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in list(globals().items()) if name.startswith("scenario_")}
 
 
-def _worker(rank, W, port, seed, out_dir):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
-    group = dist.group.WORLD
-    try:
-        for name, fn in SCENARIOS.items():
-            torch.manual_seed(seed)
-            try:
-                fn(rank, W, group)
-                result = "ok"
-            except pytest.skip.Exception as exc:
-                result = f"skip: {exc}"
-            except BaseException:
-                result = f"rank {rank}:\n{traceback.format_exc()}"
-            with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
-                f.write(result)
-            dist.barrier(group)
-    finally:
-        dist.destroy_process_group()
-    # as examples/expert_parallel.py ends: gloo's worker threads may still hold the last collective's tensors, and
-    # the interpreter's teardown would then abort the process (pytorch/pytorch#190489); the results are on disk
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=["W2", "W4"])
 def world(request):
     """Runs every scenario on W processes; -> (W, {scenario: [result of each rank]})."""
     W = request.param
-    seed = int(os.environ.get("MOE_KERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"MOE_KERNELS_TEST_SEED={seed}")
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(W, _free_port(), seed, out_dir), nprocs=W, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{W} processes did not finish within {TIMEOUT_S} s")
-        results = {}
-        for name in SCENARIOS:
-            results[name] = []
-            for r in range(W):
-                path = os.path.join(out_dir, f"{name}.{r}")
-                results[name].append(open(path).read() if os.path.exists(path) else f"rank {r}: no result")
-    return W, results
+    return W, run_scenarios(SCENARIOS, W, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_expert_parallel(world, scenario):
     W, results = world
-    outcome = results[scenario]
-    if all(r.startswith("skip") for r in outcome):
-        pytest.skip(outcome[0])
-    failed = [r for r in outcome if r != "ok"]
-    assert not failed, f"{scenario} on {W} ranks:\n" + "\n".join(failed)
+    check_scenario(results, scenario, W)

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import distributed
+from ..nn.dtensor import is_dtensor, local_parameters
 from ..nn.source_layout import Piece, keep_source_layout
 from ..nn.sparse import SparseMoE
 from ..ops.expert_mlp import check_experts_weights, check_lora, project
@@ -321,6 +322,8 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     weights' dtype first, as transformers' grouped_mm does under autocast. A post-expert norm runs between the
     expert MLP's pieces (sort, grouped GEMMs, norm, weighted combine). No host syncs here."""
     up, down, kw = experts_arguments(self)
+    if is_dtensor(up, down, kw["gate_up_bias"], kw["down_bias"]):   # distribute_tensor, parallel styles, 2-D FSDP2
+        return _dtensor_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     x = hidden_states.to(up.dtype)
     norm = post_expert_norm(self)
     if norm is not None:
@@ -338,6 +341,20 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     else:
         out = ops.moe_mlp(x, top_k_index, top_k_weights, up, down, **kw)
     return out.to(hidden_states.dtype)
+
+
+def _dtensor_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """experts_forward with DTensor weights (moe_kernels.nn.dtensor): the module's own forward on its local weights,
+    with the tokens and routing weights shared over the mesh, the expert ids shifted into the local block and the
+    output summed over the mesh dim the experts are sharded over (Shard(0), expert parallelism)."""
+    why = None
+    if post_expert_norm(self) is not None:
+        why = ("its post-expert norm's parameters are replicated, and would get only this rank's experts' share of "
+               "their gradient")
+    with local_parameters(type(self).__name__, self, shardable=why) as loc:
+        out = experts_forward(self, loc.shared(hidden_states, "hidden_states"), loc.ids(top_k_index),
+                              loc.shared(top_k_weights, "top_k_weights"))
+    return loc.summed(out)
 
 
 def fp8_weights(experts: nn.Module) -> tuple:

@@ -38,6 +38,7 @@ Left as they are, with a warning:
 `convert_blocks(model)` (called by `convert_transformers`) replaces the blocks of a model; `moe_kernels.convert()`
 finds them through the recognisers registered here (`transformers.py` imports this module).
 """
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..nn.experts import Experts, LinearExperts
+from ..nn import dtensor
+from ..nn.experts import Experts, LinearExperts, mlp_with_dropout
 from ..nn.source_layout import Piece, keep_source_layout
 from .transformers import experts_activation, is_experts_module
 
@@ -133,8 +135,13 @@ class _FusedBlock(nn.Module):
         return self.experts.down_proj
 
     def _run_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], ids [T, k] (outside [0, E): nothing), weights [T, k] -> [T, D] in x's dtype."""
+        """x [T, D], ids [T, k] (outside [0, E): nothing), weights [T, k] -> [T, D] in x's dtype. DTensor expert
+        weights through moe_kernels.nn.dtensor."""
         e = self.experts
+        if e.has_dtensor_weights():
+            out = dtensor.moe_mlp(f"{type(self).__name__}.experts", x.to(e.gate_up_proj.dtype), ids, weights,
+                                  e.named_weights(), activation=e.activation, gated=e.gated)
+            return out.to(x.dtype)
         out = ops.moe_mlp(x.to(e.gate_up_proj.dtype), ids, weights, e.gate_up_proj, e.down_proj, **e.kwargs())
         return out.to(x.dtype)
 
@@ -289,12 +296,12 @@ class FusedSwitchSparseMLP(_FusedBlock):
 
     def _experts_dropout(self, x, ids, weights):
         e = self.experts
-        s = ops.sort_by_expert(ids, self.num_experts)
-        h = ops.grouped_mm(ops.permute(x.to(e.gate_up_proj.dtype), s), e.gate_up_proj, s.offsets, e.gate_up_bias,
-                           activation=e.activation, gated=e.gated)
-        h = F.dropout(h, self.dropout, training=True)
-        y = ops.grouped_mm(h, e.down_proj, s.offsets, e.down_bias)
-        return ops.unpermute(y, s, weights).to(x.dtype)
+        fn = functools.partial(mlp_with_dropout, activation=e.activation, gated=e.gated, p=self.dropout)
+        xe = x.to(e.gate_up_proj.dtype)
+        if e.has_dtensor_weights():
+            return dtensor.run_experts(f"{type(self).__name__}.experts", fn, xe, ids, weights,
+                                       e.named_weights()).to(x.dtype)
+        return fn(xe, ids, weights, *e.named_weights().values()).to(x.dtype)
 
     def extra_repr(self):
         return f"expert_capacity={getattr(self.router, 'expert_capacity', None)}, dropout={self.dropout}"

@@ -10,12 +10,15 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
 from ..ops import _checks
 from ..ops.expert_mlp import check_experts_weights
 from ..reference.activations import check_activation
+from . import dtensor
+from .dtensor import is_dtensor
 
 
 def _positive_ints(**values):
@@ -46,6 +49,17 @@ def reindexed(t: Tensor, keep: Sequence[int], fresh: Optional[Tensor] = None) ->
         rows = torch.cat([rows, fresh.detach().to(device=t.device, dtype=t.dtype)])
     rows = rows.contiguous()
     return nn.Parameter(rows, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else rows
+
+
+def mlp_with_dropout(x: Tensor, ids: Tensor, weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                     gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], *, activation: str, gated: bool,
+                     p: float) -> Tensor:
+    """The expert MLP with dropout p (training) on its hidden activations: x [T, D], ids [T, k] (outside [0, E):
+    nothing), weights [T, k] -> [T, O], as two grouped GEMMs over the (token, slot) pairs sorted by expert."""
+    s = ops.sort_by_expert(ids, gate_up_proj.shape[0])
+    h = ops.grouped_mm(ops.permute(x, s), gate_up_proj, s.offsets, gate_up_bias, activation=activation, gated=gated)
+    y = ops.grouped_mm(F.dropout(h, p, training=True), down_proj, s.offsets, down_bias)
+    return ops.unpermute(y, s, weights)
 
 
 class _ExpertBank(nn.Module):
@@ -123,8 +137,20 @@ class Experts(_ExpertBank):
         return dict(activation=self.activation, gated=self.gated, gate_up_bias=self.gate_up_bias,
                     down_bias=self.down_bias)
 
+    def has_dtensor_weights(self) -> bool:
+        """Whether its weights are DTensors (run through moe_kernels.nn.dtensor)."""
+        return is_dtensor(self.gate_up_proj, self.down_proj, self.gate_up_bias, self.down_bias)
+
+    def named_weights(self) -> dict:
+        """{"gate_up_proj": ..., "down_proj": ..., "gate_up_bias": ..., "down_bias": ...} (None for absent biases),
+        in the order the fused ops take them."""
+        return {n: getattr(self, n) for n in self.PARAMS}
+
     def mix(self, x: Tensor, gates: Tensor) -> Tensor:
         """x: [T, D], gates: [T, E] -> [T, O] = sum_e gates[:, e] * expert_e(x) (two dense GEMMs)."""
+        if self.has_dtensor_weights():
+            return dtensor.dense_moe(type(self).__name__, x, gates, self.named_weights(), activation=self.activation,
+                                     gated=self.gated)
         return ops.dense_moe(x, gates, self.gate_up_proj, self.down_proj, **self.kwargs())
 
     def extra_repr(self):

@@ -2,13 +2,16 @@
 default. Slots are dispatched and combined by ops.soft_dispatch / ops.soft_combine (never the [b, n, slots]
 logits on the native and triton backends), and the experts run as one batched grouped GEMM over all experts.
 `from_soft_moe_pytorch(module)` builds either module from that package's with the same weights."""
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..ops import _checks
-from .experts import Experts
+from . import dtensor
+from .experts import Experts, mlp_with_dropout
 
 
 class RMSNorm(nn.Module):
@@ -69,17 +72,28 @@ def _expert_hidden(dim, expert_mult, geglu, hidden_dim):
     return int(dim * expert_mult * 2 / 3) if geglu else int(dim * expert_mult)
 
 
-def _run_experts(experts: Experts, dropout: nn.Module, slots: torch.Tensor) -> torch.Tensor:
+def _run_experts(experts: Experts, dropout: nn.Module, slots: torch.Tensor, where: str) -> torch.Tensor:
     """slots: [B, E*S, D] (expert e owns slots e*S .. e*S+S-1) -> [B, E*S, D]: every expert on its S slots of every
     batch element. Without active dropout: the fused expert MLP (ops.moe_mlp, each slot row to its expert with
     weight 1), which keeps only the pre-activation for its backward; with it, two grouped GEMMs with the dropout
-    between them."""
+    between them. DTensor expert weights (moe_kernels.nn.dtensor; where: the module, for errors) run on the slot
+    rows' expert ids either way."""
     E, O = experts.num_experts, experts.down_proj.shape[1]
     B, ES, D = slots.shape
     S = ES // E
-    if not (dropout.training and dropout.p > 0):
+    dropping = dropout.training and dropout.p > 0
+    if not dropping or experts.has_dtensor_weights():
         ids = (torch.arange(ES, device=slots.device) // S).repeat(B).unsqueeze(1)
         ones = torch.ones(B * ES, 1, device=slots.device, dtype=slots.dtype)
+        if experts.has_dtensor_weights():
+            kw, rows, named = dict(activation="gelu", gated=experts.gated), slots.reshape(B * ES, D), \
+                experts.named_weights()
+            if dropping:
+                fn = functools.partial(mlp_with_dropout, p=dropout.p, **kw)
+                y = dtensor.run_experts(f"{where}.experts", fn, rows, ids, ones, named)
+            else:
+                y = dtensor.moe_mlp(f"{where}.experts", rows, ids, ones, named, **kw)
+            return y.view(B, ES, O)
         y = ops.moe_mlp(slots.reshape(B * ES, D), ids, ones, experts.gate_up_proj, experts.down_proj,
                         activation="gelu", gated=experts.gated, gate_up_bias=experts.gate_up_bias,
                         down_bias=experts.down_bias)
@@ -203,7 +217,7 @@ class SoftMoE(nn.Module):
 
     def run_experts(self, slots: torch.Tensor) -> torch.Tensor:
         """slots: [B, E*S, D] -> [B, E*S, D], expert e on its S slots of every batch element."""
-        return _run_experts(self.experts, self.dropout, slots)
+        return _run_experts(self.experts, self.dropout, slots, type(self).__name__)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, add_noise: bool = False,
                 noise_mult: float = 1.0) -> torch.Tensor:
@@ -294,4 +308,4 @@ class DynamicSlotsSoftMoE(nn.Module):
 
     def run_experts(self, slots: torch.Tensor) -> torch.Tensor:
         """slots: [B, E*G, D] -> [B, E*G, D], expert e on its G slots of every batch element."""
-        return _run_experts(self.experts, self.dropout, slots)
+        return _run_experts(self.experts, self.dropout, slots, type(self).__name__)

@@ -12,6 +12,7 @@ from .. import _backend, ops
 from ..ops import distributed
 from ..ops import _checks
 from ..ops.routing import check_routing
+from . import dtensor
 from .dense import router_output
 from .experts import Experts, reindexed
 
@@ -154,7 +155,15 @@ class SparseMoE(nn.Module):
 
     def _routed_experts(self, x, experts, weights, capacity):
         """The routed experts on x [T, D] -> [T, O]: this rank's experts and an all-to-all under expert
-        parallelism (capacity already applied to `experts` there), else all of them here."""
+        parallelism (capacity already applied to `experts` there), else all of them here; DTensor expert weights
+        through moe_kernels.nn.dtensor."""
+        e = self.experts
+        if e.has_dtensor_weights():
+            if self.sharded:
+                raise ValueError(f"{type(self).__name__}: its experts are sharded over a process group "
+                                 "(shard_experts / expert_parallel) and are DTensors too: use one or the other")
+            return dtensor.moe_mlp(f"{type(self).__name__}.experts", x, experts, weights, e.named_weights(),
+                                   capacity=capacity, activation=e.activation, gated=e.gated)
         if self.sharded:
             return distributed.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj,
                                        process_group=self.process_group, **self.experts.kwargs())
