@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 OPS = {f"{name}{suffix}" for name in ("topk_route", "sort_by_expert", "permute", "unpermute", "grouped_mm",
                                       "moe_mlp_fused", "dense_moe", "soft_dispatch", "soft_combine",
                                       "soft_logits", "soft_dispatch_logits", "soft_combine_logits")
-       for suffix in ("", "_backward")} - {"sort_by_expert_backward"}
+       for suffix in ("", "_backward")} - {"sort_by_expert_backward"} | {"moe_mlp_quantized"}   # inference only
 
 
 # the native extension is built unless the build was told to skip it (setup.py: MOE_KERNELS_BUILD_NATIVE=0); a

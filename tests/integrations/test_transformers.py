@@ -130,6 +130,9 @@ def assert_model_results_earned(fused, eager, ids, cotangent):
 def test_register_makes_the_name_valid_where_transformers_checks_it(monkeypatch):
     # without registration transformers refuses the name when the model is built; monkeypatch restores the entry
     monkeypatch.delitem(hf_moe.ExpertsInterface._global_mapping, NAME, raising=False)
+    # transformers accepts a name either interface knows: register() also adds it to the FP8 experts interface
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    monkeypatch.delitem(fp8.FP8ExpertsInterface._global_mapping, NAME, raising=False)
     config = tiny_config("mixtral", experts_implementation=NAME)
     with pytest.raises(ValueError, match='experts_implementation="moe_kernels"` is not supported'):
         transformers.MixtralForCausalLM(config)
