@@ -50,84 +50,12 @@ MlpArgs mlp_args(const char* op, const at::Tensor& x, const at::Tensor& gate_up,
               ", ", down.scalar_type());
   MlpArgs m{x.contiguous(), gate_up.contiguous(), down.contiguous(), at::Tensor(), at::Tensor(),
             x.size(0), D, E, H2, H, O, parse_activation(activation, gated, op), gated};
-  if (gate_up_bias.has_value()) {
-    TORCH_CHECK(gate_up_bias->sizes() == at::IntArrayRef({E, H2}) && gate_up_bias->scalar_type() == x.scalar_type(),
-                op, ": gate_up_bias must be [E, ", H2, "] in x's dtype, got ", gate_up_bias->sizes(), " ",
-                gate_up_bias->scalar_type());
-    m.gate_up_bias = gate_up_bias->contiguous();
-  }
-  if (down_bias.has_value()) {
-    TORCH_CHECK(down_bias->sizes() == at::IntArrayRef({E, O}) && down_bias->scalar_type() == x.scalar_type(), op,
-                ": down_bias must be [E, ", O, "] in x's dtype, got ", down_bias->sizes(), " ",
-                down_bias->scalar_type());
-    m.down_bias = down_bias->contiguous();
-  }
+  m.gate_up_bias = bias_arg(op, "gate_up_bias", gate_up_bias, E, H2, x.scalar_type());
+  m.down_bias = bias_arg(op, "down_bias", down_bias, E, O, x.scalar_type());
   return m;
 }
 
-void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t k) {
-  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == T && weights.size(1) == k &&
-                  at::isFloatingType(weights.scalar_type()),
-              op, ": weights must be a floating [T, k] = [", T, ", ", k, "] tensor, got ", weights.sizes(), " ",
-              weights.scalar_type());
-}
-
 at::Tensor bias_row(const at::Tensor& bias, int64_t e) { return bias.defined() ? to_gemm(bias[e]) : at::Tensor(); }
-
-// Row e of a bias [E, n] widened, or empty without a bias.
-template <typename x_t, typename acc_t>
-std::vector<acc_t> widened_row(const at::Tensor& bias, int64_t e, int64_t n) {
-  if (!bias.defined()) return {};
-  const x_t* row = bias.const_data_ptr<x_t>() + e * n;
-  return std::vector<acc_t>(row, row + n);
-}
-
-// The forward of an expert with at most kStreamRows rows (decode), on raw pointers: its tokens' rows of x
-// gathered and widened, GEMM1 streaming gate_up[e] (+ bias, into the saved pre-activation), the activation, GEMM2
-// streaming down[e] (+ bias) into its rows of y (y_t: the GEMM dtype). The tensor path costs tens of ATen calls per
-// expert, which is most of the time of a group of a row or two.
-template <typename x_t, typename acc_t, typename y_t>
-void few_rows_forward(const MlpArgs& m, int64_t e, int64_t lo, int64_t hi, const int32_t* token, x_t* h_pre,
-                      y_t* y) {
-  const int64_t rows = hi - lo, D = m.D, H2 = m.H2, H = m.H, O = m.O;
-  std::vector<acc_t> xe(rows * D), pre(rows * H2), h(rows * H);
-  const x_t* x = m.x.const_data_ptr<x_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const x_t* src = x + static_cast<int64_t>(token[lo + r]) * D;
-    for (int64_t d = 0; d < D; ++d) xe[r * D + d] = static_cast<acc_t>(src[d]);
-  }
-  const auto b_up = widened_row<x_t, acc_t>(m.gate_up_bias, e, H2);
-  const auto b_down = widened_row<x_t, acc_t>(m.down_bias, e, O);
-  stream_rows(xe.data(), rows, D, m.gate_up.const_data_ptr<x_t>() + e * H2 * D, H2,
-              b_up.empty() ? nullptr : b_up.data(), pre.data());
-  if (h_pre != nullptr) {
-    for (int64_t i = 0; i < rows * H2; ++i) h_pre[lo * H2 + i] = static_cast<x_t>(pre[i]);
-  }
-  if (m.act.plain() || !m.gated) {
-    const acc_t alpha = static_cast<acc_t>(m.act.alpha);  // 1 unless silu's alpha: the one option when not gated
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < H; ++j) {
-        const acc_t a = activate(pre[r * H2 + j], m.act.kind, alpha);
-        h[r * H + j] = m.gated ? a * pre[r * H2 + H + j] : a;
-      }
-    }
-  } else {
-    const int64_t gate_col = m.act.interleaved ? 2 : 1, up_start = m.act.interleaved ? 1 : H;
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* p = pre.data() + r * H2;
-      for (int64_t j = 0; j < H; ++j) h[r * H + j] = glu_one(p[gate_col * j], p[up_start + gate_col * j], m.act);
-    }
-  }
-  if constexpr (std::is_same_v<y_t, acc_t>) {
-    stream_rows(h.data(), rows, H, m.down.const_data_ptr<x_t>() + e * O * H, O,
-                b_down.empty() ? nullptr : b_down.data(), y + lo * O);
-  } else {
-    std::vector<acc_t> out(rows * O);
-    stream_rows(h.data(), rows, H, m.down.const_data_ptr<x_t>() + e * O * H, O,
-                b_down.empty() ? nullptr : b_down.data(), out.data());
-    for (int64_t i = 0; i < rows * O; ++i) y[lo * O + i] = static_cast<y_t>(out[i]);
-  }
-}
 
 // -> (out [T, O], pre-activation [T*k, H2] in x's dtype (rows of pairs not kept zero; [0] unless saved),
 //     order, inverse, offsets)
@@ -137,50 +65,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
     const std::optional<at::Tensor>& down_bias, c10::string_view activation, bool gated, int64_t capacity,
     bool save_for_backward) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  // before mlp_args makes contiguous copies: an expanded x of 2^31 rows is refused, not allocated
-  TORCH_CHECK(experts.dim() == 2 && experts.size(0) * experts.size(1) < (int64_t(1) << 31),
-              "moe_mlp_forward: experts ", experts.sizes(), " give T*k (token, slot) pairs that overflow the int32 "
-              "indices");
+  check_experts("moe_mlp_forward", experts);  // before mlp_args makes contiguous copies
   const MlpArgs m = mlp_args("moe_mlp_forward", x_in, gate_up_in, down_in, gate_up_bias, down_bias, activation, gated);
-  TORCH_CHECK(experts.dim() == 2 && experts.size(0) == m.T, "moe_mlp_forward: experts must be [T = ", m.T,
-              ", k], got ", experts.sizes());
-  const int64_t k = experts.size(1), N = m.T * k;
-  check_weights("moe_mlp_forward", weights, m.T, k);
-  auto [order, inverse, offsets] = sort_by_expert(experts, m.E, capacity);
-  const auto bounds = read_offsets(offsets, N, "moe_mlp_forward");
-  const int64_t kept = bounds.back();
+  const int64_t N = m.T * experts.size(1);
   const auto gt = gemm_dtype(m.x.scalar_type());
-  const auto token = at::div(order.narrow(0, 0, kept), k, "floor");  // token of each expert-ordered row
   auto h_pre = save_for_backward ? at::empty({N, m.H2}, m.x.options()) : at::empty({0}, m.x.options());
-  if (save_for_backward) h_pre.narrow(0, kept, N - kept).zero_();
   const bool pre_in_place = save_for_backward && m.x.scalar_type() == gt;
-  const Scratch y_scratch({N, m.O}, m.x.options().dtype(gt));
-  const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
-  for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
+  auto r = routed_forward("moe_mlp_forward", m.x, experts, weights, m.E, m.O, capacity,
+                          [&](int64_t e, int64_t lo, int64_t hi, const at::Tensor& token, const at::Tensor& y) {
     if (hi - lo <= kStreamRows) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.x.scalar_type(), "moe_mlp_forward_few_rows", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        scalar_t* saved = save_for_backward ? h_pre.mutable_data_ptr<scalar_t>() : nullptr;
-        if (gt == m.x.scalar_type()) {
-          few_rows_forward<scalar_t, acc_t, scalar_t>(m, e, lo, hi, token.const_data_ptr<int32_t>(), saved,
-                                                      y.mutable_data_ptr<scalar_t>());
-        } else {
-          few_rows_forward<scalar_t, acc_t, acc_t>(m, e, lo, hi, token.const_data_ptr<int32_t>(), saved,
-                                                   y.mutable_data_ptr<acc_t>());
-        }
+      dispatch_x_y(m.x, y, [&](const auto* x, auto* y_data) {
+        using x_t = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
+        using acc_t = acc_of<x_t>;
+        const auto b_up = widened_row<x_t, acc_t>(m.gate_up_bias, e, m.H2);
+        const auto b_down = widened_row<x_t, acc_t>(m.down_bias, e, m.O);
+        const x_t* w_up = m.gate_up.const_data_ptr<x_t>() + e * m.H2 * m.D;
+        const x_t* w_down = m.down.const_data_ptr<x_t>() + e * m.O * m.H;
+        few_rows_forward<x_t, acc_t>(
+            x, m.D, token.const_data_ptr<int32_t>() + lo, hi - lo, m.H2, m.O, m.act, m.gated,
+            [&](const acc_t* a, int64_t rows, acc_t* out) {
+              stream_rows(a, rows, m.D, w_up, m.H2, b_up.empty() ? nullptr : b_up.data(), out);
+            },
+            [&](const acc_t* a, int64_t rows, acc_t* out) {
+              stream_rows(a, rows, m.H, w_down, m.O, b_down.empty() ? nullptr : b_down.data(), out);
+            },
+            save_for_backward ? h_pre.mutable_data_ptr<x_t>() + lo * m.H2 : nullptr, y_data + lo * m.O);
       });
       return;
     }
-    const auto xe = gather_rows(m.x, token.slice(0, lo, hi));
-    const auto pre = pre_in_place ? h_pre.slice(0, lo, hi) : kept_empty(Kept::pre, {hi - lo, m.H2}, gt);
-    gemm_bias_out(pre, xe, m.gate_up[e], bias_row(m.gate_up_bias, e));
-    const auto h = kept_empty(Kept::act, {hi - lo, m.H}, gt);
-    gated_act_into(h, pre, m.act, m.gated,
-                   save_for_backward && !pre_in_place ? h_pre.slice(0, lo, hi) : at::Tensor());
-    gemm_bias_out(y.slice(0, lo, hi), h, m.down[e], bias_row(m.down_bias, e));
+    expert_rows_forward(
+        gather_rows(m.x, token.slice(0, lo, hi)), m.H2,
+        [&](const at::Tensor& a, const at::Tensor& out) {
+          gemm_bias_out(out, a, m.gate_up[e], bias_row(m.gate_up_bias, e));
+        },
+        [&](const at::Tensor& a, const at::Tensor& out) {
+          gemm_bias_out(out, a, m.down[e], bias_row(m.down_bias, e));
+        },
+        m.act, m.gated, y.slice(0, lo, hi), pre_in_place ? h_pre.slice(0, lo, hi) : at::Tensor(),
+        save_for_backward && !pre_in_place ? h_pre.slice(0, lo, hi) : at::Tensor());
   });
-  auto out = unpermute_to(y, inverse, weights, m.x.scalar_type());
-  return {out, h_pre, order, inverse, offsets};
+  if (save_for_backward) h_pre.narrow(0, r.kept, N - r.kept).zero_();
+  return {r.out, h_pre, r.order, r.inverse, r.offsets};
 }
 
 // -> (grad_x, grad_weights, grad_gate_up_proj, grad_down_proj, grad_gate_up_bias, grad_down_bias); a bias
@@ -258,6 +183,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
+
+void check_experts(const char* op, const at::Tensor& experts) {
+  TORCH_CHECK(experts.dim() == 2 && experts.size(0) * experts.size(1) < (int64_t(1) << 31), op, ": experts ",
+              experts.sizes(), " give T*k (token, slot) pairs that overflow the int32 indices");
+}
+
+void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t k) {
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == T && weights.size(1) == k &&
+                  at::isFloatingType(weights.scalar_type()),
+              op, ": weights must be a floating [T, k] = [", T, ", ", k, "] tensor, got ", weights.sizes(), " ",
+              weights.scalar_type());
+}
+
+at::Tensor bias_arg(const char* op, const char* name, const std::optional<at::Tensor>& bias, int64_t E, int64_t n,
+                    at::ScalarType dtype) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->sizes() == at::IntArrayRef({E, n}) && bias->scalar_type() == dtype, op, ": ", name,
+              " must be [E, ", n, "] = [", E, ", ", n, "] in x's dtype ", dtype, ", got ", bias->sizes(), " ",
+              bias->scalar_type());
+  return bias->contiguous();
+}
+
+void expert_rows_forward(const at::Tensor& xe, int64_t H2, const GemmInto& up, const GemmInto& down,
+                         const Activation& act, bool gated, const at::Tensor& y, const at::Tensor& pre_in,
+                         const at::Tensor& save) {
+  const int64_t rows = xe.size(0);
+  const auto gt = xe.scalar_type();
+  const auto pre = pre_in.defined() ? pre_in : kept_empty(Kept::pre, {rows, H2}, gt);
+  up(xe, pre);
+  const auto h = kept_empty(Kept::act, {rows, gated ? H2 / 2 : H2}, gt);
+  gated_act_into(h, pre, act, gated, save);
+  down(h, y);
+}
+
+Routed routed_forward(const char* op, const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                      int64_t E, int64_t O, int64_t capacity, const ExpertRows& expert) {
+  const int64_t T = x.size(0);
+  check_experts(op, experts);
+  TORCH_CHECK(experts.size(0) == T, op, ": experts must be [T = ", T, ", k], got ", experts.sizes());
+  const int64_t k = experts.size(1), N = T * k;
+  check_weights(op, weights, T, k);
+  auto [order, inverse, offsets] = sort_by_expert(experts, E, capacity);
+  const auto bounds = read_offsets(offsets, N, op);
+  const int64_t kept = bounds.back();
+  const auto token = at::div(order.narrow(0, 0, kept), k, "floor");  // token of each expert-ordered row
+  const Scratch y_scratch({N, O}, x.options().dtype(gemm_dtype(x.scalar_type())));
+  const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
+  for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) { expert(e, lo, hi, token, y); });
+  return {unpermute_to(y, inverse, weights, x.scalar_type()), order, inverse, offsets, kept};
+}
 
 TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
   m.def("moe_mlp_forward(Tensor x, Tensor experts, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "

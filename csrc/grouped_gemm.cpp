@@ -302,19 +302,8 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
 }
 
 // --- the few-row streaming GEMM (decode) ---
-// Built once per ISA level (AVX-512, AVX2 with FMA and F16C, the baseline) and picked on first use from the
-// features the CPU reports, capped by MOE_KERNELS_CPU_ISA=avx512|avx2|baseline when set. (target_clones with
-// "arch=x86-64-v3" resolves through the CPU model and falls back to the baseline on CPUs that have every v3
-// feature, AMD EPYC in virtual machines among them.)
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MOE_KERNELS_X86 1
-#define MOE_KERNELS_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
-#define MOE_KERNELS_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define MOE_KERNELS_X86 0
-#define MOE_KERNELS_AVX512
-#define MOE_KERNELS_AVX2
-#endif
+// Built once per ISA level (see the ISA macros in grouped_gemm.h) and picked on first use from the features the CPU
+// reports, capped by MOE_KERNELS_CPU_ISA=avx512|avx2|baseline when set.
 
 namespace {
 constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};  // indexed by CpuIsa
@@ -358,154 +347,21 @@ bool bf16_gemm() {
   return native;
 }
 
-// Vectors of VB bytes (32: 8 floats, 4 doubles) in GCC/clang's generic vector extension: each ISA clone lowers them
-// to its own registers (two SSE halves on the baseline). The streaming kernel's AVX-512 build takes 64.
-template <typename acc_t, int VB = 32>
-struct VecOf {
-  typedef acc_t type __attribute__((vector_size(VB)));
-};
-template <typename acc_t, int VB = 32>
-using Vec = typename VecOf<acc_t, VB>::type;
-typedef uint16_t U16x8 __attribute__((vector_size(16)));
-typedef uint32_t U32x8 __attribute__((vector_size(32)));
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-typedef int32_t I32x8 __attribute__((vector_size(32)));
-typedef int32_t I32x16 __attribute__((vector_size(64)));
-
-// One vector of acc_t (VB bytes) loaded from p, widened from the storage dtype w_t.
-template <typename w_t, typename acc_t, int VB = 32>
-inline __attribute__((always_inline)) Vec<acc_t, VB> load_widened(const w_t* p) {
-  constexpr int L = VB / sizeof(acc_t);
-  Vec<acc_t, VB> v;
-  if constexpr (std::is_same_v<w_t, acc_t>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same_v<w_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    // bfloat16 is the upper half of a float32
-    using U16 = std::conditional_t<L == 16, U16x16, U16x8>;
-    using U32 = std::conditional_t<L == 16, U32x16, U32x8>;
-    static_assert(L == 8 || L == 16);
-    U16 h;
-    std::memcpy(&h, p, sizeof(h));
-    const U32 bits = __builtin_convertvector(h, U32) << 16;
-    std::memcpy(&v, &bits, sizeof(v));
-  } else if constexpr (std::is_same_v<w_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    // in vector integer and float operations (a conversion per lane is several times slower), without denormal
-    // floats anywhere (flush-to-zero modes leave it exact): a normal half's exponent rebased by 112, a subnormal one
-    // as its mantissa times 2^-24, inf and NaN given float32's all-ones exponent, the sign put back
-    static_assert(L == 8 || L == 16);
-    using U16 = std::conditional_t<L == 16, U16x16, U16x8>;
-    using U32 = std::conditional_t<L == 16, U32x16, U32x8>;
-    using I32 = std::conditional_t<L == 16, I32x16, I32x8>;
-    U16 h;
-    std::memcpy(&h, p, sizeof(h));
-    const U32 x = __builtin_convertvector(h, U32);
-    const U32 em = (x & 0x7fffu) << 13, exponent = x & 0x7c00u;
-    const Vec<float, VB> sub = __builtin_convertvector(__builtin_convertvector(x & 0x3ffu, I32), Vec<float, VB>) *
-                               0x1.0p-24f;
-    U32 sub_bits;
-    std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
-    U32 bits = exponent == 0u ? sub_bits : (exponent == 0x7c00u ? (em | 0x7f800000u) : em + (112u << 23));
-    bits |= (x & 0x8000u) << 16;
-    std::memcpy(&v, &bits, sizeof(v));
-  } else {
-    for (int l = 0; l < L; ++l) v[l] = static_cast<acc_t>(p[l]);
-  }
-  return v;
-}
-
-// res[r] = sum_k a[r * K + k] * w[k] for R rows of a, each element of w loaded once for all of them. Each row keeps
-// two vectors of partial sums (2 * VB / sizeof(acc_t) lanes), combined pairwise: a fixed order that does not
-// depend on the other rows, so a row gets the same bits whatever rows share its expert.
-template <int R, int VB, typename w_t, typename acc_t>
-inline __attribute__((always_inline)) void dot_rows(const acc_t* a, int64_t K, const w_t* w, acc_t* res) {
-  constexpr int64_t n = VB / sizeof(acc_t);
-  using V = Vec<acc_t, VB>;
-  V acc[R][2] = {};
-  int64_t k = 0;
-  for (; k + 2 * n <= K; k += 2 * n) {
-    const V w0 = load_widened<w_t, acc_t, VB>(w + k), w1 = load_widened<w_t, acc_t, VB>(w + k + n);
-    for (int r = 0; r < R; ++r) {
-      V a0, a1;
-      std::memcpy(&a0, a + r * K + k, sizeof(a0));
-      std::memcpy(&a1, a + r * K + k + n, sizeof(a1));
-      acc[r][0] += a0 * w0;
-      acc[r][1] += a1 * w1;
-    }
-  }
-  if (k < K) {  // the tail, zero-padded to a full step: its products land in the lanes like any others
-    const int64_t rest = K - k;
-    w_t w_pad[2 * n] = {};
-    std::memcpy(w_pad, w + k, rest * sizeof(w_t));
-    const V w0 = load_widened<w_t, acc_t, VB>(w_pad), w1 = load_widened<w_t, acc_t, VB>(w_pad + n);
-    for (int r = 0; r < R; ++r) {
-      acc_t a_pad[2 * n] = {};
-      std::memcpy(a_pad, a + r * K + k, rest * sizeof(acc_t));
-      V a0, a1;
-      std::memcpy(&a0, a_pad, sizeof(a0));
-      std::memcpy(&a1, a_pad + n, sizeof(a1));
-      acc[r][0] += a0 * w0;
-      acc[r][1] += a1 * w1;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const V s = acc[r][0] + acc[r][1];
-    acc_t lanes[n];
-    std::memcpy(lanes, &s, sizeof(lanes));
-    for (int64_t width = n / 2; width > 0; width /= 2) {
-      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-    }
-    res[r] = lanes[0];
-  }
-}
-
-template <int R, int VB, typename w_t, typename acc_t>
-inline __attribute__((always_inline)) void stream_block(const acc_t* a, int64_t K, const w_t* w, int64_t m0,
-                                                        int64_t m1, int64_t M, const acc_t* bias, acc_t* out) {
-  acc_t res[R];
-  for (int64_t m = m0; m < m1; ++m) {
-    dot_rows<R, VB>(a, K, w + m * K, res);
-    for (int r = 0; r < R; ++r) out[r * M + m] = bias != nullptr ? res[r] + bias[m] : res[r];
-  }
-}
-
-template <typename Fn>
-Fn pick_isa(Fn baseline, Fn avx2, Fn avx512) {
-  const Fn by_level[] = {baseline, avx2, avx512};  // indexed by CpuIsa
-  return by_level[static_cast<int>(cpu_isa())];
-}
-
-// Rows of w are taken in blocks of about 16 KiB, so that every group of up to 4 rows of a after the first finds
-// the block in L1: w is read from memory once however many rows a has.
-template <int VB, typename w_t, typename acc_t>
-inline __attribute__((always_inline)) void stream_rows_impl(const acc_t* a, int64_t rows, int64_t K, const w_t* w,
-                                                            int64_t M, const acc_t* bias, acc_t* out) {
-  const int64_t block = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, K * int64_t(sizeof(w_t))));
-  for (int64_t m0 = 0; m0 < M; m0 += block) {
-    const int64_t m1 = std::min(M, m0 + block);
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) stream_block<4, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M);
-    switch (rows - r) {
-      case 3: stream_block<3, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
-      case 2: stream_block<2, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
-      case 1: stream_block<1, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
-      default: break;
-    }
-  }
-}
-
 #define MOE_KERNELS_STREAM_ROWS(w_t, acc_t, avx512_bytes, name)                                                   \
   static void name##_baseline(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias, \
                               acc_t* out) {                                                                        \
-    stream_rows_impl<32, w_t, acc_t>(a, rows, K, w, M, bias, out);                                                \
+    PlainRows<w_t> src{w, K};                                                                                      \
+    stream_rows_impl<32>(a, rows, K, src, M, bias, out);                                                           \
   }                                                                                                                \
   MOE_KERNELS_AVX2 static void name##_avx2(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M,       \
                                            const acc_t* bias, acc_t* out) {                                        \
-    stream_rows_impl<32, w_t, acc_t>(a, rows, K, w, M, bias, out);                                                \
+    PlainRows<w_t> src{w, K};                                                                                      \
+    stream_rows_impl<32>(a, rows, K, src, M, bias, out);                                                           \
   }                                                                                                                \
   MOE_KERNELS_AVX512 static void name##_avx512(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M,   \
                                                const acc_t* bias, acc_t* out) {                                    \
-    stream_rows_impl<avx512_bytes, w_t, acc_t>(a, rows, K, w, M, bias, out);                                      \
+    PlainRows<w_t> src{w, K};                                                                                      \
+    stream_rows_impl<avx512_bytes>(a, rows, K, src, M, bias, out);                                                 \
   }                                                                                                                \
   void stream_rows(const acc_t* a, int64_t rows, int64_t K, const w_t* w, int64_t M, const acc_t* bias,            \
                    acc_t* out) {                                                                                   \

@@ -1,12 +1,18 @@
-// The grouped-GEMM building blocks that the grouped_mm ops (grouped_gemm.cpp) and the fused expert MLP
-// (expert_mlp.cpp) share: the compute dtype, the group bounds, the expert scheduler, the GEMM calls and the
-// activation epilogues.
+// The grouped-GEMM building blocks that the grouped_mm ops (grouped_gemm.cpp) and the fused expert MLPs
+// (expert_mlp.cpp, quantized.cpp) share: the compute dtype, the group bounds, the expert scheduler, the GEMM calls,
+// the activation epilogues, the vectorised streaming kernel and the expert MLP's forward around its experts.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace moe_kernels {
@@ -139,6 +145,187 @@ void stream_rows(const float* a, int64_t rows, int64_t K, const c10::Half* w, in
 void stream_rows(const double* a, int64_t rows, int64_t K, const double* w, int64_t M, const double* bias,
                  double* out);
 
+// --- the vectorised CPU kernels' pieces ---
+// Kernels are built once per ISA level (AVX-512, AVX2 with FMA and F16C, the baseline) and picked on first use from
+// the features the CPU reports (cpu_isa()). (target_clones with "arch=x86-64-v3" resolves through the CPU model and
+// falls back to the baseline on CPUs that have every v3 feature, AMD EPYC in virtual machines among them.)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MOE_KERNELS_X86 1
+#define MOE_KERNELS_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#define MOE_KERNELS_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define MOE_KERNELS_X86 0
+#define MOE_KERNELS_AVX512
+#define MOE_KERNELS_AVX2
+#endif
+
+// Vectors of VB bytes (32: 8 floats, 4 doubles) in GCC/clang's generic vector extension: each ISA clone lowers them
+// to its own registers (two SSE halves on the baseline). The streaming kernel's AVX-512 build takes 64.
+template <typename acc_t, int VB = 32>
+struct VecOf {
+  typedef acc_t type __attribute__((vector_size(VB)));
+};
+template <typename acc_t, int VB = 32>
+using Vec = typename VecOf<acc_t, VB>::type;
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x8 __attribute__((vector_size(32)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+
+// One vector of acc_t (VB bytes) loaded from p, widened from the storage dtype w_t.
+template <typename w_t, typename acc_t, int VB = 32>
+inline __attribute__((always_inline)) Vec<acc_t, VB> load_widened(const w_t* p) {
+  constexpr int L = VB / sizeof(acc_t);
+  Vec<acc_t, VB> v;
+  if constexpr (std::is_same_v<w_t, acc_t>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<w_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // bfloat16 is the upper half of a float32
+    using U16 = std::conditional_t<L == 16, U16x16, U16x8>;
+    using U32 = std::conditional_t<L == 16, U32x16, U32x8>;
+    static_assert(L == 8 || L == 16);
+    U16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32 bits = __builtin_convertvector(h, U32) << 16;
+    std::memcpy(&v, &bits, sizeof(v));
+  } else if constexpr (std::is_same_v<w_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    // in vector integer and float operations (a conversion per lane is several times slower), without denormal
+    // floats anywhere (flush-to-zero modes leave it exact): a normal half's exponent rebased by 112, a subnormal one
+    // as its mantissa times 2^-24, inf and NaN given float32's all-ones exponent, the sign put back
+    static_assert(L == 8 || L == 16);
+    using U16 = std::conditional_t<L == 16, U16x16, U16x8>;
+    using U32 = std::conditional_t<L == 16, U32x16, U32x8>;
+    using I32 = std::conditional_t<L == 16, I32x16, I32x8>;
+    U16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32 x = __builtin_convertvector(h, U32);
+    const U32 em = (x & 0x7fffu) << 13, exponent = x & 0x7c00u;
+    const Vec<float, VB> sub = __builtin_convertvector(__builtin_convertvector(x & 0x3ffu, I32), Vec<float, VB>) *
+                               0x1.0p-24f;
+    U32 sub_bits;
+    std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
+    U32 bits = exponent == 0u ? sub_bits : (exponent == 0x7c00u ? (em | 0x7f800000u) : em + (112u << 23));
+    bits |= (x & 0x8000u) << 16;
+    std::memcpy(&v, &bits, sizeof(v));
+  } else {
+    for (int l = 0; l < L; ++l) v[l] = static_cast<acc_t>(p[l]);
+  }
+  return v;
+}
+
+template <typename Fn>
+Fn pick_isa(Fn baseline, Fn avx2, Fn avx512) {
+  const Fn by_level[] = {baseline, avx2, avx512};  // indexed by CpuIsa
+  return by_level[static_cast<int>(cpu_isa())];
+}
+
+// The weights of a streaming GEMM as its kernel reads them: row(m) is row m of the [M, K] matrix, whose
+// load<VB, acc_t>(k, w0, w1) gives columns [k, k + 2n) (n = VB / sizeof(acc_t) lanes) as two vectors in the order
+// the rows of a are laid out in, and load_tail<VB, acc_t>(k, rest, w0, w1) the last rest < 2n columns,
+// zero-padded; bytes_per_row() is what a row takes in memory. PlainRows: the matrix in its storage dtype w_t (the
+// quantized ones: quantized.cpp).
+template <typename w_t>
+struct PlainRows {
+  const w_t* w;
+  int64_t K;
+  struct Row {
+    const w_t* p;
+    template <int VB, typename acc_t>
+    inline __attribute__((always_inline)) void load(int64_t k, Vec<acc_t, VB>& w0, Vec<acc_t, VB>& w1) const {
+      constexpr int64_t n = VB / sizeof(acc_t);
+      w0 = load_widened<w_t, acc_t, VB>(p + k);
+      w1 = load_widened<w_t, acc_t, VB>(p + k + n);
+    }
+    template <int VB, typename acc_t>
+    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t rest, Vec<acc_t, VB>& w0,
+                                                         Vec<acc_t, VB>& w1) const {
+      constexpr int64_t n = VB / sizeof(acc_t);
+      w_t pad[2 * n] = {};
+      std::memcpy(pad, p + k, rest * sizeof(w_t));
+      w0 = load_widened<w_t, acc_t, VB>(pad);
+      w1 = load_widened<w_t, acc_t, VB>(pad + n);
+    }
+  };
+  Row row(int64_t m) const { return {w + m * K}; }
+  int64_t bytes_per_row() const { return K * static_cast<int64_t>(sizeof(w_t)); }
+};
+
+// res[r] = sum_k a[r * K + k] * w[k] for R rows of a, each element of w loaded once for all of them. Each row keeps
+// two vectors of partial sums (2 * VB / sizeof(acc_t) lanes), combined pairwise: a fixed order that does not
+// depend on the other rows, so a row gets the same bits whatever rows share its expert.
+template <int R, int VB, typename Row, typename acc_t>
+inline __attribute__((always_inline)) void dot_rows(const acc_t* a, int64_t K, const Row& w, acc_t* res) {
+  constexpr int64_t n = VB / sizeof(acc_t);
+  using V = Vec<acc_t, VB>;
+  V acc[R][2] = {};
+  int64_t k = 0;
+  for (; k + 2 * n <= K; k += 2 * n) {
+    V w0, w1;
+    w.template load<VB, acc_t>(k, w0, w1);
+    for (int r = 0; r < R; ++r) {
+      V a0, a1;
+      std::memcpy(&a0, a + r * K + k, sizeof(a0));
+      std::memcpy(&a1, a + r * K + k + n, sizeof(a1));
+      acc[r][0] += a0 * w0;
+      acc[r][1] += a1 * w1;
+    }
+  }
+  if (k < K) {  // the tail, zero-padded to a full step: its products land in the lanes like any others
+    const int64_t rest = K - k;
+    V w0, w1;
+    w.template load_tail<VB, acc_t>(k, rest, w0, w1);
+    for (int r = 0; r < R; ++r) {
+      acc_t a_pad[2 * n] = {};
+      std::memcpy(a_pad, a + r * K + k, rest * sizeof(acc_t));
+      V a0, a1;
+      std::memcpy(&a0, a_pad, sizeof(a0));
+      std::memcpy(&a1, a_pad + n, sizeof(a1));
+      acc[r][0] += a0 * w0;
+      acc[r][1] += a1 * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const V s = acc[r][0] + acc[r][1];
+    acc_t lanes[n];
+    std::memcpy(lanes, &s, sizeof(lanes));
+    for (int64_t width = n / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    }
+    res[r] = lanes[0];
+  }
+}
+
+template <int R, int VB, typename Rows, typename acc_t>
+inline __attribute__((always_inline)) void stream_block(const acc_t* a, int64_t K, Rows& w, int64_t m0, int64_t m1,
+                                                        int64_t M, const acc_t* bias, acc_t* out) {
+  acc_t res[R];
+  for (int64_t m = m0; m < m1; ++m) {
+    dot_rows<R, VB>(a, K, w.row(m), res);
+    for (int r = 0; r < R; ++r) out[r * M + m] = bias != nullptr ? res[r] + bias[m] : res[r];
+  }
+}
+
+// Rows of w are taken in blocks of about 16 KiB, so that every group of up to 4 rows of a after the first finds
+// the block in L1: w is read from memory once however many rows a has.
+template <int VB, typename Rows, typename acc_t>
+inline __attribute__((always_inline)) void stream_rows_impl(const acc_t* a, int64_t rows, int64_t K, Rows& w,
+                                                            int64_t M, const acc_t* bias, acc_t* out) {
+  const int64_t block = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, w.bytes_per_row()));
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t m1 = std::min(M, m0 + block);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) stream_block<4, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M);
+    switch (rows - r) {
+      case 3: stream_block<3, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
+      case 2: stream_block<2, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
+      case 1: stream_block<1, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M); break;
+      default: break;
+    }
+  }
+}
+
 // out[i] = exp(x[i]) for n float64 values, vectorised at the process's ISA level: within 1.2 ulp; outside
 // [-708, 709] (subnormal or infinite results) and at NaN, std::exp's value. out may alias x.
 void exp_into(const double* x, int64_t n, double* out);
@@ -214,5 +401,115 @@ at::Tensor gated_act(const at::Tensor& h, const Activation& act, bool gated);
 void gated_act_backward_into(const at::Tensor& dpre, const at::Tensor& dh, const at::Tensor& pre,
                              const Activation& act, bool gated, const at::Tensor& scale = at::Tensor(),
                              const at::Tensor& h = at::Tensor(), const at::Tensor& hdot = at::Tensor());
+
+// --- the expert MLP's forward, shared by the float and the quantized experts (expert_mlp.cpp, quantized.cpp) ---
+
+// The compute dtype of x_t as a C++ type: double for double, float for everything else.
+template <typename x_t>
+using acc_of = std::conditional_t<std::is_same_v<x_t, double>, double, float>;
+
+// experts must be [T, k] with fewer than 2^31 (token, slot) pairs (int32 indices): checked before the inputs are
+// copied, so that an expanded x of 2^31 rows is refused rather than allocated.
+void check_experts(const char* op, const at::Tensor& experts);
+// weights must be a floating [T, k] tensor.
+void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t k);
+// An optional bias [E, n] checked to be that shape in `dtype` (errors name op and name): contiguous, or undefined
+// when absent.
+at::Tensor bias_arg(const char* op, const char* name, const std::optional<at::Tensor>& bias, int64_t E, int64_t n,
+                    at::ScalarType dtype);
+
+// Row e of a bias [E, n] (x_t) widened to acc_t, or empty without a bias.
+template <typename x_t, typename acc_t>
+std::vector<acc_t> widened_row(const at::Tensor& bias, int64_t e, int64_t n) {
+  if (!bias.defined()) return {};
+  const x_t* row = bias.const_data_ptr<x_t>() + e * n;
+  return std::vector<acc_t>(row, row + n);
+}
+
+// h [rows, H] = the activation of pre [rows, H2] (gated: H2 = 2H, with the spec's options; else H = H2), one value
+// at a time: the few-row paths.
+template <typename acc_t>
+void few_rows_act(const acc_t* pre, int64_t rows, int64_t H2, const Activation& act, bool gated, acc_t* h) {
+  const int64_t H = gated ? H2 / 2 : H2;
+  if (act.plain() || !gated) {
+    const acc_t alpha = static_cast<acc_t>(act.alpha);  // 1 unless silu's alpha: the one option when not gated
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < H; ++j) {
+        const acc_t a = activate(pre[r * H2 + j], act.kind, alpha);
+        h[r * H + j] = gated ? a * pre[r * H2 + H + j] : a;
+      }
+    }
+    return;
+  }
+  const int64_t gate_col = act.interleaved ? 2 : 1, up_start = act.interleaved ? 1 : H;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* p = pre + r * H2;
+    for (int64_t j = 0; j < H; ++j) h[r * H + j] = glu_one(p[gate_col * j], p[up_start + gate_col * j], act);
+  }
+}
+
+// The forward of an expert with at most kStreamRows rows (decode), on raw pointers: rows token[0 .. rows) of x
+// [T, D] gathered and widened, pre [rows, H2] = up(xe) (saved into h_pre [rows, H2] unless null), the activation,
+// y [rows, O] = down(h) narrowed to y_t (the GEMM dtype). up(a, rows, out) and down(a, rows, out): the expert's
+// streaming GEMMs with their biases, out = a @ w^T + b in acc_t. The tensor path costs tens of ATen calls per
+// expert, which is most of the time of a group of a row or two.
+template <typename x_t, typename acc_t, typename y_t, typename Up, typename Down>
+void few_rows_forward(const x_t* x, int64_t D, const int32_t* token, int64_t rows, int64_t H2, int64_t O,
+                      const Activation& act, bool gated, const Up& up, const Down& down, x_t* h_pre, y_t* y) {
+  const int64_t H = gated ? H2 / 2 : H2;
+  std::vector<acc_t> xe(rows * D), pre(rows * H2), h(rows * H);
+  for (int64_t r = 0; r < rows; ++r) {
+    const x_t* src = x + static_cast<int64_t>(token[r]) * D;
+    for (int64_t d = 0; d < D; ++d) xe[r * D + d] = static_cast<acc_t>(src[d]);
+  }
+  up(xe.data(), rows, pre.data());
+  if (h_pre != nullptr) {
+    for (int64_t i = 0; i < rows * H2; ++i) h_pre[i] = static_cast<x_t>(pre[i]);
+  }
+  few_rows_act(pre.data(), rows, H2, act, gated, h.data());
+  if constexpr (std::is_same_v<y_t, acc_t>) {
+    down(h.data(), rows, y);
+  } else {
+    std::vector<acc_t> out(rows * O);
+    down(h.data(), rows, out.data());
+    for (int64_t i = 0; i < rows * O; ++i) y[i] = static_cast<y_t>(out[i]);
+  }
+}
+
+// fn(x_data, y_data) with x's data as x_t* and y's as y_t* (y: the GEMM dtype of x's: x_t itself or acc_of<x_t>).
+template <typename Fn>
+void dispatch_x_y(const at::Tensor& x, const at::Tensor& y, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dispatch_x_y", [&] {
+    if (y.scalar_type() == x.scalar_type()) {
+      fn(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
+    } else {
+      fn(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<acc_of<scalar_t>>());
+    }
+  });
+}
+
+// out = a @ w^T + b for one expert's rows on tensors (a and out in the GEMM dtype).
+using GemmInto = std::function<void(const at::Tensor& a, const at::Tensor& out)>;
+
+// The forward of an expert's rows on tensors: y = down(act(up(xe))) (xe [rows, D], y [rows, O], both in the GEMM
+// dtype); pre [rows, H2] (a kept buffer when undefined) gets the pre-activation and save (undefined: none) a copy
+// of it in its own dtype.
+void expert_rows_forward(const at::Tensor& xe, int64_t H2, const GemmInto& up, const GemmInto& down,
+                         const Activation& act, bool gated, const at::Tensor& y, const at::Tensor& pre = at::Tensor(),
+                         const at::Tensor& save = at::Tensor());
+
+// The expert MLP's forward around its per-expert work: the (token, slot) pairs of experts [T, k] sorted by expert
+// (index only; ids outside [0, E) and pairs past capacity (< 0: none) dropped), expert(e, lo, hi, token, y) run for
+// every expert with rows (for_each_group) to write rows [lo, hi) of y [T*k, O] (expert-ordered, in x's GEMM dtype;
+// token[i]: the token of row i, int32), then every token's sum of its rows times their routing weights, in slot
+// order (deterministic, no atomics; a token routed nowhere gets 0).
+struct Routed {
+  at::Tensor out, order, inverse, offsets;  // out [T, O] in x's dtype
+  int64_t kept;                             // rows [0, kept) of y belong to experts
+};
+using ExpertRows =
+    std::function<void(int64_t e, int64_t lo, int64_t hi, const at::Tensor& token, const at::Tensor& y)>;
+Routed routed_forward(const char* op, const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                      int64_t E, int64_t O, int64_t capacity, const ExpertRows& expert);
 
 }  // namespace moe_kernels
