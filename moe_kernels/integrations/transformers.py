@@ -30,12 +30,12 @@ from torch import nn
 from .. import ops
 from ..ops import distributed
 from ..nn.dtensor import is_dtensor, local_parameters
+from ..nn.lora import weight_and_lora
 from ..nn.source_layout import Piece, keep_source_layout
 from ..nn.sparse import SparseMoE
 from ..ops.expert_mlp import check_experts_weights, check_lora, project
 from ..reference import quantized as ref_quantized
 from ..reference.activations import ACTIVATIONS, Activation, glu
-from .peft import weight_and_lora
 
 NAME = "moe_kernels"
 # the first transformers whose models accept any name registered in ALL_EXPERTS_FUNCTIONS (5.0-5.6 accept only

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks
 from ..ops.expert_mlp import check_experts_weights
+from ..ops.quantized import QuantizedWeight, check_quantized
 from ..reference.activations import check_activation
 from . import dtensor
 from .dtensor import is_dtensor
@@ -76,6 +77,8 @@ class _ExpertBank(nn.Module):
         are new tensors: an optimizer holding the old ones must be rebuilt."""
         if len(keep) + add < 1:
             raise ValueError(f"at least one expert must remain, got keep={list(keep)} and add={add}")
+        if getattr(self, "quantized", None) is not None:
+            raise ValueError(f"{type(self).__name__}: quantized experts cannot be resized; resize, then quantize")
         fresh = self._fresh(add) if add else None
         for name in self.PARAMS:
             old = getattr(self, name)
@@ -137,9 +140,58 @@ class Experts(_ExpertBank):
         return dict(activation=self.activation, gated=self.gated, gate_up_bias=self.gate_up_bias,
                     down_bias=self.down_bias)
 
+    # --- quantized projections ----------------------------------------------------------------------------------
+    # the buffers of each format, named as the checkpoints name them: FP8 (DeepSeek-V3, Qwen3-FP8) keeps the e4m3
+    # weight under the projection's own name beside its `_scale_inv`; MXFP4 (GPT-OSS) has `_blocks` and `_scales`
+    _QUANT_NAMES = {"fp8": ("", "_scale_inv"), "mxfp4": ("_blocks", "_scales")}
+    quantized = None     # (format, block) once quantize()d
+
+    def quantize(self, format: str, block=(128, 128)) -> "Experts":
+        """Replaces gate_up_proj and down_proj (in place) by their quantized form for inference, in the
+        checkpoints' layouts (ops.QuantizedWeight): "fp8", e4m3 + one fp32 scale per block (buffers gate_up_proj,
+        gate_up_proj_scale_inv, down_proj, down_proj_scale_inv); "mxfp4", packed e2m1 + an e8m0 scale per 32
+        values along K (buffers gate_up_proj_blocks, gate_up_proj_scales, ...). A checkpoint in that format then
+        loads into it as it is (load_state_dict). Biases stay in their dtype. Returns self."""
+        if self.quantized is not None:
+            raise ValueError(f"{type(self).__name__} is already quantized ({self.quantized[0]})")
+        if is_dtensor(self.gate_up_proj, self.down_proj):
+            raise ValueError(f"{type(self).__name__}: DTensor weights cannot be quantized; quantize before sharding")
+        q = {n: QuantizedWeight.quantize(getattr(self, n).detach(), format, block)
+             for n in ("gate_up_proj", "down_proj")}
+        data_suffix, scale_suffix = self._QUANT_NAMES[format]
+        for name, w in q.items():
+            delattr(self, name)
+            self.register_buffer(name + data_suffix, w.data)
+            self.register_buffer(name + scale_suffix, w.scale)
+        self.quantized = (format, tuple(int(b) for b in block))
+        return self
+
+    def projections(self) -> tuple:
+        """(gate_up_proj, down_proj) as the fused ops take them: the parameters, or QuantizedWeight once
+        quantize()d."""
+        if self.quantized is None:
+            return self.gate_up_proj, self.down_proj
+        fmt, block = self.quantized
+        data_suffix, scale_suffix = self._QUANT_NAMES[fmt]
+        return tuple(QuantizedWeight(fmt, getattr(self, n + data_suffix), getattr(self, n + scale_suffix), block)
+                     for n in ("gate_up_proj", "down_proj"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # GPT-OSS stores MXFP4 blocks as [E, N, K/32, 16]: the same bytes as [E, N, K/2]
+        if self.quantized is not None and self.quantized[0] == "mxfp4":
+            for n in ("gate_up_proj_blocks", "down_proj_blocks"):
+                t = state_dict.get(prefix + n)
+                if t is not None and t.dim() == 4:
+                    state_dict[prefix + n] = t.reshape(*t.shape[:2], -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.quantized is not None:
+            for name, w in zip(("gate_up_proj", "down_proj"), self.projections()):
+                check_quantized(f"{prefix}{name}", w)
+
     def has_dtensor_weights(self) -> bool:
         """Whether its weights are DTensors (run through moe_kernels.nn.dtensor)."""
-        return is_dtensor(self.gate_up_proj, self.down_proj, self.gate_up_bias, self.down_bias)
+        return self.quantized is None and is_dtensor(self.gate_up_proj, self.down_proj, self.gate_up_bias,
+                                                     self.down_bias)
 
     def named_weights(self) -> dict:
         """{"gate_up_proj": ..., "down_proj": ..., "gate_up_bias": ..., "down_bias": ...} (None for absent biases),
@@ -148,6 +200,8 @@ class Experts(_ExpertBank):
 
     def mix(self, x: Tensor, gates: Tensor) -> Tensor:
         """x: [T, D], gates: [T, E] -> [T, O] = sum_e gates[:, e] * expert_e(x) (two dense GEMMs)."""
+        if self.quantized is not None:
+            raise ValueError(f"{type(self).__name__}: quantized experts run routed (ops.moe_mlp), not mixed densely")
         if self.has_dtensor_weights():
             return dtensor.dense_moe(type(self).__name__, x, gates, self.named_weights(), activation=self.activation,
                                      gated=self.gated)

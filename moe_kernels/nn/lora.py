@@ -1,10 +1,13 @@
-"""PEFT LoRA adapters on expert weights (`LoraConfig(target_parameters=[...gate_up_proj, ...down_proj])`).
+"""PEFT LoRA adapters on expert weights (`LoraConfig(target_parameters=[...gate_up_proj, ...down_proj])`), read as
+the fused ops take them: the frozen base weight and the adapter's factors (`ops.LoRA`), applied as a grouped GEMM
+pair through the rank, never as the merged [E, N, K] weight.
 
-PEFT wraps the experts module and, for each forward, parametrizes the targeted parameter as `W + scaling * lhs @ rhs`
-(its `_LoraFactorsProxy`, one adapter) or `W + delta` (several adapters). Reading the parameter would form that
-[E, N, K] weight every step, and its gradient too. Here the parametrization is read instead: the base weight and
-the adapter's factors, which the fused path applies as a grouped GEMM pair through the rank (`ops.LoRA`). Other
-parametrizations are read as their value. PEFT itself is not imported.
+PEFT wraps the module holding the parameter in a `ParamWrapper` per targeted parameter. For each forward it
+parametrizes the parameter as `W + scaling * lhs @ rhs` (its `_LoraFactorsProxy`, one adapter) or `W + delta`
+(several adapters), which reading the parameter would form every step, its gradient too:
+- transformers experts modules run inside that forward: `weight_and_lora` reads the parametrization instead;
+- moe_kernels' own modules read the wrapped Experts directly: `unwrap_lora` finds the wrappers and their factors.
+PEFT itself is not imported.
 """
 from typing import Optional
 
@@ -12,6 +15,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..ops.expert_mlp import LoRA
+
+
+def _lora(lhs: Tensor, rhs: Tensor, scaling: float, transposed: bool) -> LoRA:
+    """The LoRA of delta = scaling * lhs @ rhs in a weight's stored layout, for the weight as [E, N, K]
+    (`transposed`: stored [E, K, N], whose delta^T = rhs^T @ lhs^T)."""
+    if transposed:
+        return LoRA(lhs.transpose(1, 2), rhs.transpose(1, 2), float(scaling))
+    return LoRA(rhs, lhs, float(scaling))
 
 
 def _factors(module: nn.Module):
@@ -35,7 +46,27 @@ def weight_and_lora(module: nn.Module, name: str, transposed: bool = False) -> t
     found = _factors(plist[0]) if len(plist) == 1 else None
     if found is None:
         return getattr(module, name), None
-    lhs, rhs, scaling = found               # delta = scaling * lhs @ rhs in the stored layout
-    if transposed:                          # delta^T = rhs^T @ lhs^T
-        return plist.original, LoRA(lhs.transpose(1, 2), rhs.transpose(1, 2), scaling)
-    return plist.original, LoRA(rhs, lhs, scaling)
+    return plist.original, _lora(*found, transposed)
+
+
+def _is_param_wrapper(module: nn.Module) -> bool:
+    return (type(module).__module__.startswith("peft.") and hasattr(module, "parameter_name")
+            and hasattr(module, "get_delta_factors") and hasattr(module, "base_layer"))
+
+
+def unwrap_lora(module: nn.Module) -> tuple[nn.Module, dict]:
+    """(the module PEFT's ParamWrappers wrap, {parameter name: its LoRA} of the adapters active on it); (module, {})
+    when it is not wrapped. A wrapper whose adapters are disabled or merged adds nothing (the weight holds what it
+    should). ValueError for what the fused path does not run: several active adapters on one parameter."""
+    loras = {}
+    while _is_param_wrapper(module):
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if active and not module.disable_adapters and not module.merged:
+            if len(active) > 1:
+                raise ValueError(f"{module.parameter_name}: {len(active)} active LoRA adapters ({active}) on one "
+                                 "expert weight; moe_kernels runs one at a time (set_adapter, or merge the others)")
+            lhs, rhs, scaling = module.get_delta_factors(active[0])
+            loras[module.parameter_name] = _lora(lhs, rhs, scaling, getattr(module.get_base_layer(), "is_transposed",
+                                                                          False))
+        module = module.base_layer
+    return module, loras

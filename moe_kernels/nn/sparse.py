@@ -15,6 +15,7 @@ from ..ops.routing import check_routing
 from . import dtensor
 from .dense import router_output
 from .experts import Experts, reindexed
+from .lora import unwrap_lora
 
 AUX_LOSSES = ("switch", "entropy", None)
 
@@ -116,11 +117,19 @@ class SparseMoE(nn.Module):
 
     @property
     def gate_up_proj(self):
-        return self.experts.gate_up_proj
+        return self.experts.projections()[0]
 
     @property
     def down_proj(self):
-        return self.experts.down_proj
+        return self.experts.projections()[1]
+
+    def quantize(self, format: str, block=(128, 128)) -> "SparseMoE":
+        """The routed experts' projections quantized in place for inference ("fp8" or "mxfp4", see
+        Experts.quantize); the router and any shared experts stay as they are. Returns self."""
+        if self.sharded:
+            raise ValueError(f"{type(self).__name__}: quantize the experts before sharding them")
+        self.experts.quantize(format, block)
+        return self
 
     def shard_experts(self, process_group=None) -> "SparseMoE":
         """Keeps only this rank's block of E / W experts (in place) and runs them by all-to-all from now on (see
@@ -157,18 +166,21 @@ class SparseMoE(nn.Module):
         """The routed experts on x [T, D] -> [T, O]: this rank's experts and an all-to-all under expert
         parallelism (capacity already applied to `experts` there), else all of them here; DTensor expert weights
         through moe_kernels.nn.dtensor."""
-        e = self.experts
+        e, loras = unwrap_lora(self.experts)       # PEFT LoRA adapters on the experts' weights, if any
+        if loras and (e.has_dtensor_weights() or self.sharded):
+            raise ValueError(f"{type(self).__name__}: LoRA adapters on sharded or DTensor experts do not run on "
+                             "moe_kernels yet; merge them or run the experts unsharded")
         if e.has_dtensor_weights():
             if self.sharded:
                 raise ValueError(f"{type(self).__name__}: its experts are sharded over a process group "
                                  "(shard_experts / expert_parallel) and are DTensors too: use one or the other")
             return dtensor.moe_mlp(f"{type(self).__name__}.experts", x, experts, weights, e.named_weights(),
                                    capacity=capacity, activation=e.activation, gated=e.gated)
+        up, down = e.projections()
         if self.sharded:
-            return distributed.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj,
-                                       process_group=self.process_group, **self.experts.kwargs())
-        return ops.moe_mlp(x, experts, weights, self.experts.gate_up_proj, self.experts.down_proj, capacity=capacity,
-                           **self.experts.kwargs())
+            return distributed.moe_mlp(x, experts, weights, up, down, process_group=self.process_group, **e.kwargs())
+        return ops.moe_mlp(x, experts, weights, up, down, capacity=capacity, gate_up_lora=loras.get("gate_up_proj"),
+                           down_lora=loras.get("down_proj"), **e.kwargs())
 
     def _experts_forward(self, x, experts, weights, capacity):
         """The routed experts (and the shared ones) on x [T, D] -> [T, O]."""
@@ -198,7 +210,9 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [..., D] with D = {self.dim}, got {tuple(x.shape)}")
-        _checks.module_input(self, x, self.experts.gate_up_proj)
+        up = unwrap_lora(self.experts)[0].projections()[0]
+        float_weights = isinstance(up, torch.Tensor)
+        _checks.module_input(self, x, up if float_weights else up.data, dtype=float_weights)
         lead = x.shape[:-1]
         r = self.route(x)
         flat = x.reshape(-1, self.dim)
@@ -302,6 +316,8 @@ class SparseMoE(nn.Module):
         if self.sharded:
             raise RuntimeError("cannot resize a layer whose experts are sharded over a process group: resize it "
                                "before expert_parallel / shard_experts")
+        if unwrap_lora(self.experts)[0].quantized is not None:    # refused before anything changes
+            raise ValueError(f"{type(self).__name__}: quantized experts cannot be resized; resize, then quantize")
         E = len(keep) + add
         if E < self.top_k:
             raise ValueError(f"top_k={self.top_k} needs at least {self.top_k} experts, but {E} would remain")

@@ -77,12 +77,12 @@ def choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def module_input(module, x, param):
-    """x must be on the device and in the dtype of the module's parameters (param: one of them): a clear error
-    naming x, before torch's own from deep inside a matmul."""
+def module_input(module, x, param, dtype=True):
+    """x must be on the device and (with dtype) in the dtype of the module's parameters (param: one of them): a
+    clear error naming x, before torch's own from deep inside a matmul."""
     name = type(module).__name__
     if x.device != param.device:
         raise ValueError(f"x of shape {tuple(x.shape)} is on {x.device} but the {name}'s parameters are on "
                          f"{param.device}")
-    if x.dtype != param.dtype:
+    if dtype and x.dtype != param.dtype:
         raise TypeError(f"x of shape {tuple(x.shape)} is {x.dtype} but the {name}'s parameters are {param.dtype}")

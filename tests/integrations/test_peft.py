@@ -187,3 +187,52 @@ def test_other_parametrizations_are_read_as_their_value():
         results[impl] = logits.detach(), experts.parametrizations.gate_up_proj.original.grad.clone()
     torch.testing.assert_close(results[NAME][0], results["eager"][0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(results[NAME][1], results["eager"][1], rtol=1e-10, atol=1e-10)
+
+
+# --- PEFT on moe_kernels' own modules ---------------------------------------------------------------------------
+def test_lora_on_sparse_moe_equals_its_merged_weights():
+    # SparseMoE (convert()'s result) with PEFT adapters on its experts: the adapters as grouped GEMM pairs equal the
+    # layer computing with W + scaling * B @ A (PEFT's get_delta_weight, differentiable in A and B), forward and the
+    # gradients of the input and every adapter; the base frozen
+    from moe_kernels import SparseMoE
+    torch.manual_seed(0)
+    layer = SparseMoE(32, 48, 6, 2).double()
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=[], init_lora_weights=False,
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    adapted = peft.inject_adapter_in_model(config, copy.deepcopy(layer))
+    for name, p in adapted.named_parameters():
+        p.requires_grad_("lora_" in name)
+    lora = [p for p in adapted.parameters() if p.requires_grad]
+    assert len(lora) == 4
+    x = torch.randn(2, 7, 32, dtype=F64, requires_grad=True)
+    cot = torch.randn(2, 7, 32, dtype=F64)
+    out = adapted(x)
+    got = torch.autograd.grad(out, [x, *lora], cot)
+
+    merged = {f"experts.{w.parameter_name}": w.get_param() + w.get_delta_weight("default")
+              for w in (adapted.experts, adapted.experts.base_layer)}
+    want = torch.func.functional_call(layer, merged, (x,))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got, torch.autograd.grad(want, [x, *lora], cot)):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_lora_on_sparse_moe_disabled_and_two_adapters():
+    from moe_kernels import SparseMoE
+    torch.manual_seed(0)
+    layer = SparseMoE(32, 48, 6, 2).double().eval()
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=[], init_lora_weights=False,
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    adapted = peft.inject_adapter_in_model(config, copy.deepcopy(layer))
+    x = torch.randn(5, 32, dtype=F64)
+    with torch.no_grad():
+        for wrapper in (adapted.experts, adapted.experts.base_layer):
+            wrapper.enable_adapters(False)
+        torch.testing.assert_close(adapted(x), layer(x), rtol=0, atol=0)
+        for wrapper in (adapted.experts, adapted.experts.base_layer):
+            wrapper.enable_adapters(True)
+            wrapper.update_layer("second", 2, lora_alpha=2, config=config)
+            wrapper.set_adapter(["default", "second"])
+        with pytest.raises(ValueError, match="2 active LoRA adapters"):
+            adapted(x)
