@@ -213,7 +213,7 @@ class FusedJetMoeMoA(nn.Module):
     @staticmethod
     def _per_pair(s: ops.Sorted) -> ops.Sorted:
         """The sort of pairs seen as tokens of one slot each: permute / unpermute then move single pairs."""
-        return ops.Sorted(s.order, s.inverse.reshape(-1, 1), s.offsets)
+        return s._replace(inverse=s.inverse.reshape(-1, 1))
 
     def map(self, layer_input: torch.Tensor):
         bsz, length, dim = layer_input.size()

@@ -137,6 +137,51 @@ class Sorted(NamedTuple):
         return self.order.shape[0] - self.offsets[-1]
 
 
+class _Made(Sorted):
+    """A Sorted that sort_by_expert made: its invariants hold by construction and are never checked again (a Sorted
+    built by a caller is checked where an op takes it, check_sorted)."""
+    __slots__ = ()
+
+
+def check_sorted(s: Sorted, name: str = "sorted") -> None:
+    """The invariants of a caller's Sorted, each error naming the field: order [T*k], inverse [T, k] and offsets
+    [E+1] int32 on one device; offsets non-decreasing from 0 to the kept count n <= T*k; inverse a row in [0, n)
+    for each kept pair, each row once, and -1 for the others; order its inverse on the kept rows (order[inverse[t,
+    j]] = t*k + j). Reads the values on the host: for metadata from outside the package, never on its own."""
+    if isinstance(s, _Made) or torch.compiler.is_compiling():
+        return
+    if not isinstance(s, Sorted):
+        raise TypeError(f"{name} must be a moe_kernels.ops.Sorted (from sort_by_expert), got {type(s).__name__}")
+    _checks.tensor(f"{name}.inverse", s.inverse, ndim=2, dtypes=(torch.int32,))
+    T, k = s.inverse.shape
+    _checks.pairs(T, k, f"{name}.inverse of shape {(T, k)}")
+    _checks.tensor(f"{name}.order", s.order, shape=(T * k,), dtypes=(torch.int32,))
+    _checks.tensor(f"{name}.offsets", s.offsets, ndim=1, dtypes=(torch.int32,))
+    _checks.same_device(**{f"{name}.order": s.order, f"{name}.inverse": s.inverse, f"{name}.offsets": s.offsets})
+    offsets = s.offsets.tolist()
+    if not offsets or offsets[0] != 0 or offsets[-1] > T * k or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name}.offsets must be non-decreasing from 0 to the kept count <= T*k = {T * k}, got "
+                         f"{offsets if len(offsets) <= 16 else offsets[:16] + ['...']}")
+    n = offsets[-1]
+    inverse = s.inverse.reshape(-1).long().cpu()
+    kept = inverse >= 0
+    if bool((inverse < -1).any()) or bool((inverse >= n).any()):
+        bad = int(torch.nonzero((inverse < -1) | (inverse >= n))[0])
+        raise ValueError(f"{name}.inverse must hold a row in [0, {n}) (the kept count, offsets[-1]) or -1 for each "
+                         f"pair, got {int(inverse[bad])} at pair {bad} (token {bad // k}, slot {bad % k})")
+    rows = inverse[kept]
+    if rows.numel() != n or torch.unique(rows).numel() != n:
+        raise ValueError(f"{name}.inverse must give each of the {n} kept rows to exactly one pair, got "
+                         f"{rows.numel()} kept pairs on {torch.unique(rows).numel()} distinct rows")
+    order = s.order.long().cpu()
+    pairs = torch.nonzero(kept).reshape(-1)
+    wrong = order[rows] != pairs
+    if bool(wrong.any()):
+        i = int(torch.nonzero(wrong)[0])
+        raise ValueError(f"{name}.order must map each kept row back to its pair (order[inverse[t, j]] = t*k + j), "
+                         f"got order[{int(rows[i])}] = {int(order[rows[i]])} for pair {int(pairs[i])}")
+
+
 def sort_by_expert(experts: Tensor, num_experts: int, capacity: Optional[int] = None) -> Sorted:
     """Index-only stable counting sort of the (token, slot) pairs of experts [T, k] by expert id.
 
@@ -149,12 +194,13 @@ def sort_by_expert(experts: Tensor, num_experts: int, capacity: Optional[int] = 
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _checks.pairs(*experts.shape, f"experts of shape {tuple(experts.shape)}")
-    return Sorted(*_sort_by_expert(experts, num_experts, -1 if capacity is None else capacity))
+    return _Made(*_sort_by_expert(experts, num_experts, -1 if capacity is None else capacity))
 
 
 def permute(x: Tensor, sorted: Sorted) -> Tensor:
     """x: [T, D] -> [T*k, D] in expert order (row p is x[order[p] // k]; rows of pairs not kept are zero)."""
     _checks.tensor("x", x, ndim=2)
+    check_sorted(sorted)
     if x.shape[0] != sorted.inverse.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens (shape {tuple(x.shape)}) but the sort has "
                          f"{sorted.inverse.shape[0]} (inverse {tuple(sorted.inverse.shape)})")
@@ -167,6 +213,7 @@ def unpermute(y: Tensor, sorted: Sorted, weights: Optional[Tensor] = None) -> Te
     """y: [T*k, D] in expert order -> [T, D], each token the weighted sum of its k rows (slot order,
     fp32 accumulation, no atomics). weights: [T, k] or None (sum)."""
     _checks.tensor("y", y, ndim=2)
+    check_sorted(sorted)
     if y.shape[0] != sorted.order.shape[0]:
         raise ValueError(f"y must have T*k = {sorted.order.shape[0]} rows, got shape {tuple(y.shape)}")
     if weights is not None:

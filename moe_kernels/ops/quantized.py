@@ -118,6 +118,13 @@ def _reference(x, experts, weights, format, up_data, up_scale, down_data, down_s
 
 _backend.register("moe_mlp_quantized", "reference", _reference)
 
+from .. import triton as _triton  # noqa: E402
+
+if _triton.AVAILABLE:
+    from ..triton import quantized as _tri_quantized
+
+    _backend.register("moe_mlp_quantized", "triton", _tri_quantized.moe_mlp_quantized)
+
 
 def moe_mlp_quantized(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: QuantizedWeight,
                       down_proj: QuantizedWeight, *, activation: str, gated: bool, gate_up_bias: Optional[Tensor],

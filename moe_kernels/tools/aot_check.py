@@ -9,7 +9,8 @@ memory from the cubin with the cuobjdump that ships with Triton, the total share
 from the kernel's metadata, and the hardware paths from the PTX (and HGMMA from the SASS), and prints a table
 kernel x arch x config. Every compile must be free of spills and local memory and fit the architecture's
 shared memory per block. On sm_90 an entry's requirements must hold: "wgmma" (wgmma in the PTX, HGMMA in the
-SASS), "tma_load" / "tma_store" (cp.async.bulk.tensor global -> shared / shared -> global), "warp_specialized"
+SASS), "qgmma" (fp8 wgmma: QGMMA in the SASS), "tma_load" / "tma_store" (cp.async.bulk.tensor global -> shared /
+shared -> global), "warp_specialized"
 (setmaxnreg, the producer / consumer register split), and any of them needs the PTX to target sm_90a; on every
 architecture "cp_async_16" needs 16-byte cp.async loads in the SASS (LDGSTS.E.BYPASS.128: pointer and gathered
 operands pipelined through shared memory). An entry's "divisible" args are compiled as a launch on real model
@@ -30,7 +31,7 @@ import tempfile
 
 # opt-in shared memory per block (bytes), CUDA C programming guide
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
-HOPPER_KEYS = ("wgmma", "tma_load", "tma_store", "warp_specialized")
+HOPPER_KEYS = ("wgmma", "qgmma", "tma_load", "tma_store", "warp_specialized")
 _TMA_LOAD = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global")   # shared::cluster (3.6), ::cta (3.9)
 _TMA_STORE = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::")
 
@@ -63,7 +64,7 @@ def archs(entry: dict, asked) -> list:
 
 def resource_usage(cubin: bytes, sass: bool = False) -> dict:
     """REG / STACK / SHARED (static) / LOCAL of the (single-kernel) cubin, from cuobjdump --dump-resource-usage;
-    with sass also whether the SASS has HGMMA."""
+    with sass also whether the SASS has HGMMA (16-bit wgmma) and QGMMA (fp8 wgmma)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -75,6 +76,7 @@ def resource_usage(cubin: bytes, sass: bool = False) -> dict:
         usage[key.lower()] = int(m.group(1)) if m else None
     if sass:
         usage["hgmma"] = re.search(r"\bHGMMA\.", text) is not None
+        usage["qgmma"] = re.search(r"\bQGMMA\.", text) is not None
         usage["cp_async_16"] = re.search(r"\bLDGSTS\.E\.BYPASS(\.\w+)*\.128\b", text) is not None
     return usage
 
@@ -121,6 +123,8 @@ def findings(entry: dict, arch: int, usage: dict) -> list:
             bad.append("no wgmma")
         elif usage.get("hgmma") is False:
             bad.append("no HGMMA in the SASS")
+    if entry.get("qgmma") and not usage.get("qgmma"):
+        bad.append("no QGMMA (fp8 wgmma) in the SASS")
     if entry.get("tma_load") and not usage["tma_load"]:
         bad.append("no TMA load")
     if entry.get("tma_store") and not usage["tma_store"]:
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
             continue
         bad = findings(e, arch, u)
         failures += bool(bad)
-        wgmma = "yes" if u["wgmma"] and u.get("hgmma", True) else "ptx" if u["wgmma"] else "-"
+        wgmma = ("fp8" if u.get("qgmma") else "yes" if u.get("hgmma", True) else "ptx") if u["wgmma"] else "-"
         print(f"{name:<{width}} sm_{arch:<2} {u['reg']:>5} {u['stack']:>6} {u['local']:>6} {u['smem']:>7} "
               f"{wgmma:>6} {_tma(u):>6} {'yes' if u['setmaxnreg'] else 'no':>4}  {describe(e)}"
               + (f"  <- {'; '.join(bad)}" if bad else ""))

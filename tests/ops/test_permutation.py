@@ -492,3 +492,64 @@ def test_permute_unpermute_bad_input(kind, exc, match):
     call = _perm_bad(kind)
     with pytest.raises(exc, match=match):
         call()
+
+
+# --- a caller's Sorted is checked where an op takes it -----------------------------------------------------------
+def _user_sorted(T=5, k=2, E=3, capacity=None):
+    """A valid Sorted as a caller builds it (a plain Sorted of sort_by_expert's tensors) and x [T, 4]."""
+    s = ops.sort_by_expert(rand_experts(T, k, E), E, capacity)
+    return ops.Sorted(s.order.clone(), s.inverse.clone(), s.offsets.clone()), torch.randn(T, 4, dtype=torch.float64)
+
+
+def test_a_valid_callers_sorted_runs_as_the_packages_own(backend):
+    s, x = _user_sorted(capacity=2)
+    made = ops.sort_by_expert(torch.zeros(1, 1, dtype=torch.long), 1)
+    assert type(made) is not ops.Sorted and isinstance(made, ops.Sorted)     # the package's own: never re-checked
+    y = ops.permute(x, s)
+    assert torch.equal(ops.unpermute(y, s), ops.unpermute(ops.permute(x, s), s))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("repeated-row", r"sorted.inverse must give each of the 8 kept rows to exactly one pair, got 8 kept pairs on 1"),
+    ("offsets-start", r"sorted.offsets must be non-decreasing from 0"),
+    ("offsets-decrease", r"sorted.offsets must be non-decreasing from 0"),
+    ("offsets-past-pairs", r"sorted.offsets must be non-decreasing from 0 to the kept count <= T\*k = 10"),
+    ("inverse-past-kept", r"sorted.inverse must hold a row in \[0, \d+\) .* or -1 for each pair, got \d+ at pair"),
+    ("inverse-below-sentinel", r"sorted.inverse must hold a row .*got -2 at pair 3 \(token 1, slot 1\)"),
+    ("order-not-inverse", r"sorted.order must map each kept row back to its pair"),
+    ("int64", r"sorted.inverse must have dtype in \(int32\)"),
+    ("order-shape", r"sorted.order must have shape \(10\)"),
+])
+def test_a_callers_invalid_sorted_is_refused_by_name(case, match):
+    s, x = _user_sorted()
+    order, inverse, offsets = s
+    if case == "repeated-row":      # the example of a Sorted that made unpermute's backward read unwritten rows
+        x = torch.randn(4, 4, dtype=torch.float64)
+        order, inverse, offsets = (torch.arange(8, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int32),
+                                   torch.tensor([0, 8], dtype=torch.int32))
+    elif case == "offsets-start":
+        offsets = offsets + 1
+    elif case == "offsets-decrease":
+        offsets = offsets.flip(0)
+    elif case == "offsets-past-pairs":
+        offsets = offsets.clone()
+        offsets[-1] = 11
+    elif case == "inverse-past-kept":
+        inverse = inverse.clone()
+        inverse[2, 0] = 10
+    elif case == "inverse-below-sentinel":
+        inverse = inverse.clone()
+        inverse[1, 1] = -2
+    elif case == "order-not-inverse":
+        order = order.clone()
+        order[[0, 1]] = order[[1, 0]]
+    elif case == "int64":
+        inverse = inverse.long()
+    elif case == "order-shape":
+        order = order[:-1]
+    bad = ops.Sorted(order, inverse, offsets)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.permute(x, bad)
+    y = torch.randn(order.shape[0] if case != "order-shape" else 10, 4, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.unpermute(y, bad)
