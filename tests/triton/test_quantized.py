@@ -315,7 +315,9 @@ def test_compiles_fullgraph(monkeypatch):
 
 
 # --- GPU only -------------------------------------------------------------------------------------------------------
-def _gpu_inputs(T, fmt, dtype=torch.bfloat16, E=128, k=8, D=2048, H=768):
+def _gpu_inputs(T, fmt, dtype=torch.bfloat16, E=32, k=8, D=2048, H=768):
+    """Qwen3-30B-A3B's expert widths (D 2048, H 768, top-8), 32 of its 128 experts (the float64 reference of the
+    dequantised weights runs on the CPU)."""
     i = _inputs(T, D, H, E, k, fmt, dtype)
     return {n: (v.to("cuda") if isinstance(v, (torch.Tensor, ops.QuantizedWeight)) else v) for n, v in i.items()}
 
@@ -327,9 +329,9 @@ def _check_on_cpu(i, out, dtype, fake_quant=False):
 
 @GPU
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T", [1, 16, 64, 512])
+@pytest.mark.parametrize("T", [1, 16, 64, 512, 2048])
 def test_bf16_at_real_sizes(T, fmt, monkeypatch):
-    # Qwen3-30B-A3B's expert shapes (E 128, k 8, D 2048, H 768), decode to prefill
+    # decode (m16 / m64 tiles) to prefill (mid, then large tiles)
     i = _gpu_inputs(T, fmt)
     _check_on_cpu(i, _run_triton(i, monkeypatch), torch.bfloat16)
 
@@ -356,7 +358,7 @@ def test_cuda_graph_capture_of_a_decode_step(fmt):
         with torch.cuda.graph(g):
             out = run()
         i["x"].copy_(torch.randn_like(i["x"]))
-        i["experts"].copy_(rand_experts(4, 8, 128).cuda())
+        i["experts"].copy_(rand_experts(4, 8, 32).cuda())
         g.replay()
         torch.testing.assert_close(out, run(), rtol=0, atol=0)
     assert not math.isnan(out.float().sum().item())
