@@ -20,8 +20,8 @@ from moe_kernels.triton.activations) in its epilogue, the down projection on the
 weighted combine per token in slot order (permutation.unpermute). Row tiles follow the device schedule of
 grouped_gemm (tile_end); the grid is cdiv(rows, BLOCK_M) + min(E, rows) row tiles (each non-empty expert adds at
 most one partial tile), so decode launches few programs whatever E. With T <= 64 tokens, BLOCK_M is T rounded up to
-a power of two (16 to 64): an expert holds at most T rows (top-k picks distinct experts), so each active expert's
-weights are read once. No host syncs: grids come from shapes only.
+a power of two (16 to 64; 16 or 64 on the FP8 x FP8 path): an expert holds at most T rows (top-k picks distinct
+experts), so each active expert's weights are read once. No host syncs: grids come from shapes only.
 """
 import os
 
@@ -209,8 +209,9 @@ def quant_config_name(tokens: int, rows: int, num_experts: int, dtype: torch.dty
     if dtype == torch.float32:
         return "fp32"
     avg = rows / max(num_experts, 1)
-    if a_fp8:
-        return "fp8x8_m16" if tokens <= 16 or avg <= 16 else "fp8x8_gated" if gated else "fp8x8"
+    if a_fp8:       # 64-row tiles (fp8 wgmma) from 17 tokens on: decode reads each expert's weights once
+        small = tokens <= 16 or (tokens > 64 and avg <= 16)
+        return "fp8x8_m16" if small else "fp8x8_gated" if gated else "fp8x8"
     if tokens <= 64:
         return f"m{max(16, triton.next_power_of_2(tokens))}"
     if avg <= 32:

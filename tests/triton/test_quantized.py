@@ -279,6 +279,7 @@ def test_decode_tiles_hold_every_row_of_an_expert():
         for gated in (False, True):
             BM = tq.QUANT_CONFIGS[tq.quant_config_name(T, T * 8, 256, torch.bfloat16, gated)][0]
             assert T <= BM <= max(16, 2 * T)
+            assert tq.QUANT_CONFIGS[tq.quant_config_name(T, T * 8, 256, torch.bfloat16, gated, a_fp8=True)][0] >= T
 
 
 def test_every_config_is_in_the_compile_list():
