@@ -191,7 +191,7 @@ QUANT_CONFIGS = {
     "m32": (32, 64, 64, 4, 4),
     "m64": (64, 64, 64, 8, 3),
     "mid": (64, 128, 64, 8, 3),
-    "mid_gated": (64, 64, 64, 8, 3),
+    "mid_gated": (64, 64, 32, 8, 4),
     "large": (128, 128, 32, 8, 3),
     "large_gated": (128, 64, 32, 8, 3),
     "k32": (16, 64, 32, 4, 2),           # fp8 blocks whose bk another tile's BLOCK_K would split
