@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # All that a session with a GPU runs, in one command that fits a 15-minute lease with its start-up: the steps'
-# timeouts sum to 480 s (the device tool allows 600 s per command), a typical run ~7 min. No install, no network:
+# timeouts sum to 530 s (the device tool allows 600 s per command), a typical run ~7.5 min. No install, no network:
 # the python that holds torch+triton (PY, default python3) runs the repo from PYTHONPATH.
 #   STEPS="check tune bench profile" bash benchmarks/gpu_session.sh        (the default: all four, in this order)
 # Steps, with their estimated wall time on an H100 with a cold Triton cache (most of check is compiling):
 #   setup     ~10 s               the card, torch and triton versions
-#   check     ~80 s  (110 + 30 s) benchmarks.gpu_check: bf16 forward+backward of ops.moe_mlp on each engine forced
+#   check     ~90 s  (110 + 60 s) benchmarks.gpu_check: bf16 forward+backward of ops.moe_mlp on each engine forced
 #                                 (torch, tma, triton) at Mixtral and Qwen3-30B-A3B sizes, most experts empty, pairs
-#                                 dropped by a capacity, against float64 on the GPU; then the GPU test
-#                                 tests/triton/test_expert_mlp.py::test_bf16_at_real_sizes_on_gpu
-#   tune      ~160 s (170 s)      moe_kernels.tools.tune_gemm (--budget 140 s): engine per role and tiles, written
+#                                 dropped by a capacity, against float64 on the GPU; then the GPU tests
+#                                 tests/triton/test_expert_mlp.py::test_bf16_at_real_sizes_on_gpu and
+#                                 tests/triton/test_quantized.py (FP8 / MXFP4 experts, FP8 x FP8, graph capture)
+#   tune      ~140 s (150 s)      moe_kernels.tools.tune_gemm (--budget 120 s): engine per role and tiles, written
 #                                 into moe_kernels/triton/configs/ (read by bench and profile) and copied to $OUT
-#   bench     ~110 s (130 s)      expert_mlp at Mixtral T16384, Qwen3-30B-A3B T32768, OLMoE T16384, DeepSeek-V3
+#   bench     ~140 s (170 s)      expert_mlp at Mixtral T16384, Qwen3-30B-A3B T32768, OLMoE T16384, DeepSeek-V3
 #                                 T4096 (fwd, fwd+bwd) and Mixtral decode T1/T4/T8 against torch grouped_mm,
-#                                 transformers and the dense cuBLAS rate; the soft_moe cases
+#                                 transformers and the dense cuBLAS rate; Mixtral decode with bf16 / FP8 / MXFP4
+#                                 weights against the copy rate of their bytes; the OLMoE LoRA step against PEFT
+#                                 (when peft is installed); the soft_moe cases
 #   profile   ~25 s  (40 s)       per-kernel CUDA time of Mixtral T16384 forward+backward and each role's engine
 # Output goes to $OUT (default benchmarks/results/gpu-session): while it runs, plain files under $OUT/session
 # (returned even if the command is killed); at the end one archive $OUT/gpu-session.tgz and $OUT/summary.md. The
@@ -53,16 +56,16 @@ if has check; then
   echo "gpu_check exit $?" >> "$SUM"
   grep -E "^(FAIL|gpu_check:)" "$S/check.log" | cut -c1-400 >> "$SUM"
   grep -q "^gpu_check:" "$S/check.log" || tail -5 "$S/check.log" | cut -c1-300 >> "$SUM"
-  timeout -k 5 "${TEST_TIMEOUT:-30}" $PY -m pytest "tests/triton/test_expert_mlp.py::test_bf16_at_real_sizes_on_gpu" -q \
-      -p no:cacheprovider -rs > "$S/tests.log" 2>&1
-  echo "test_bf16_at_real_sizes_on_gpu exit $?: $(tail -1 "$S/tests.log")" >> "$SUM"
+  timeout -k 5 "${TEST_TIMEOUT:-60}" $PY -m pytest "tests/triton/test_expert_mlp.py::test_bf16_at_real_sizes_on_gpu" \
+      tests/triton/test_quantized.py -q -p no:cacheprovider -rs > "$S/tests.log" 2>&1
+  echo "GPU tests (bf16 at real sizes, quantized experts) exit $?: $(tail -1 "$S/tests.log")" >> "$SUM"
   grep -E "^(FAILED|ERROR)" "$S/tests.log" | cut -c1-300 >> "$SUM"
   tail -2 "$SUM"
 fi
 
 if has tune; then
   begin tune
-  timeout -k 5 "${TUNE_TIMEOUT:-170}" $PY -m moe_kernels.tools.tune_gemm --budget "${TUNE_BUDGET:-140}" \
+  timeout -k 5 "${TUNE_TIMEOUT:-150}" $PY -m moe_kernels.tools.tune_gemm --budget "${TUNE_BUDGET:-120}" \
       --out moe_kernels/triton/configs > "$S/tune.log" 2>&1
   rc=$?
   files=$(sed -n 's/^wrote //p' "$S/tune.log")
@@ -73,9 +76,10 @@ fi
 
 if has bench; then
   begin bench
-  timeout -k 5 "${BENCH_TIMEOUT:-130}" $PY -m benchmarks --device cuda --no-memory --no-plots --out "$S" \
+  timeout -k 5 "${BENCH_TIMEOUT:-170}" $PY -m benchmarks --device cuda --no-memory --no-plots --out "$S" \
       --only "Mixtral T16384-" "Qwen3-30B-A3B T32768-" "OLMoE T16384-" "DeepSeek-V3 T4096-" "Mixtral T1-" \
-      "Mixtral T4-" "Mixtral T8-" soft_moe ${BENCH_ARGS:-} > "$S/bench-$card.log" 2>&1
+      "Mixtral T4-" "Mixtral T8-" "Mixtral bf16-w T1-" "Mixtral bf16-w T8-" "Mixtral fp8-w T8-" \
+      "Mixtral mxfp4-w T8-" "OLMoE LoRA-r16" soft_moe ${BENCH_ARGS:-} > "$S/bench-$card.log" 2>&1
   echo "bench exit $?" | tee -a "$SUM"
   json=$(ls "$S"/*.json 2>/dev/null | head -1)
   if [[ -n "$json" ]]; then
