@@ -55,8 +55,6 @@ MlpArgs mlp_args(const char* op, const at::Tensor& x, const at::Tensor& gate_up,
   return m;
 }
 
-at::Tensor bias_row(const at::Tensor& bias, int64_t e) { return bias.defined() ? to_gemm(bias[e]) : at::Tensor(); }
-
 // -> (out [T, O], pre-activation [T*k, H2] in x's dtype (rows of pairs not kept zero; [0] unless saved),
 //     order, inverse, offsets)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_forward(
@@ -74,23 +72,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
   auto r = routed_forward("moe_mlp_forward", m.x, experts, weights, m.E, m.O, capacity,
                           [&](int64_t e, int64_t lo, int64_t hi, const at::Tensor& token, const at::Tensor& y) {
     if (hi - lo <= kStreamRows) {
-      dispatch_x_y(m.x, y, [&](const auto* x, auto* y_data) {
-        using x_t = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
-        using acc_t = acc_of<x_t>;
-        const auto b_up = widened_row<x_t, acc_t>(m.gate_up_bias, e, m.H2);
-        const auto b_down = widened_row<x_t, acc_t>(m.down_bias, e, m.O);
-        const x_t* w_up = m.gate_up.const_data_ptr<x_t>() + e * m.H2 * m.D;
-        const x_t* w_down = m.down.const_data_ptr<x_t>() + e * m.O * m.H;
-        few_rows_forward<x_t, acc_t>(
-            x, m.D, token.const_data_ptr<int32_t>() + lo, hi - lo, m.H2, m.O, m.act, m.gated,
-            [&](const acc_t* a, int64_t rows, acc_t* out) {
-              stream_rows(a, rows, m.D, w_up, m.H2, b_up.empty() ? nullptr : b_up.data(), out);
-            },
-            [&](const acc_t* a, int64_t rows, acc_t* out) {
-              stream_rows(a, rows, m.H, w_down, m.O, b_down.empty() ? nullptr : b_down.data(), out);
-            },
-            save_for_backward ? h_pre.mutable_data_ptr<x_t>() + lo * m.H2 : nullptr, y_data + lo * m.O);
-      });
+      few_rows_expert(
+          m.x, y, token, e, lo, hi, m.H2, m.O, m.gate_up_bias, m.down_bias, m.act, m.gated,
+          [&](auto x_tag, int which, const auto* a, int64_t rows, const auto* bias, auto* out) {
+            using x_t = std::remove_cv_t<std::remove_pointer_t<decltype(x_tag)>>;
+            if (which == 0) {
+              stream_rows(a, rows, m.D, m.gate_up.const_data_ptr<x_t>() + e * m.H2 * m.D, m.H2, bias, out);
+            } else {
+              stream_rows(a, rows, m.H, m.down.const_data_ptr<x_t>() + e * m.O * m.H, m.O, bias, out);
+            }
+          },
+          save_for_backward ? h_pre : at::Tensor());
       return;
     }
     expert_rows_forward(
@@ -195,6 +187,8 @@ void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t
               op, ": weights must be a floating [T, k] = [", T, ", ", k, "] tensor, got ", weights.sizes(), " ",
               weights.scalar_type());
 }
+
+at::Tensor bias_row(const at::Tensor& bias, int64_t e) { return bias.defined() ? to_gemm(bias[e]) : at::Tensor(); }
 
 at::Tensor bias_arg(const char* op, const char* name, const std::optional<at::Tensor>& bias, int64_t E, int64_t n,
                     at::ScalarType dtype) {

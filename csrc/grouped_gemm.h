@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -221,79 +222,125 @@ Fn pick_isa(Fn baseline, Fn avx2, Fn avx512) {
   return by_level[static_cast<int>(cpu_isa())];
 }
 
-// The weights of a streaming GEMM as its kernel reads them: row(m) is row m of the [M, K] matrix, whose
-// load<VB, acc_t>(k, w0, w1) gives columns [k, k + 2n) (n = VB / sizeof(acc_t) lanes) as two vectors in the order
-// the rows of a are laid out in, and load_tail<VB, acc_t>(k, rest, w0, w1) the last rest < 2n columns,
-// zero-padded; bytes_per_row() is what a row takes in memory. PlainRows: the matrix in its storage dtype w_t (the
-// quantized ones: quantized.cpp).
+// The weights of a streaming GEMM as its kernel reads them: row(m) is row m of the [M, K] matrix, a Row whose
+// load<VB, acc_t>(k, w) gives the kVectors vectors w of n = VB / sizeof(acc_t) lanes that columns [k, k + kVectors n)
+// multiply, in the order the rows of a are laid out in, and load_tail<VB, acc_t>(k, rest, w) the last rest of them,
+// zero-padded; bytes_per_row() is what a row takes in memory. A Row with kStepScale loads (k, w, scale) instead:
+// the step's products are summed unscaled, then times the vector scale (a power of two a lane: exact). A Row with
+// kFlagsNaN may leave NaN weights out of w and say so by nan_seen() after the row: its dot products are then NaN.
+// PlainRows: the matrix in its storage dtype w_t, two vectors a step (the quantized ones: quantized.cpp).
 template <typename w_t>
 struct PlainRows {
   const w_t* w;
   int64_t K;
   struct Row {
+    static constexpr int kVectors = 2;
+    static constexpr bool kStepScale = false, kFlagsNaN = false;
     const w_t* p;
     template <int VB, typename acc_t>
-    inline __attribute__((always_inline)) void load(int64_t k, Vec<acc_t, VB>& w0, Vec<acc_t, VB>& w1) const {
+    inline __attribute__((always_inline)) void load(int64_t k, Vec<acc_t, VB> (&v)[kVectors]) {
       constexpr int64_t n = VB / sizeof(acc_t);
-      w0 = load_widened<w_t, acc_t, VB>(p + k);
-      w1 = load_widened<w_t, acc_t, VB>(p + k + n);
+      v[0] = load_widened<w_t, acc_t, VB>(p + k);
+      v[1] = load_widened<w_t, acc_t, VB>(p + k + n);
     }
     template <int VB, typename acc_t>
-    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t rest, Vec<acc_t, VB>& w0,
-                                                         Vec<acc_t, VB>& w1) const {
+    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t rest, Vec<acc_t, VB> (&v)[kVectors]) {
       constexpr int64_t n = VB / sizeof(acc_t);
       w_t pad[2 * n] = {};
       std::memcpy(pad, p + k, rest * sizeof(w_t));
-      w0 = load_widened<w_t, acc_t, VB>(pad);
-      w1 = load_widened<w_t, acc_t, VB>(pad + n);
+      v[0] = load_widened<w_t, acc_t, VB>(pad);
+      v[1] = load_widened<w_t, acc_t, VB>(pad + n);
     }
   };
   Row row(int64_t m) const { return {w + m * K}; }
   int64_t bytes_per_row() const { return K * static_cast<int64_t>(sizeof(w_t)); }
 };
 
+// The sum of v's lanes, pairwise: the lower half plus the upper half, until one lane is left.
+template <typename V>
+inline __attribute__((always_inline)) auto sum_halves(V v) {
+  using T = std::remove_reference_t<decltype(v[0])>;
+  constexpr int L = sizeof(V) / sizeof(T);
+  if constexpr (L == 1) {
+    return v[0];
+  } else {
+    typedef T H __attribute__((vector_size(sizeof(V) / 2)));
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return sum_halves(lo + hi);
+  }
+}
+
 // res[r] = sum_k a[r * K + k] * w[k] for R rows of a, each element of w loaded once for all of them. Each row keeps
-// two vectors of partial sums (2 * VB / sizeof(acc_t) lanes), combined pairwise: a fixed order that does not
-// depend on the other rows, so a row gets the same bits whatever rows share its expert.
+// two vectors of partial sums (four in the AVX-512 build for rows of four or more vectors a step; vector s of a step
+// adds into partial sum s mod their count), combined pairwise: a fixed order that does not depend on the other rows,
+// so a row gets the same bits whatever rows share its expert. With kStepScale, a step's products go to two sums
+// (vector s into sum s mod 2), whose total times the step's scale adds into the row's first partial sum.
 template <int R, int VB, typename Row, typename acc_t>
-inline __attribute__((always_inline)) void dot_rows(const acc_t* a, int64_t K, const Row& w, acc_t* res) {
+inline __attribute__((always_inline)) void dot_rows(const acc_t* a, int64_t K, Row w, acc_t* res) {
   constexpr int64_t n = VB / sizeof(acc_t);
+  constexpr int S = Row::kVectors;  // vectors a step
+  constexpr bool kStep = Row::kStepScale;
+  constexpr int A = S >= 4 && VB == 64 && !kStep ? 4 : 2;  // partial sums a row
   using V = Vec<acc_t, VB>;
-  V acc[R][2] = {};
+  V acc[R][A] = {};
+  // (the step is written out twice, for the full steps and the tail: GCC keeps acc in registers only so)
   int64_t k = 0;
-  for (; k + 2 * n <= K; k += 2 * n) {
-    V w0, w1;
-    w.template load<VB, acc_t>(k, w0, w1);
+  for (; k + S * n <= K; k += S * n) {
+    V wv[S], scale = {};
+    if constexpr (kStep) {
+      w.template load<VB, acc_t>(k, wv, scale);
+    } else {
+      w.template load<VB, acc_t>(k, wv);
+    }
     for (int r = 0; r < R; ++r) {
-      V a0, a1;
-      std::memcpy(&a0, a + r * K + k, sizeof(a0));
-      std::memcpy(&a1, a + r * K + k + n, sizeof(a1));
-      acc[r][0] += a0 * w0;
-      acc[r][1] += a1 * w1;
+      V part[2] = {};
+      for (int v = 0; v < S; ++v) {
+        V av;
+        std::memcpy(&av, a + r * K + k + v * n, sizeof(av));
+        if constexpr (kStep) {
+          part[v % 2] += av * wv[v];
+        } else {
+          acc[r][v % A] += av * wv[v];
+        }
+      }
+      if constexpr (kStep) acc[r][0] += (part[0] + part[1]) * scale;
     }
   }
   if (k < K) {  // the tail, zero-padded to a full step: its products land in the lanes like any others
     const int64_t rest = K - k;
-    V w0, w1;
-    w.template load_tail<VB, acc_t>(k, rest, w0, w1);
+    V wv[S], scale = {};
+    if constexpr (kStep) {
+      w.template load_tail<VB, acc_t>(k, rest, wv, scale);
+    } else {
+      w.template load_tail<VB, acc_t>(k, rest, wv);
+    }
     for (int r = 0; r < R; ++r) {
-      acc_t a_pad[2 * n] = {};
+      acc_t a_pad[S * n] = {};
       std::memcpy(a_pad, a + r * K + k, rest * sizeof(acc_t));
-      V a0, a1;
-      std::memcpy(&a0, a_pad, sizeof(a0));
-      std::memcpy(&a1, a_pad + n, sizeof(a1));
-      acc[r][0] += a0 * w0;
-      acc[r][1] += a1 * w1;
+      V part[2] = {};
+      for (int v = 0; v < S; ++v) {
+        V av;
+        std::memcpy(&av, a_pad + v * n, sizeof(av));
+        if constexpr (kStep) {
+          part[v % 2] += av * wv[v];
+        } else {
+          acc[r][v % A] += av * wv[v];
+        }
+      }
+      if constexpr (kStep) acc[r][0] += (part[0] + part[1]) * scale;
     }
   }
   for (int r = 0; r < R; ++r) {
-    const V s = acc[r][0] + acc[r][1];
-    acc_t lanes[n];
-    std::memcpy(lanes, &s, sizeof(lanes));
-    for (int64_t width = n / 2; width > 0; width /= 2) {
-      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    V s = acc[r][0] + acc[r][1];
+    if constexpr (A == 4) s += acc[r][2] + acc[r][3];
+    res[r] = sum_halves(s);
+  }
+  if constexpr (Row::kFlagsNaN) {
+    if (w.nan_seen()) {
+      for (int r = 0; r < R; ++r) res[r] = std::numeric_limits<acc_t>::quiet_NaN();
     }
-    res[r] = lanes[0];
   }
 }
 
@@ -307,14 +354,17 @@ inline __attribute__((always_inline)) void stream_block(const acc_t* a, int64_t 
   }
 }
 
+// out[r, m] = sum_k a[r, k] w[m, k] (+ bias[m]) for rows m in [m_lo, m_hi) (m_hi < 0: M) of w, out [rows, M].
 // Rows of w are taken in blocks of about 16 KiB, so that every group of up to 4 rows of a after the first finds
 // the block in L1: w is read from memory once however many rows a has.
 template <int VB, typename Rows, typename acc_t>
 inline __attribute__((always_inline)) void stream_rows_impl(const acc_t* a, int64_t rows, int64_t K, Rows& w,
-                                                            int64_t M, const acc_t* bias, acc_t* out) {
+                                                            int64_t M, const acc_t* bias, acc_t* out,
+                                                            int64_t m_lo = 0, int64_t m_hi = -1) {
   const int64_t block = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, w.bytes_per_row()));
-  for (int64_t m0 = 0; m0 < M; m0 += block) {
-    const int64_t m1 = std::min(M, m0 + block);
+  if (m_hi < 0) m_hi = M;
+  for (int64_t m0 = m_lo; m0 < m_hi; m0 += block) {
+    const int64_t m1 = std::min(m_hi, m0 + block);
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) stream_block<4, VB>(a + r * K, K, w, m0, m1, M, bias, out + r * M);
     switch (rows - r) {
@@ -418,6 +468,9 @@ void check_weights(const char* op, const at::Tensor& weights, int64_t T, int64_t
 at::Tensor bias_arg(const char* op, const char* name, const std::optional<at::Tensor>& bias, int64_t E, int64_t n,
                     at::ScalarType dtype);
 
+// Row e of a bias [E, n] in its GEMM dtype, or undefined without a bias.
+at::Tensor bias_row(const at::Tensor& bias, int64_t e);
+
 // Row e of a bias [E, n] (x_t) widened to acc_t, or empty without a bias.
 template <typename x_t, typename acc_t>
 std::vector<acc_t> widened_row(const at::Tensor& bias, int64_t e, int64_t n) {
@@ -485,6 +538,32 @@ void dispatch_x_y(const at::Tensor& x, const at::Tensor& y, const Fn& fn) {
     } else {
       fn(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<acc_of<scalar_t>>());
     }
+  });
+}
+
+// few_rows_forward of expert e's rows [lo, hi) (token: the token of each expert-ordered row, int32) in x's dtype,
+// with its biases widened: gemm(x_tag, which, a, rows, bias, out) streams projection `which` (0: gate_up [H2, D],
+// 1: down [O, H]) of the expert, out = a @ w^T + bias (bias nullable), x_tag a null x_t* naming x's dtype. h_pre
+// [T*k, H2] in x's dtype, when defined, gets the rows' pre-activations.
+template <typename Gemm>
+void few_rows_expert(const at::Tensor& x, const at::Tensor& y, const at::Tensor& token, int64_t e, int64_t lo,
+                     int64_t hi, int64_t H2, int64_t O, const at::Tensor& up_bias, const at::Tensor& down_bias,
+                     const Activation& act, bool gated, const Gemm& gemm, const at::Tensor& h_pre = at::Tensor()) {
+  dispatch_x_y(x, y, [&](const auto* x_data, auto* y_data) {
+    using x_t = std::remove_cv_t<std::remove_pointer_t<decltype(x_data)>>;
+    using acc_t = acc_of<x_t>;
+    const auto b_up = widened_row<x_t, acc_t>(up_bias, e, H2);
+    const auto b_down = widened_row<x_t, acc_t>(down_bias, e, O);
+    const x_t* tag = nullptr;
+    few_rows_forward<x_t, acc_t>(
+        x_data, x.size(1), token.const_data_ptr<int32_t>() + lo, hi - lo, H2, O, act, gated,
+        [&](const acc_t* a, int64_t rows, acc_t* out) {
+          gemm(tag, 0, a, rows, b_up.empty() ? nullptr : b_up.data(), out);
+        },
+        [&](const acc_t* a, int64_t rows, acc_t* out) {
+          gemm(tag, 1, a, rows, b_down.empty() ? nullptr : b_down.data(), out);
+        },
+        h_pre.defined() ? h_pre.mutable_data_ptr<x_t>() + lo * H2 : nullptr, y_data + lo * O);
   });
 }
 

@@ -118,6 +118,21 @@ def _reference(x, experts, weights, format, up_data, up_scale, down_data, down_s
 
 _backend.register("moe_mlp_quantized", "reference", _reference)
 
+
+def _native(x, experts, weights, format, up_data, up_scale, down_data, down_scale, block_n, block_k, gate_up_bias,
+            down_bias, activation, gated, capacity):
+    """The native CPU op: dequantises inside its kernels, a vector at a time (decode) or an expert's rows at a time
+    into a per-thread buffer in the GEMM dtype; an activation spec it does not compute runs on the reference."""
+    if not _backend.native_takes(activation):
+        return _reference(x, experts, weights, format, up_data, up_scale, down_data, down_scale, block_n, block_k,
+                          gate_up_bias, down_bias, activation, gated, capacity)
+    return torch.ops.moe_kernels_C.moe_mlp_quantized(x, experts, weights, format, up_data, up_scale, down_data,
+                                                     down_scale, block_n, block_k, gate_up_bias, down_bias,
+                                                     activation, gated, -1 if capacity is None else capacity)
+
+
+_backend.register("moe_mlp_quantized", "native", _native)
+
 from .. import triton as _triton  # noqa: E402
 
 if _triton.AVAILABLE:

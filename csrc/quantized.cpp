@@ -1,0 +1,742 @@
+// The expert MLP with quantized expert weights on CPU (the native backend of moe_kernels::moe_mlp_quantized,
+// inference): FP8 block-scaled and MXFP4 weights (moe_kernels.reference.quantized), dequantised inside the kernels,
+// never as a whole weight.
+//
+// The forward around the experts is the float expert MLP's (routed_forward, grouped_gemm.h): the pairs sorted by
+// expert, the experts run by for_each_group, the weighted combine in slot order. Per expert:
+// - up to kStreamRows rows (decode): the streaming kernel of stream_rows (dot_rows, grouped_gemm.h) reading
+//   quantized rows: each weight row is read from memory once and dequantised in registers, for the dot products of
+//   all the expert's rows. The rows of x are laid out so that the codes a 32-bit lane packs (four e4m3, eight e2m1)
+//   multiply lanes of as many vectors, each code taken out with shifts, without cross-lane shuffles.
+//   FP8: the e4m3 bits moved into a float32's exponent and mantissa (e4m3's subnormals land on float32's: the value
+//   times 2^-120, exactly), the block scales times 2^120 folded into a copy of x's rows once per block of bn weight
+//   rows, NaN codes noted once per 64 bytes. MXFP4: each nibble through a permute of the 16 e2m1 values, a step's
+//   products summed unscaled, then times its scales (powers of two: exact).
+// - more rows: the expert's weight dequantised (in chunks of rows of up to kKeptSlotBytes) into a per-thread kept
+//   buffer in the GEMM dtype (bfloat16 where bf16_gemm(), else float32; float64 for float64 x) by the same row
+//   decoders, then the float expert MLP's GEMMs and activation on it.
+// The bit conversion of FP8 is exact where denormals are read as they are (not under DAZ, as
+// torch.set_flush_denormal(True) sets) and the scales are below 2^8; elsewhere, and in float64, the FP8 rows go
+// through a 256-entry table of the e4m3 values times the scale, and MXFP4 in float64 through tables.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "grouped_gemm.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+namespace moe_kernels {
+namespace {
+
+enum class Format { fp8, mxfp4 };
+
+// One expert's quantized projection [M, K] (moe_kernels.reference.quantized).
+struct QMatrix {
+  Format format;
+  const uint8_t* data;  // fp8: [M, K] e4m3 codes; mxfp4: [M, K / 2], two e2m1 codes a byte (low nibble first)
+  const float* fp8_scale;      // fp8: [ceil(M / bn), ceil(K / bk)]
+  const uint8_t* mx_scale;     // mxfp4: [M, K / 32] e8m0 exponents
+  int64_t M, K, bn, bk;
+  bool fp8_bits;  // fp8: the bit conversion is exact here (see Fp8Rows)
+};
+
+// The values of the codes, exact: e4m3fn (NaN at 0x7f and 0xff) in float32 and float64, e8m0 (2^(s - 127), NaN at
+// 255) in float64.
+struct Tables {
+  float fp8[256];
+  double fp8_f64[256];
+  double e8m0[256];
+  Tables() {
+    for (int c = 0; c < 256; ++c) {
+      const int e = (c >> 3) & 15, m = c & 7;
+      double v = (c & 0x7f) == 0x7f ? std::numeric_limits<double>::quiet_NaN()
+                                     : (e == 0 ? std::ldexp(m, -9) : std::ldexp(8 + m, e - 10));
+      fp8_f64[c] = c & 0x80 ? -v : v;
+      fp8[c] = static_cast<float>(fp8_f64[c]);
+      e8m0[c] = c == 255 ? std::numeric_limits<double>::quiet_NaN() : std::ldexp(1.0, c - 127);
+    }
+  }
+};
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+template <typename acc_t>
+const acc_t* fp8_table() {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return tables().fp8_f64;
+  } else {
+    return tables().fp8;
+  }
+}
+
+// The 16 e2m1 values (sign bit 3, exponent bits 1-2, mantissa bit 0).
+alignas(64) constexpr float kE2m1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                         -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+template <typename T, int N>
+struct VecN {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+
+// The row sources of the quantized weights for the streaming kernel (the PlainRows interface, grouped_gemm.h), and
+// the layout of a's rows they read them against: kInterleave G = 1, a's columns as they are; else (G = kVectors)
+// lane i of vector j of a step holds column G i + j of the step, so that the codes packed in one 32-bit lane (four
+// e4m3, eight e2m1) land in the same lane of G vectors, each taken out with a shift (no cross-lane shuffle). a's rows
+// are copied into that layout zero-padded to a whole number of steps (Kp columns): a step past K reads the codes and
+// scales zero-padded too (load never reads past a row), and load_tail is never reached.
+
+// The FP8 scales of the row block of the rows being read, spread over the columns (times a factor; zero past K):
+// update(m) makes them row m's, and says whether they changed (the rows come in order, a block of bn at a time).
+template <typename acc_t>
+struct BlockScales {
+  const float* scale;
+  int64_t K, bn, bk, kb;
+  acc_t factor;
+  std::vector<acc_t> col;  // [Kp]
+  int64_t lo = 0, hi = 0;  // the rows of the current block
+  BlockScales(const QMatrix& w, int64_t Kp, acc_t factor)
+      : scale(w.fp8_scale), K(w.K), bn(w.bn), bk(w.bk), kb((w.K + w.bk - 1) / w.bk), factor(factor), col(Kp) {}
+  bool update(int64_t m) {
+    if (m >= lo && m < hi) return false;
+    const int64_t b = m / bn;
+    lo = b * bn;
+    hi = lo + bn;
+    const float* s = scale + b * kb;
+    for (int64_t j = 0; j < kb; ++j) {
+      const acc_t v = static_cast<acc_t>(s[j]) * factor;
+      for (int64_t k = j * bk; k < std::min(K, (j + 1) * bk); ++k) col[k] = v;
+    }
+    return true;
+  }
+};
+
+// FP8 as float32 by its bits: code j of each 32-bit lane moved to the top byte, then its exponent and mantissa into
+// a float32's (e4m3's subnormals land on float32's: value * 2^-120, exactly where denormals are read as they are),
+// the sign kept. kScaled: times the scale of the column's block * 2^120 (exact for scales below 2^8; else the
+// caller has folded the scales into a: fp8_stream). kLaneNaN: NaN codes made NaN in their lanes; else a step
+// only notes whether it has one (a test of its 64 bytes at once), and the row's dot products are NaN (kFlagsNaN).
+template <int VB, bool kScaled, bool kLaneNaN>
+struct Fp8BitRows {
+  static constexpr int n = VB / 4, kVectors = 4, kInterleave = 4, kStep = 4 * n;
+  using V = Vec<float, VB>;
+  using U32 = typename VecN<uint32_t, n>::type;
+  using I32 = typename VecN<int32_t, n>::type;
+  const uint8_t* data;
+  int64_t K, Kp;
+  BlockScales<float> scales;
+  std::vector<float> col_scale;  // [Kp]: scales.col at each position of a's layout
+  Fp8BitRows(const QMatrix& w, int64_t Kp)
+      : data(w.data), K(w.K), Kp(Kp), scales(w, kScaled ? Kp : 0, 0x1p120f), col_scale(kScaled ? Kp : 0) {}
+  struct Row {
+    static constexpr int kVectors = 4;
+    static constexpr bool kStepScale = false, kFlagsNaN = !kLaneNaN;
+    const uint8_t* p;
+    const float* s;
+    int64_t K;
+    U32 nan = {};  // a byte 0x80 where a step had a NaN code (kFlagsNaN)
+    template <int VB_, typename acc_t>
+    inline __attribute__((always_inline)) void load(int64_t k, V (&w)[kVectors]) {
+      U32 raw;
+      if (k + kStep <= K) {
+        std::memcpy(&raw, p + k, sizeof(raw));
+      } else {
+        uint8_t pad[kStep] = {};
+        if (k < K) std::memcpy(pad, p + k, K - k);
+        std::memcpy(&raw, pad, sizeof(raw));
+      }
+      if constexpr (!kLaneNaN) {  // a byte of ~raw & 0x7f7f7f7f is zero where the code is NaN
+        const U32 y = ~raw & 0x7f7f7f7fu;
+        nan |= (y - 0x01010101u) & ~y & 0x80808080u;
+      }
+      for (int j = 0; j < kVectors; ++j) {
+        const I32 t = (I32)(raw << (24 - 8 * j));  // code j in the top byte
+        U32 bits = (U32)(t >> 4) & 0x87f00000u;
+        if constexpr (kLaneNaN) bits = ((U32)t & 0x7f000000u) == 0x7f000000u ? bits | 0x7fc00000u : bits;
+        std::memcpy(&w[j], &bits, sizeof(bits));
+        if constexpr (kScaled) {
+          V sc;
+          std::memcpy(&sc, s + k + j * n, sizeof(sc));
+          w[j] *= sc;
+        }
+      }
+    }
+    template <int VB_, typename acc_t>
+    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t, V (&w)[kVectors]) {
+      load<VB_, acc_t>(k, w);
+    }
+    bool nan_seen() const {
+      uint32_t any = 0;
+      for (int i = 0; i < n; ++i) any |= nan[i];
+      return any != 0;
+    }
+  };
+  Row row(int64_t m) {
+    if (kScaled && scales.update(m)) {
+      if (scales.bk % kStep == 0 && K % kStep == 0) {  // one scale a step: the layout's order is the columns'
+        std::copy(scales.col.begin(), scales.col.end(), col_scale.begin());
+      } else {
+        for (int64_t pos = 0; pos < Kp; ++pos) {
+          const int64_t in = pos % kStep;
+          col_scale[pos] = scales.col[pos - in + kInterleave * (in % n) + in / n];
+        }
+      }
+    }
+    return {data + m * K, col_scale.data(), K};
+  }
+  int64_t bytes_per_row() const { return K; }
+};
+
+// The MXFP4 weight the MXFP4 sources read: row m's codes and scales.
+struct Mxfp4Matrix {
+  const uint8_t* data;
+  const uint8_t* scale;
+  int64_t K;
+  Mxfp4Matrix(const QMatrix& w, int64_t) : data(w.data), scale(w.mx_scale), K(w.K) {}
+  const uint8_t* codes(int64_t m) const { return data + m * (K / 2); }
+  const uint8_t* scales(int64_t m) const { return scale + m * (K / 32); }
+  int64_t bytes_per_row() const { return K / 2 + K / 32; }
+};
+
+// MXFP4 as float32: nibble j of each 32-bit lane (code 8i + j of the step) through a permute of the 16 e2m1 values;
+// lanes 4q .. 4q + 3 share scale q of the step, 2^(s - 127) as float32 bits. kStepScale: the values unscaled and
+// the scales as the step's scale vector (the dot products scale the step's sums); else the values scaled.
+template <int VB, bool kStepScaled>
+struct Mxfp4BitRows : Mxfp4Matrix {
+  static constexpr int n = VB / 4, kVectors = 8, kInterleave = 8, kStep = 8 * n;
+  using V = Vec<float, VB>;
+  using U32 = typename VecN<uint32_t, n>::type;
+  using I32 = typename VecN<int32_t, n>::type;
+  using Mxfp4Matrix::Mxfp4Matrix;
+  struct Row {
+    static constexpr int kVectors = 8;
+    static constexpr bool kStepScale = kStepScaled, kFlagsNaN = false;
+    const uint8_t* p;
+    const uint8_t* s;
+    int64_t K;
+    template <int VB_, typename acc_t>
+    inline __attribute__((always_inline)) void load(int64_t k, V (&w)[kVectors], V& sv) {
+      U32 raw;
+      uint32_t sw = 0;
+      if (k + kStep <= K) {
+        std::memcpy(&raw, p + k / 2, sizeof(raw));
+        std::memcpy(&sw, s + k / 32, n / 4);
+      } else {  // past K: code 0 at scale 2^0
+        uint8_t pad[kStep / 2] = {}, spad[4] = {127, 127, 127, 127};
+        if (k < K) {
+          std::memcpy(pad, p + k / 2, (K - k) / 2);
+          std::memcpy(spad, s + k / 32, (K - k) / 32);
+        }
+        std::memcpy(&raw, pad, sizeof(raw));
+        std::memcpy(&sw, spad, n / 4);
+      }
+      U32 shift;
+      for (int i = 0; i < n; ++i) shift[i] = 8 * (i / 4);
+      const U32 e = ((U32{} + sw) >> shift) & 0xffu;
+      const U32 sbits = e == 0u ? U32{} + 0x00400000u : (e == 255u ? U32{} + 0x7fc00000u : e << 23);
+      std::memcpy(&sv, &sbits, sizeof(sv));
+      for (int j = 0; j < kVectors; ++j) {
+        const I32 idx = (I32)(raw >> (4 * j));  // the permutes read its low 4 bits
+        if constexpr (n == 16) {
+          V t;
+          std::memcpy(&t, kE2m1, sizeof(t));
+          w[j] = __builtin_shuffle(t, idx);
+        } else {
+          static_assert(n == 8);
+          V t0, t1;
+          std::memcpy(&t0, kE2m1, sizeof(t0));
+          std::memcpy(&t1, kE2m1 + 8, sizeof(t1));
+          w[j] = __builtin_shuffle(t0, t1, idx);
+        }
+        if constexpr (!kStepScaled) w[j] *= sv;
+      }
+    }
+    template <int VB_, typename acc_t>
+    inline __attribute__((always_inline)) void load(int64_t k, V (&w)[kVectors]) {
+      V sv;
+      load<VB_, acc_t>(k, w, sv);
+    }
+    template <int VB_, typename acc_t>
+    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t, V (&w)[kVectors], V& sv) {
+      load<VB_, acc_t>(k, w, sv);
+    }
+    template <int VB_, typename acc_t>
+    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t, V (&w)[kVectors]) {
+      load<VB_, acc_t>(k, w);
+    }
+  };
+  Row row(int64_t m) const { return {codes(m), scales(m), K}; }
+};
+
+// FP8 through a table of the codes' values, times the scale of each column's block (natural layout, two vectors a
+// step): float64, and float32 where the bit conversion would not be exact.
+template <typename acc_t, int VB>
+struct Fp8TableRows {
+  static constexpr int n = VB / sizeof(acc_t), kVectors = 2, kInterleave = 1, kStep = 2 * n;
+  using V = Vec<acc_t, VB>;
+  const uint8_t* data;
+  int64_t K;
+  BlockScales<acc_t> scales;
+  Fp8TableRows(const QMatrix& w, int64_t Kp) : data(w.data), K(w.K), scales(w, Kp, acc_t(1)) {}
+  struct Row {
+    static constexpr int kVectors = 2;
+    static constexpr bool kStepScale = false, kFlagsNaN = false;
+    const uint8_t* p;
+    const acc_t* s;
+    int64_t K;
+    const acc_t* t;  // fp8_table
+    template <int VB_, typename a_t>
+    inline __attribute__((always_inline)) void load(int64_t k, V (&w)[kVectors]) {
+      uint8_t q[kStep] = {};
+      std::memcpy(q, p + k, k + kStep <= K ? kStep : std::max<int64_t>(0, K - k));
+      for (int j = 0; j < kVectors; ++j) {
+        V sc;
+        std::memcpy(&sc, s + k + j * n, sizeof(sc));
+        for (int l = 0; l < n; ++l) w[j][l] = t[q[j * n + l]];
+        w[j] *= sc;
+      }
+    }
+    template <int VB_, typename a_t>
+    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t, V (&w)[kVectors]) {
+      load<VB_, a_t>(k, w);
+    }
+  };
+  Row row(int64_t m) {
+    scales.update(m);
+    return {data + m * K, scales.col.data(), K, fp8_table<acc_t>()};
+  }
+  int64_t bytes_per_row() const { return K; }
+};
+
+// MXFP4 through tables (float64): vector 0 of a step gets the low nibbles of its n bytes (the even columns), vector 1
+// the high ones; the step's 2n columns (2n divides 32) share one scale.
+template <typename acc_t, int VB>
+struct Mxfp4TableRows : Mxfp4Matrix {
+  static constexpr int n = VB / sizeof(acc_t), kVectors = 2, kInterleave = 2, kStep = 2 * n;
+  using V = Vec<acc_t, VB>;
+  using Mxfp4Matrix::Mxfp4Matrix;
+  struct Row {
+    static constexpr int kVectors = 2;
+    static constexpr bool kStepScale = false, kFlagsNaN = false;
+    const uint8_t* p;
+    const uint8_t* s;
+    int64_t K;
+    const double* e8m0;  // Tables::e8m0
+    template <int VB_, typename a_t>
+    inline __attribute__((always_inline)) void load(int64_t k, V (&w)[kVectors]) {
+      if (k >= K) {  // past K (a step never straddles it: K is a multiple of 32)
+        w[0] = w[1] = V{};
+        return;
+      }
+      const uint8_t* bytes = p + k / 2;
+      const acc_t sc = static_cast<acc_t>(e8m0[s[k / 32]]);
+      for (int l = 0; l < n; ++l) {
+        w[0][l] = kE2m1[bytes[l] & 15] * sc;
+        w[1][l] = kE2m1[bytes[l] >> 4] * sc;
+      }
+    }
+    template <int VB_, typename a_t>
+    inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t, V (&w)[kVectors]) {
+      load<VB_, a_t>(k, w);
+    }
+  };
+  Row row(int64_t m) const { return {codes(m), scales(m), K, tables().e8m0}; }
+};
+
+// a [rows, K] in the layout of Rows, zero-padded to Kp columns.
+template <typename Rows, typename acc_t>
+std::vector<acc_t> rows_layout(const acc_t* a, int64_t rows, int64_t K, int64_t Kp) {
+  constexpr int64_t n = Rows::n, G = Rows::kInterleave, step = Rows::kStep;
+  std::vector<acc_t> out(rows * Kp, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t pos = 0; pos < Kp; ++pos) {
+      const int64_t in = pos % step, col = G == 1 ? pos : pos - in + G * (in % n) + in / n;
+      if (col < K) out[r * Kp + pos] = a[r * K + col];
+    }
+  }
+  return out;
+}
+
+// (a, b) lanes interleaved: lo = a0 b0 a1 b1 ..., hi = the upper halves'.
+template <typename V>
+inline __attribute__((always_inline)) void zip_lanes(V a, V b, V& lo, V& hi) {
+  constexpr int L = sizeof(V) / sizeof(a[0]);
+  if constexpr (L == 16) {
+    lo = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    hi = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  } else if constexpr (L == 8) {
+    lo = __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+    hi = __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+  } else {
+    static_assert(L == 4);
+    lo = __builtin_shufflevector(a, b, 0, 4, 1, 5);
+    hi = __builtin_shufflevector(a, b, 2, 6, 3, 7);
+  }
+}
+
+// The G vectors of a step of an interleaved layout (lane i of vector j: column G i + j) in column order: log2(G)
+// rounds of zipping vector j with vector j + G / 2.
+template <int G, typename V>
+inline __attribute__((always_inline)) void to_column_order(V (&w)[G]) {
+  for (int round = 1; round < G; round *= 2) {
+    V out[G];
+    for (int j = 0; j < G / 2; ++j) zip_lanes(w[j], w[j + G / 2], out[2 * j], out[2 * j + 1]);
+    for (int j = 0; j < G; ++j) w[j] = out[j];
+  }
+}
+
+// The first `count` lanes of v stored to p as out_t: acc_t itself, or float32 narrowed to bfloat16 (round to
+// nearest even, NaN kept NaN, as c10::BFloat16 rounds).
+template <typename out_t, typename V>
+inline __attribute__((always_inline)) void store_as(out_t* p, V v, int64_t count) {
+  using acc_t = std::remove_reference_t<decltype(v[0])>;
+  constexpr int L = sizeof(V) / sizeof(acc_t);
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    if (count >= L) {
+      std::memcpy(p, &v, sizeof(v));
+    } else {
+      std::memcpy(p, &v, count * sizeof(acc_t));
+    }
+  } else {
+    static_assert(std::is_same_v<out_t, c10::BFloat16> && std::is_same_v<acc_t, float>);
+    using U32 = typename VecN<uint32_t, L>::type;
+    using U16 = typename VecN<uint16_t, L>::type;
+    U32 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const U32 rounded = v != v ? U32{} + 0x7fc0u : bf16_rounded_bits(bits);
+    const U16 h = __builtin_convertvector(rounded, U16);
+    if (count >= L) {
+      std::memcpy(p, &h, sizeof(h));
+    } else {
+      std::memcpy(p, &h, count * sizeof(out_t));
+    }
+  }
+}
+
+// The kernels as jobs on a row source (no lambdas here: a lambda's body that is not inlined is compiled for the
+// baseline ISA, not for the ISA of the function it stands in). Kp: K rounded up to the source's steps.
+// StreamJob: out [rows, M] = a [rows, K] @ w^T (+ bias [M]).
+template <typename acc_t>
+struct StreamJob {
+  const acc_t* a;
+  int64_t rows;
+  const acc_t* bias;
+  acc_t* out;
+  template <int VB, typename Rows>
+  inline __attribute__((always_inline)) void run(Rows& src, const QMatrix& w, int64_t Kp) const {
+    const auto ap = rows_layout<Rows>(a, rows, w.K, Kp);
+    stream_rows_impl<VB>(ap.data(), rows, Kp, src, w.M, bias, out);
+  }
+};
+
+// FP8 by bits, streamed: per block of bn rows, the block's scales * 2^120 folded into a copy of a (one product per
+// column of a's rows instead of one per weight), the weights read unscaled; where that copy is not finite (a
+// product overflows, or a holds inf or NaN), the block reads scaled weights against a itself.
+template <int VB>
+inline __attribute__((always_inline)) void fp8_stream(const float* a, int64_t rows, const QMatrix& w,
+                                                      const float* bias, float* out) {
+  using Unscaled = Fp8BitRows<VB, false, false>;
+  using Scaled = Fp8BitRows<VB, true, false>;
+  const int64_t Kp = (w.K + Unscaled::kStep - 1) / Unscaled::kStep * Unscaled::kStep;
+  const auto ap = rows_layout<Unscaled>(a, rows, w.K, Kp);
+  std::vector<float> folded(rows * Kp);
+  Unscaled unscaled(w, Kp);
+  Scaled scaled(w, Kp);
+  for (int64_t m0 = 0; m0 < w.M; m0 += w.bn) {
+    const int64_t m1 = std::min(w.M, m0 + w.bn);
+    scaled.row(m0);  // the block's scales in a's layout
+    const float* cs = scaled.col_scale.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t pos = 0; pos < Kp; ++pos) folded[r * Kp + pos] = ap[r * Kp + pos] * cs[pos];
+    }
+    uint32_t not_finite = 0;  // the exponent of inf and NaN
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(folded.data());
+    for (int64_t i = 0; i < rows * Kp; ++i) not_finite |= (bits[i] & 0x7f800000u) == 0x7f800000u;
+    if (!not_finite) {
+      stream_rows_impl<VB>(folded.data(), rows, Kp, unscaled, w.M, bias, out, m0, m1);
+    } else {
+      stream_rows_impl<VB>(ap.data(), rows, Kp, scaled, w.M, bias, out, m0, m1);
+    }
+  }
+}
+
+// DequantizeJob: out [m1 - m0, K] = rows [m0, m1) of w, dequantised, in out_t.
+template <typename acc_t, typename out_t>
+struct DequantizeJob {
+  int64_t m0, m1;
+  out_t* out;
+  template <int VB, typename Rows>
+  inline __attribute__((always_inline)) void run(Rows& src, const QMatrix& w, int64_t) const {
+    constexpr int64_t n = Rows::n, S = Rows::kVectors, step = Rows::kStep;
+    const int64_t K = w.K;
+    for (int64_t m = m0; m < m1; ++m) {
+      auto row = src.row(m);
+      out_t* o = out + (m - m0) * K;
+      for (int64_t k = 0; k < K; k += step) {
+        Vec<acc_t, VB> v[S];
+        row.template load<VB, acc_t>(k, v);
+        if constexpr (Rows::kInterleave > 1) to_column_order<S>(v);
+        for (int64_t j = 0; j < S && k + j * n < K; ++j) store_as(o + k + j * n, v[j], K - k - j * n);
+      }
+    }
+  }
+};
+
+template <int VB, typename Rows, typename Job>
+inline __attribute__((always_inline)) void run_on(const QMatrix& w, const Job& job) {
+  const int64_t Kp = (w.K + Rows::kStep - 1) / Rows::kStep * Rows::kStep;
+  Rows src(w, Kp);
+  job.template run<VB>(src, w, Kp);
+}
+
+// job on the row source of w for acc_t at vector width VB: by bits in float32 (FP8 where exact), else by tables.
+template <int VB, typename acc_t, typename Job>
+inline __attribute__((always_inline)) void with_rows(const QMatrix& w, const Job& job) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (w.format == Format::mxfp4) return run_on<VB, Mxfp4BitRows<VB, false>>(w, job);
+    if (w.fp8_bits) return run_on<VB, Fp8BitRows<VB, true, true>>(w, job);
+  } else {
+    if (w.format == Format::mxfp4) return run_on<VB, Mxfp4TableRows<acc_t, VB>>(w, job);
+  }
+  run_on<VB, Fp8TableRows<acc_t, VB>>(w, job);
+}
+
+template <int VB, typename acc_t>
+inline __attribute__((always_inline)) void stream_quantized_impl(const acc_t* a, int64_t rows, const QMatrix& w,
+                                                                 const acc_t* bias, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (w.format == Format::mxfp4) return run_on<VB, Mxfp4BitRows<VB, true>>(w, StreamJob<acc_t>{a, rows, bias, out});
+    if (w.fp8_bits) return fp8_stream<VB>(a, rows, w, bias, out);
+  }
+  with_rows<VB, acc_t>(w, StreamJob<acc_t>{a, rows, bias, out});
+}
+
+template <int VB, typename acc_t, typename out_t>
+inline __attribute__((always_inline)) void dequantize_impl(const QMatrix& w, int64_t m0, int64_t m1, out_t* out) {
+  with_rows<VB, acc_t>(w, DequantizeJob<acc_t, out_t>{m0, m1, out});
+}
+
+// Per ISA level: 64-byte vectors in the AVX-512 build, 32 elsewhere.
+// stream_quantized(a, rows, w, bias, out): out [rows, M] = a [rows, K] @ w^T (+ bias [M]).
+#define MOE_KERNELS_STREAM_QUANTIZED(acc_t, name)                                                                   \
+  static void name##_baseline(const acc_t* a, int64_t rows, const QMatrix& w, const acc_t* bias, acc_t* out) {    \
+    stream_quantized_impl<32>(a, rows, w, bias, out);                                                             \
+  }                                                                                                               \
+  MOE_KERNELS_AVX2 static void name##_avx2(const acc_t* a, int64_t rows, const QMatrix& w, const acc_t* bias,     \
+                                           acc_t* out) {                                                          \
+    stream_quantized_impl<32>(a, rows, w, bias, out);                                                             \
+  }                                                                                                               \
+  MOE_KERNELS_AVX512 static void name##_avx512(const acc_t* a, int64_t rows, const QMatrix& w, const acc_t* bias, \
+                                               acc_t* out) {                                                      \
+    stream_quantized_impl<64>(a, rows, w, bias, out);                                                             \
+  }                                                                                                               \
+  void stream_quantized(const acc_t* a, int64_t rows, const QMatrix& w, const acc_t* bias, acc_t* out) {          \
+    static const auto fn = pick_isa(&name##_baseline, &name##_avx2, &name##_avx512);                              \
+    fn(a, rows, w, bias, out);                                                                                    \
+  }
+MOE_KERNELS_STREAM_QUANTIZED(float, stream_quantized_f32)
+MOE_KERNELS_STREAM_QUANTIZED(double, stream_quantized_f64)
+#undef MOE_KERNELS_STREAM_QUANTIZED
+
+// dequantize_into(w, m0, m1, out): out [m1 - m0, K] = rows [m0, m1) of w in out_t, decoded in acc_t.
+#define MOE_KERNELS_DEQUANTIZE(acc_t, out_t, name)                                                                  \
+  static void name##_baseline(const QMatrix& w, int64_t m0, int64_t m1, out_t* out) {                             \
+    dequantize_impl<32, acc_t>(w, m0, m1, out);                                                                   \
+  }                                                                                                               \
+  MOE_KERNELS_AVX2 static void name##_avx2(const QMatrix& w, int64_t m0, int64_t m1, out_t* out) {                \
+    dequantize_impl<32, acc_t>(w, m0, m1, out);                                                                   \
+  }                                                                                                               \
+  MOE_KERNELS_AVX512 static void name##_avx512(const QMatrix& w, int64_t m0, int64_t m1, out_t* out) {            \
+    dequantize_impl<64, acc_t>(w, m0, m1, out);                                                                   \
+  }                                                                                                               \
+  void dequantize_into(const QMatrix& w, int64_t m0, int64_t m1, out_t* out) {                                    \
+    static const auto fn = pick_isa(&name##_baseline, &name##_avx2, &name##_avx512);                              \
+    fn(w, m0, m1, out);                                                                                           \
+  }
+MOE_KERNELS_DEQUANTIZE(float, float, dequantize_f32)
+MOE_KERNELS_DEQUANTIZE(double, double, dequantize_f64)
+MOE_KERNELS_DEQUANTIZE(float, c10::BFloat16, dequantize_bf16)
+#undef MOE_KERNELS_DEQUANTIZE
+
+// Rows [m0, m1) of w dequantised into out [m1 - m0, K] (the GEMM dtype), over the threads when not already in a
+// parallel region.
+void dequantize_rows(const QMatrix& w, int64_t m0, int64_t m1, const at::Tensor& out) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(32) << 10) / std::max<int64_t>(1, w.K));
+  const auto dtype = out.scalar_type();
+  TORCH_INTERNAL_ASSERT(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16);
+  at::parallel_for(m0, m1, grain, [&](int64_t r0, int64_t r1) {
+    const int64_t at = (r0 - m0) * w.K;
+    if (dtype == at::kFloat) dequantize_into(w, r0, r1, out.mutable_data_ptr<float>() + at);
+    if (dtype == at::kDouble) dequantize_into(w, r0, r1, out.mutable_data_ptr<double>() + at);
+    if (dtype == at::kBFloat16) dequantize_into(w, r0, r1, out.mutable_data_ptr<c10::BFloat16>() + at);
+  });
+}
+
+// Whether denormal inputs are read as zero (MXCSR.DAZ, as torch.set_flush_denormal(True) sets): then the bit
+// conversion of FP8 would lose e4m3's subnormals. Off x86, assumed so.
+bool denormals_are_zero() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return (_mm_getcsr() & 0x0040u) != 0;
+#else
+  return true;
+#endif
+}
+
+struct QArgs {
+  at::Tensor x, up_data, up_scale, down_data, down_scale, up_bias, down_bias;  // contiguous
+  Format format;
+  int64_t T, D, E, H2, H, O, bn, bk;
+  Activation act;
+  bool gated;
+  bool fp8_bits;
+};
+
+// Checks the quantized weights: data and scale of gate_up [E, H2, D] and down [E, O, H] in the format's layout.
+void check_quantized(const char* name, Format format, const at::Tensor& data, const at::Tensor& scale, int64_t E,
+                     int64_t N, int64_t K, int64_t bn, int64_t bk) {
+  const char* op = "moe_mlp_quantized";
+  if (format == Format::fp8) {
+    TORCH_CHECK(data.scalar_type() == at::kFloat8_e4m3fn && data.sizes() == at::IntArrayRef({E, N, K}), op, ": ",
+                name, " data must be float8_e4m3fn [", E, ", ", N, ", ", K, "], got ", data.sizes(), " ",
+                data.scalar_type());
+    const int64_t sn = (N + bn - 1) / bn, sk = (K + bk - 1) / bk;
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.sizes() == at::IntArrayRef({E, sn, sk}), op, ": ", name,
+                " scale must be float32 [E, ceil(N / ", bn, "), ceil(K / ", bk, ")] = [", E, ", ", sn, ", ", sk,
+                "], got ", scale.sizes(), " ", scale.scalar_type());
+  } else {
+    TORCH_CHECK(K % 32 == 0, op, ": ", name, ": mxfp4 needs K a multiple of 32, got K = ", K);
+    TORCH_CHECK(data.scalar_type() == at::kByte && data.sizes() == at::IntArrayRef({E, N, K / 2}), op, ": ", name,
+                " data must be uint8 [", E, ", ", N, ", ", K / 2, "], got ", data.sizes(), " ", data.scalar_type());
+    TORCH_CHECK(scale.scalar_type() == at::kByte && scale.sizes() == at::IntArrayRef({E, N, K / 32}), op, ": ",
+                name, " scale must be uint8 (e8m0) [", E, ", ", N, ", ", K / 32, "], got ", scale.sizes(), " ",
+                scale.scalar_type());
+  }
+}
+
+QArgs quantized_args(const at::Tensor& x, c10::string_view format, const at::Tensor& up_data,
+                     const at::Tensor& up_scale_in, const at::Tensor& down_data, const at::Tensor& down_scale_in,
+                     int64_t block_n, int64_t block_k, const std::optional<at::Tensor>& gate_up_bias,
+                     const std::optional<at::Tensor>& down_bias, c10::string_view activation, bool gated) {
+  const char* op = "moe_mlp_quantized";
+  const std::string fmt(format);
+  TORCH_CHECK(fmt == "fp8" || fmt == "mxfp4", op, ": format must be 'fp8' or 'mxfp4', got '", fmt, "'");
+  const Format f = fmt == "fp8" ? Format::fp8 : Format::mxfp4;
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), op, ": x must be a floating [T, D] tensor, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(up_data.dim() == 3 && down_data.dim() == 3, op, ": the data of gate_up_proj and down_proj must be 3-d, "
+              "got ", up_data.sizes(), " and ", down_data.sizes());
+  TORCH_CHECK(f == Format::mxfp4 || (block_n >= 1 && block_k >= 1), op, ": block_n and block_k must be >= 1, got ",
+              block_n, " and ", block_k);
+  // e8m0 scales may come as float8_e8m0fnu: the same bytes
+  const auto as_bytes = [](const at::Tensor& s) {
+    return s.scalar_type() == at::kFloat8_e8m0fnu ? s.view(at::kByte) : s;
+  };
+  const auto up_scale = f == Format::mxfp4 ? as_bytes(up_scale_in) : up_scale_in;
+  const auto down_scale = f == Format::mxfp4 ? as_bytes(down_scale_in) : down_scale_in;
+  const int64_t per_byte = f == Format::mxfp4 ? 2 : 1;
+  const int64_t E = up_data.size(0), H2 = up_data.size(1), D = up_data.size(2) * per_byte;
+  const int64_t H = gated ? H2 / 2 : H2, O = down_data.size(1);
+  TORCH_CHECK(!gated || H2 % 2 == 0, op, ": gated experts need an even gate_up width 2H, got ", H2);
+  TORCH_CHECK(x.size(1) == D, op, ": x must be [T, D = ", D, "], got ", x.sizes());
+  check_quantized("gate_up_proj", f, up_data, up_scale, E, H2, D, block_n, block_k);
+  check_quantized("down_proj", f, down_data, down_scale, E, O, H, block_n, block_k);
+  QArgs q{x.contiguous(), up_data.contiguous(), up_scale.contiguous(), down_data.contiguous(),
+          down_scale.contiguous(), bias_arg(op, "gate_up_bias", gate_up_bias, E, H2, x.scalar_type()),
+          bias_arg(op, "down_bias", down_bias, E, O, x.scalar_type()), f, x.size(0), D, E, H2, H, O, block_n,
+          block_k, parse_activation(activation, gated, op), gated, false};
+  if (f == Format::fp8) {
+    // fp8_lanes times scale * 2^120: exact when denormals are read and every finite scale is below 2^8
+    const auto below = [](const at::Tensor& s) {
+      const float* p = s.const_data_ptr<float>();
+      for (int64_t i = 0; i < s.numel(); ++i) {
+        if (std::isfinite(p[i]) && std::abs(p[i]) >= 256.0f) return false;
+      }
+      return true;
+    };
+    q.fp8_bits = !denormals_are_zero() && below(q.up_scale) && below(q.down_scale);
+  }
+  return q;
+}
+
+QMatrix expert_matrix(const QArgs& q, const at::Tensor& data, const at::Tensor& scale, int64_t e, int64_t M,
+                      int64_t K) {
+  QMatrix w{q.format, nullptr, nullptr, nullptr, M, K, q.bn, q.bk, q.fp8_bits};
+  if (q.format == Format::fp8) {
+    w.data = reinterpret_cast<const uint8_t*>(data.const_data_ptr()) + e * M * K;
+    w.fp8_scale = scale.const_data_ptr<float>() + e * scale.size(1) * scale.size(2);
+  } else {
+    w.data = data.const_data_ptr<uint8_t>() + e * M * (K / 2);
+    w.mx_scale = scale.const_data_ptr<uint8_t>() + e * M * (K / 32);
+  }
+  return w;
+}
+
+// out = a @ w^T + bias with w dequantised in chunks of rows into the kept slot `slot` (a, out, bias: the GEMM dtype).
+void dequantized_gemm(const at::Tensor& out, const at::Tensor& a, const QMatrix& w, const at::Tensor& bias,
+                      Kept slot) {
+  const auto gt = a.scalar_type();
+  const int64_t row_bytes = w.K * static_cast<int64_t>(c10::elementSize(gt));
+  const int64_t chunk = std::max<int64_t>(1, kKeptSlotBytes / std::max<int64_t>(1, row_bytes));
+  for (int64_t m0 = 0; m0 < w.M; m0 += chunk) {
+    const int64_t m1 = std::min(w.M, m0 + chunk);
+    const auto wc = kept_empty(slot, {m1 - m0, w.K}, gt);
+    dequantize_rows(w, m0, m1, wc);
+    const bool whole = m0 == 0 && m1 == w.M;
+    gemm_bias_out(whole ? out : out.narrow(1, m0, m1 - m0), a, wc,
+                  bias.defined() ? (whole ? bias : bias.narrow(0, m0, m1 - m0)) : bias);
+  }
+}
+
+at::Tensor moe_mlp_quantized(const at::Tensor& x_in, const at::Tensor& experts, const at::Tensor& weights,
+                             c10::string_view format, const at::Tensor& up_data, const at::Tensor& up_scale,
+                             const at::Tensor& down_data, const at::Tensor& down_scale, int64_t block_n,
+                             int64_t block_k, const std::optional<at::Tensor>& gate_up_bias,
+                             const std::optional<at::Tensor>& down_bias, c10::string_view activation, bool gated,
+                             int64_t capacity) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_experts("moe_mlp_quantized", experts);
+  const QArgs q = quantized_args(x_in, format, up_data, up_scale, down_data, down_scale, block_n, block_k,
+                                 gate_up_bias, down_bias, activation, gated);
+  auto r = routed_forward("moe_mlp_quantized", q.x, experts, weights, q.E, q.O, capacity,
+                          [&](int64_t e, int64_t lo, int64_t hi, const at::Tensor& token, const at::Tensor& y) {
+    const QMatrix w_up = expert_matrix(q, q.up_data, q.up_scale, e, q.H2, q.D);
+    const QMatrix w_down = expert_matrix(q, q.down_data, q.down_scale, e, q.O, q.H);
+    if (hi - lo <= kStreamRows) {
+      few_rows_expert(q.x, y, token, e, lo, hi, q.H2, q.O, q.up_bias, q.down_bias, q.act, q.gated,
+                      [&](auto, int which, const auto* a, int64_t rows, const auto* bias, auto* out) {
+                        stream_quantized(a, rows, which == 0 ? w_up : w_down, bias, out);
+                      });
+      return;
+    }
+    expert_rows_forward(
+        gather_rows(q.x, token.slice(0, lo, hi)), q.H2,
+        [&](const at::Tensor& a, const at::Tensor& out) {
+          dequantized_gemm(out, a, w_up, bias_row(q.up_bias, e), Kept::weight_a);
+        },
+        [&](const at::Tensor& a, const at::Tensor& out) {
+          dequantized_gemm(out, a, w_down, bias_row(q.down_bias, e), Kept::weight_b);
+        },
+        q.act, q.gated, y.slice(0, lo, hi));
+  });
+  return r.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
+  m.def("moe_mlp_quantized(Tensor x, Tensor experts, Tensor weights, str format, Tensor up_data, Tensor up_scale, "
+        "Tensor down_data, Tensor down_scale, int block_n, int block_k, Tensor? gate_up_bias, Tensor? down_bias, "
+        "str activation, bool gated, int capacity) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels_C, CPU, m) { m.impl("moe_mlp_quantized", &moe_mlp_quantized); }
+
+}  // namespace moe_kernels
