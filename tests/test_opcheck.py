@@ -57,8 +57,13 @@ def test_opcheck(case, backend):
             torch.library.opcheck(op, _fresh(args, grad), _fresh(kwargs, grad))
 
 
+# inference-only ops (the programs here run a backward), with the test that opchecks them on every backend
+OPCHECKED_ELSEWHERE = {"moe_kernels::moe_mlp_quantized": "tests/ops/test_quantized.py::test_moe_mlp_quantized_opcheck"}
+
+
 def test_every_op_has_samples():
     ns = torch.ops.moe_kernels
     ops = {f"moe_kernels::{n}" for n in dir(ns) if isinstance(getattr(ns, n, None), torch._ops.OpOverloadPacket)}
     reached = {op._schema.name for case in CASES for backend in BACKENDS for op in recorded_calls(*case, backend)}
-    assert ops - reached == set(), f"ops without opcheck samples: {sorted(ops - reached)}"
+    missing = ops - reached - set(OPCHECKED_ELSEWHERE)
+    assert missing == set(), f"ops without opcheck samples: {sorted(missing)}"

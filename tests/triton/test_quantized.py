@@ -363,3 +363,18 @@ def test_cuda_graph_capture_of_a_decode_step(fmt):
         g.replay()
         torch.testing.assert_close(out, run(), rtol=0, atol=0)
     assert not math.isnan(out.float().sum().item())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck_on_triton(fmt):
+    # the op on the triton backend: schema, fake tensor, autograd registration, AOT dispatch (FP8's schema check
+    # compares float8 inputs with a multiply CPU lacks: see tests/ops/test_quantized.py)
+    up = ops.QuantizedWeight.quantize(torch.randn(3, 128, 64) / 8, fmt)
+    down = ops.QuantizedWeight.quantize(torch.randn(3, 64, 64) / 8, fmt)
+    x, ids, w = torch.randn(6, 64), rand_experts(6, 2, 3), torch.rand(6, 2)
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic") + (
+        ("test_schema",) if fmt == "mxfp4" else ())
+    with moe_kernels.use_backend("triton"):
+        torch.library.opcheck(torch.ops.moe_kernels.moe_mlp_quantized,
+                              (x, ids, w, fmt, up.data, up.scale, down.data, down.scale, 128, 128, None, None, "silu",
+                               True, -1), test_utils=utils)
