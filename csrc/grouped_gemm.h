@@ -256,9 +256,10 @@ struct PlainRows {
   int64_t bytes_per_row() const { return K * static_cast<int64_t>(sizeof(w_t)); }
 };
 
-// The sum of v's lanes, pairwise: the lower half plus the upper half, until one lane is left.
-template <typename V>
-inline __attribute__((always_inline)) auto sum_halves(V v) {
+// v's lanes combined by op halving: op(lower half, upper half), until one lane is left. op: a function object
+// (not a lambda, whose body would be compiled for the baseline ISA).
+template <typename V, typename Op>
+inline __attribute__((always_inline)) auto reduce_halves(V v, Op op) {
   using T = std::remove_reference_t<decltype(v[0])>;
   constexpr int L = sizeof(V) / sizeof(T);
   if constexpr (L == 1) {
@@ -268,8 +269,20 @@ inline __attribute__((always_inline)) auto sum_halves(V v) {
     H lo, hi;
     std::memcpy(&lo, &v, sizeof(lo));
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-    return sum_halves(lo + hi);
+    return reduce_halves(op(lo, hi), op);
   }
+}
+struct Plus {
+  template <typename V>
+  inline __attribute__((always_inline)) V operator()(V a, V b) const {
+    return a + b;
+  }
+};
+
+// The sum of v's lanes, pairwise: the lower half plus the upper half, until one lane is left.
+template <typename V>
+inline __attribute__((always_inline)) auto sum_halves(V v) {
+  return reduce_halves(v, Plus{});
 }
 
 // res[r] = sum_k a[r * K + k] * w[k] for R rows of a, each element of w loaded once for all of them. Each row keeps
@@ -344,12 +357,24 @@ inline __attribute__((always_inline)) void dot_rows(const acc_t* a, int64_t K, R
   }
 }
 
-template <int R, int VB, typename Rows, typename acc_t>
-inline __attribute__((always_inline)) void stream_block(const acc_t* a, int64_t K, Rows& w, int64_t m0, int64_t m1,
+// A Row with kOwnDot computes its dot products itself: dot<R>(a, K, res) as dot_rows does, with a in its own
+// element type and layout (quantized.cpp: bfloat16 dot products).
+template <typename Row, typename = void>
+struct OwnDot : std::false_type {};
+template <typename Row>
+struct OwnDot<Row, std::void_t<decltype(Row::kOwnDot)>> : std::bool_constant<Row::kOwnDot> {};
+
+template <int R, int VB, typename Rows, typename a_t, typename acc_t>
+inline __attribute__((always_inline)) void stream_block(const a_t* a, int64_t K, Rows& w, int64_t m0, int64_t m1,
                                                         int64_t M, const acc_t* bias, acc_t* out) {
   acc_t res[R];
   for (int64_t m = m0; m < m1; ++m) {
-    dot_rows<R, VB>(a, K, w.row(m), res);
+    auto row = w.row(m);
+    if constexpr (OwnDot<decltype(row)>::value) {
+      row.template dot<R>(a, K, res);
+    } else {
+      dot_rows<R, VB>(a, K, row, res);
+    }
     for (int r = 0; r < R; ++r) out[r * M + m] = bias != nullptr ? res[r] + bias[m] : res[r];
   }
 }
@@ -357,8 +382,8 @@ inline __attribute__((always_inline)) void stream_block(const acc_t* a, int64_t 
 // out[r, m] = sum_k a[r, k] w[m, k] (+ bias[m]) for rows m in [m_lo, m_hi) (m_hi < 0: M) of w, out [rows, M].
 // Rows of w are taken in blocks of about 16 KiB, so that every group of up to 4 rows of a after the first finds
 // the block in L1: w is read from memory once however many rows a has.
-template <int VB, typename Rows, typename acc_t>
-inline __attribute__((always_inline)) void stream_rows_impl(const acc_t* a, int64_t rows, int64_t K, Rows& w,
+template <int VB, typename Rows, typename a_t, typename acc_t>
+inline __attribute__((always_inline)) void stream_rows_impl(const a_t* a, int64_t rows, int64_t K, Rows& w,
                                                             int64_t M, const acc_t* bias, acc_t* out,
                                                             int64_t m_lo = 0, int64_t m_hi = -1) {
   const int64_t block = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, w.bytes_per_row()));

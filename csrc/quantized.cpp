@@ -44,7 +44,8 @@ struct QMatrix {
   const float* fp8_scale;      // fp8: [ceil(M / bn), ceil(K / bk)]
   const uint8_t* mx_scale;     // mxfp4: [M, K / 32] e8m0 exponents
   int64_t M, K, bn, bk;
-  bool fp8_bits;  // fp8: the bit conversion is exact here (see Fp8Rows)
+  bool fp8_bits;  // fp8: the bit conversion is exact here (see Fp8BitRows)
+  bool bf16_dot;  // the streaming kernel may round a to bfloat16 and use bfloat16 dot products
 };
 
 // The values of the codes, exact: e4m3fn (NaN at 0x7f and 0xff) in float32 and float64, e8m0 (2^(s - 127), NaN at
@@ -87,12 +88,41 @@ struct VecN {
   typedef T type __attribute__((vector_size(N * sizeof(T))));
 };
 
+// The OR of v's lanes.
+struct BitOr {
+  template <typename V>
+  inline __attribute__((always_inline)) V operator()(V a, V b) const {
+    return a | b;
+  }
+};
+
+// The n bytes at p (n >= 0, possibly fewer than N) into a zero-padded buffer of N, in a loop of fixed length: a call
+// to memcpy in a kernel's loop would make the compiler keep its accumulators in memory across it.
+template <int N, typename T>
+inline __attribute__((always_inline)) void load_padded(T& out, const uint8_t* p, int64_t n, uint8_t fill = 0) {
+  static_assert(sizeof(T) == N);
+  uint8_t pad[N];
+  for (int i = 0; i < N; ++i) pad[i] = i < n ? p[i] : fill;
+  std::memcpy(&out, pad, N);
+}
+
+// How far ahead of a step the streaming kernels ask for a weight row's bytes: the rows an expert streams lie one
+// after another, and a new expert's rows start cold.
+constexpr int64_t kPrefetchBytes = 4096;
+
 // The row sources of the quantized weights for the streaming kernel (the PlainRows interface, grouped_gemm.h), and
 // the layout of a's rows they read them against: kInterleave G = 1, a's columns as they are; else (G = kVectors)
 // lane i of vector j of a step holds column G i + j of the step, so that the codes packed in one 32-bit lane (four
 // e4m3, eight e2m1) land in the same lane of G vectors, each taken out with a shift (no cross-lane shuffle). a's rows
 // are copied into that layout zero-padded to a whole number of steps (Kp columns): a step past K reads the codes and
 // scales zero-padded too (load never reads past a row), and load_tail is never reached.
+
+// The layout of a's columns in a step of n-lane vectors: lane i of vector j holds column G i + j of the step (G = 1:
+// the columns in order).
+template <int n, int G>
+struct Interleaved {
+  static constexpr int64_t column(int64_t in) { return G == 1 ? in : G * (in % n) + in / n; }
+};
 
 // The FP8 scales of the row block of the rows being read, spread over the columns (times a factor; zero past K):
 // update(m) makes them row m's, and says whether they changed (the rows come in order, a block of bn at a time).
@@ -125,7 +155,7 @@ struct BlockScales {
 // caller has folded the scales into a: fp8_stream). kLaneNaN: NaN codes made NaN in their lanes; else a step
 // only notes whether it has one (a test of its 64 bytes at once), and the row's dot products are NaN (kFlagsNaN).
 template <int VB, bool kScaled, bool kLaneNaN>
-struct Fp8BitRows {
+struct Fp8BitRows : Interleaved<VB / 4, 4> {
   static constexpr int n = VB / 4, kVectors = 4, kInterleave = 4, kStep = 4 * n;
   using V = Vec<float, VB>;
   using U32 = typename VecN<uint32_t, n>::type;
@@ -148,10 +178,9 @@ struct Fp8BitRows {
       U32 raw;
       if (k + kStep <= K) {
         std::memcpy(&raw, p + k, sizeof(raw));
+        __builtin_prefetch(p + k + kPrefetchBytes);
       } else {
-        uint8_t pad[kStep] = {};
-        if (k < K) std::memcpy(pad, p + k, K - k);
-        std::memcpy(&raw, pad, sizeof(raw));
+        load_padded<kStep>(raw, p + k, K - k);
       }
       if constexpr (!kLaneNaN) {  // a byte of ~raw & 0x7f7f7f7f is zero where the code is NaN
         const U32 y = ~raw & 0x7f7f7f7fu;
@@ -173,11 +202,7 @@ struct Fp8BitRows {
     inline __attribute__((always_inline)) void load_tail(int64_t k, int64_t, V (&w)[kVectors]) {
       load<VB_, acc_t>(k, w);
     }
-    bool nan_seen() const {
-      uint32_t any = 0;
-      for (int i = 0; i < n; ++i) any |= nan[i];
-      return any != 0;
-    }
+    bool nan_seen() const { return reduce_halves(nan, BitOr{}) != 0; }
   };
   Row row(int64_t m) {
     if (kScaled && scales.update(m)) {
@@ -186,7 +211,7 @@ struct Fp8BitRows {
       } else {
         for (int64_t pos = 0; pos < Kp; ++pos) {
           const int64_t in = pos % kStep;
-          col_scale[pos] = scales.col[pos - in + kInterleave * (in % n) + in / n];
+          col_scale[pos] = scales.col[pos - in + this->column(in)];
         }
       }
     }
@@ -206,11 +231,42 @@ struct Mxfp4Matrix {
   int64_t bytes_per_row() const { return K / 2 + K / 32; }
 };
 
+// The bytes of a step of `step` MXFP4 columns from column k of a row (codes p, scales s, K columns): its codes
+// into raw (step / 2 bytes) and its step / 32 scales into sw, the low byte first; past K code 0 at scale 2^0.
+template <int step, typename Raw>
+inline __attribute__((always_inline)) void mxfp4_step(const uint8_t* p, const uint8_t* s, int64_t K, int64_t k,
+                                                      Raw& raw, uint32_t& sw) {
+  static_assert(sizeof(Raw) == step / 2 && step / 32 <= 4);
+  sw = 0;
+  if (k + step <= K) {
+    std::memcpy(&raw, p + k / 2, sizeof(raw));
+    std::memcpy(&sw, s + k / 32, step / 32);
+    __builtin_prefetch(p + k / 2 + kPrefetchBytes);
+    __builtin_prefetch(s + k / 32 + kPrefetchBytes / 16);
+  } else {
+    load_padded<step / 2>(raw, p + k / 2, (K - k) / 2);
+    load_padded<4>(sw, s + k / 32, (K - k) / 32, 127);
+  }
+}
+
+// n float32 lanes of 2^(s - 127) for the scale bytes of sw: byte q in lanes 4q .. 4q + 3 (s = 0: 2^-127, 255: NaN).
+template <int n>
+inline __attribute__((always_inline)) Vec<float, 4 * n> e8m0_lanes(uint32_t sw) {
+  using U32 = typename VecN<uint32_t, n>::type;
+  U32 shift;
+  for (int i = 0; i < n; ++i) shift[i] = 8 * (i / 4);
+  const U32 e = ((U32{} + sw) >> shift) & 0xffu;
+  const U32 bits = e == 0u ? U32{} + 0x00400000u : (e == 255u ? U32{} + 0x7fc00000u : e << 23);
+  Vec<float, 4 * n> v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 // MXFP4 as float32: nibble j of each 32-bit lane (code 8i + j of the step) through a permute of the 16 e2m1 values;
 // lanes 4q .. 4q + 3 share scale q of the step, 2^(s - 127) as float32 bits. kStepScale: the values unscaled and
 // the scales as the step's scale vector (the dot products scale the step's sums); else the values scaled.
 template <int VB, bool kStepScaled>
-struct Mxfp4BitRows : Mxfp4Matrix {
+struct Mxfp4BitRows : Mxfp4Matrix, Interleaved<VB / 4, 8> {
   static constexpr int n = VB / 4, kVectors = 8, kInterleave = 8, kStep = 8 * n;
   using V = Vec<float, VB>;
   using U32 = typename VecN<uint32_t, n>::type;
@@ -225,24 +281,9 @@ struct Mxfp4BitRows : Mxfp4Matrix {
     template <int VB_, typename acc_t>
     inline __attribute__((always_inline)) void load(int64_t k, V (&w)[kVectors], V& sv) {
       U32 raw;
-      uint32_t sw = 0;
-      if (k + kStep <= K) {
-        std::memcpy(&raw, p + k / 2, sizeof(raw));
-        std::memcpy(&sw, s + k / 32, n / 4);
-      } else {  // past K: code 0 at scale 2^0
-        uint8_t pad[kStep / 2] = {}, spad[4] = {127, 127, 127, 127};
-        if (k < K) {
-          std::memcpy(pad, p + k / 2, (K - k) / 2);
-          std::memcpy(spad, s + k / 32, (K - k) / 32);
-        }
-        std::memcpy(&raw, pad, sizeof(raw));
-        std::memcpy(&sw, spad, n / 4);
-      }
-      U32 shift;
-      for (int i = 0; i < n; ++i) shift[i] = 8 * (i / 4);
-      const U32 e = ((U32{} + sw) >> shift) & 0xffu;
-      const U32 sbits = e == 0u ? U32{} + 0x00400000u : (e == 255u ? U32{} + 0x7fc00000u : e << 23);
-      std::memcpy(&sv, &sbits, sizeof(sv));
+      uint32_t sw;
+      mxfp4_step<kStep>(p, s, K, k, raw, sw);
+      sv = e8m0_lanes<n>(sw);
       for (int j = 0; j < kVectors; ++j) {
         const I32 idx = (I32)(raw >> (4 * j));  // the permutes read its low 4 bits
         if constexpr (n == 16) {
@@ -279,7 +320,7 @@ struct Mxfp4BitRows : Mxfp4Matrix {
 // FP8 through a table of the codes' values, times the scale of each column's block (natural layout, two vectors a
 // step): float64, and float32 where the bit conversion would not be exact.
 template <typename acc_t, int VB>
-struct Fp8TableRows {
+struct Fp8TableRows : Interleaved<VB / sizeof(acc_t), 1> {
   static constexpr int n = VB / sizeof(acc_t), kVectors = 2, kInterleave = 1, kStep = 2 * n;
   using V = Vec<acc_t, VB>;
   const uint8_t* data;
@@ -319,7 +360,7 @@ struct Fp8TableRows {
 // MXFP4 through tables (float64): vector 0 of a step gets the low nibbles of its n bytes (the even columns), vector 1
 // the high ones; the step's 2n columns (2n divides 32) share one scale.
 template <typename acc_t, int VB>
-struct Mxfp4TableRows : Mxfp4Matrix {
+struct Mxfp4TableRows : Mxfp4Matrix, Interleaved<VB / sizeof(acc_t), 2> {
   static constexpr int n = VB / sizeof(acc_t), kVectors = 2, kInterleave = 2, kStep = 2 * n;
   using V = Vec<acc_t, VB>;
   using Mxfp4Matrix::Mxfp4Matrix;
@@ -351,18 +392,252 @@ struct Mxfp4TableRows : Mxfp4Matrix {
   Row row(int64_t m) const { return {codes(m), scales(m), K, tables().e8m0}; }
 };
 
-// a [rows, K] in the layout of Rows, zero-padded to Kp columns.
+// The element type of a's copy that Rows reads: its a_t (bfloat16 bits for the bfloat16 dot products), else acc_t.
+template <typename Rows, typename acc_t, typename = void>
+struct AOf {
+  using type = acc_t;
+};
 template <typename Rows, typename acc_t>
-std::vector<acc_t> rows_layout(const acc_t* a, int64_t rows, int64_t K, int64_t Kp) {
-  constexpr int64_t n = Rows::n, G = Rows::kInterleave, step = Rows::kStep;
-  std::vector<acc_t> out(rows * Kp, acc_t(0));
+struct AOf<Rows, acc_t, std::void_t<typename Rows::a_t>> {
+  using type = typename Rows::a_t;
+};
+
+// a [rows, K] in the layout of Rows (its column(i): the column of position i of a step), zero-padded to Kp columns;
+// as bfloat16 bits (rounded to nearest even, NaN kept) where Rows reads them so.
+template <typename Rows, typename acc_t>
+auto rows_layout(const acc_t* a, int64_t rows, int64_t K, int64_t Kp) {
+  using a_t = typename AOf<Rows, acc_t>::type;
+  constexpr int64_t step = Rows::kStep;
+  std::vector<a_t> out(rows * Kp, a_t(0));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t pos = 0; pos < Kp; ++pos) {
-      const int64_t in = pos % step, col = G == 1 ? pos : pos - in + G * (in % n) + in / n;
-      if (col < K) out[r * Kp + pos] = a[r * K + col];
+      const int64_t in = pos % step, col = pos - in + Rows::column(in);
+      if (col >= K) continue;
+      if constexpr (std::is_same_v<a_t, uint16_t>) {
+        const float v = static_cast<float>(a[r * K + col]);
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof(bits));
+        out[r * Kp + pos] = static_cast<uint16_t>(v != v ? 0x7fc0u : bf16_rounded_bits(bits));
+      } else {
+        out[r * Kp + pos] = a[r * K + col];
+      }
     }
   }
   return out;
+}
+
+#if MOE_KERNELS_X86
+// --- bfloat16 dot products (x in bfloat16, on CPUs with AVX512-BF16 and AVX512-VBMI) ---
+// The weights' values are exact in bfloat16 (e4m3's and e2m1's, subnormals included), and so is x; vdpbf16ps sums
+// the products of pairs of them into float32 lanes, for half the instructions of widening each code to float32. The
+// activations between the projections are rounded to bfloat16, as bfloat16 compute rounds them. Built for that ISA
+// level alone (MOE_KERNELS_AVX512_BF16) and used where bf16_dot_available().
+#define MOE_KERNELS_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,avx512vbmi,avx512bf16")))
+
+typedef short BF16x32 __attribute__((vector_size(64)));  // bfloat16 bits, vdpbf16ps's operands
+typedef uint8_t U8x64 __attribute__((vector_size(64)));
+typedef uint16_t U16x32 __attribute__((vector_size(64)));
+typedef float F32x16 __attribute__((vector_size(64)));
+
+// acc + the products of a and b summed in pairs (vdpbf16ps; a template so that it is only ever compiled inlined into
+// the functions of its ISA level).
+template <typename T = void>
+inline __attribute__((always_inline)) F32x16 dot_bf16(F32x16 acc, BF16x32 a, BF16x32 b) {
+  return __builtin_ia32_dpbf16ps_v16sf(acc, a, b);
+}
+
+// The bfloat16 bits of e4m3's 128 magnitudes, high and low bytes (NaN: 0x7fc0), for vpermi2b; and of the 16 e2m1
+// codes, twice over (vpermw reads 5 bits of its index).
+struct Bf16Tables {
+  alignas(64) uint8_t fp8_hi[128];
+  alignas(64) uint8_t fp8_lo[128];
+  alignas(64) uint16_t e2m1[32];
+  Bf16Tables() {
+    for (int c = 0; c < 128; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, &tables().fp8[c], sizeof(bits));
+      const uint32_t h = c == 127 ? 0x7fc0u : bits >> 16;  // exact: no bits below the top 16
+      fp8_hi[c] = static_cast<uint8_t>(h >> 8);
+      fp8_lo[c] = static_cast<uint8_t>(h & 0xff);
+    }
+    for (int c = 0; c < 32; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, &kE2m1[c % 16], sizeof(bits));
+      e2m1[c] = static_cast<uint16_t>(bits >> 16);
+    }
+  }
+};
+const Bf16Tables& bf16_tables() {
+  static const Bf16Tables t;
+  return t;
+}
+
+// The bytes of a and b interleaved within each 128-bit lane, the lower 8 of each (lo) and the upper 8 (hi):
+// vpunpcklbw and vpunpckhbw, bfloat16 words from their low and high bytes.
+inline __attribute__((always_inline)) void zip_bytes_in_lanes(U8x64 a, U8x64 b, U8x64& lo, U8x64& hi) {
+  lo = __builtin_shufflevector(a, b, 0, 64, 1, 65, 2, 66, 3, 67, 4, 68, 5, 69, 6, 70, 7, 71, 16, 80, 17, 81, 18, 82,
+                               19, 83, 20, 84, 21, 85, 22, 86, 23, 87, 32, 96, 33, 97, 34, 98, 35, 99, 36, 100, 37,
+                               101, 38, 102, 39, 103, 48, 112, 49, 113, 50, 114, 51, 115, 52, 116, 53, 117, 54, 118,
+                               55, 119);
+  hi = __builtin_shufflevector(a, b, 8, 72, 9, 73, 10, 74, 11, 75, 12, 76, 13, 77, 14, 78, 15, 79, 24, 88, 25, 89, 26,
+                               90, 27, 91, 28, 92, 29, 93, 30, 94, 31, 95, 40, 104, 41, 105, 42, 106, 43, 107, 44, 108,
+                               45, 109, 46, 110, 47, 111, 56, 120, 57, 121, 58, 122, 59, 123, 60, 124, 61, 125, 62,
+                               126, 63, 127);
+}
+
+// Row r's dot products over the steps of a [R, Kp] (bfloat16 bits in the source's layout): per step, its kVectors
+// vectors of weights (load) against a's, summed by vdpbf16ps, times the step's scale vector, into the row's sum.
+template <int R, typename Row>
+inline __attribute__((always_inline)) void bf16_dot_rows(const Row& w, const uint16_t* a, int64_t Kp, float* res) {
+  constexpr int S = Row::kVectors;
+  F32x16 acc[R] = {};
+  for (int64_t k = 0; k < Kp; k += 32 * S) {
+    BF16x32 wv[S];
+    F32x16 scale;
+    w.load(k, wv, scale);
+    for (int r = 0; r < R; ++r) {
+      F32x16 part = {};
+      for (int v = 0; v < S; ++v) {
+        BF16x32 av;
+        std::memcpy(&av, a + r * Kp + k + 32 * v, sizeof(av));
+        part = dot_bf16(part, av, wv[v]);
+      }
+      acc[r] += part * scale;
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = sum_halves(acc[r]);
+}
+
+// The dot products of a Row of bfloat16 weights (its load(k, w, scale)): bf16_dot_rows.
+template <typename Row>
+struct Bf16DotRow {
+  static constexpr bool kOwnDot = true;
+  template <int R>
+  inline __attribute__((always_inline)) void dot(const uint16_t* a, int64_t Kp, float* res) const {
+    bf16_dot_rows<R>(static_cast<const Row&>(*this), a, Kp, res);
+  }
+};
+
+// FP8 by bfloat16 dot products, K blocks of a multiple of 64 columns: a step is 64 codes (one scale), each code's
+// bfloat16 high and low bytes from tables (vpermi2b of its 7 magnitude bits; the sign put back), interleaved into two
+// vectors of 32 bfloat16 (word p of vector v: column 16 (p / 8) + 8 v + p % 8 of the step).
+struct Bf16Fp8Rows {
+  static constexpr int kStep = 64;
+  using a_t = uint16_t;
+  static constexpr int64_t column(int64_t in) { return 16 * (in % 32 / 8) + 8 * (in / 32) + in % 8; }
+  const uint8_t* data;
+  const float* scale;
+  int64_t K, bn, kb;
+  std::vector<int32_t> step_block;  // the K block of each step
+  int64_t lo = 0, hi = 0;           // the rows of the current block, whose scales are at srow
+  const float* srow = nullptr;
+  Bf16Fp8Rows(const QMatrix& w, int64_t Kp)
+      : data(w.data), scale(w.fp8_scale), K(w.K), bn(w.bn), kb((w.K + w.bk - 1) / w.bk), step_block(Kp / kStep) {
+    for (int64_t i = 0; i < Kp / kStep; ++i) step_block[i] = static_cast<int32_t>(i * kStep / w.bk);
+  }
+  struct Row : Bf16DotRow<Row> {
+    static constexpr int kVectors = 2;
+    const uint8_t* p;
+    const float* s;
+    int64_t K;
+    const int32_t* step_block;
+    const Bf16Tables* t;
+    inline __attribute__((always_inline)) void load(int64_t k, BF16x32 (&w)[2], F32x16& scale) const {
+      U8x64 raw;
+      if (k + kStep <= K) {
+        std::memcpy(&raw, p + k, sizeof(raw));
+        __builtin_prefetch(p + k + kPrefetchBytes);
+      } else {
+        load_padded<kStep>(raw, p + k, K - k);
+      }
+      U8x64 h0, h1, l0, l1;
+      std::memcpy(&h0, t->fp8_hi, sizeof(h0));
+      std::memcpy(&h1, t->fp8_hi + 64, sizeof(h1));
+      std::memcpy(&l0, t->fp8_lo, sizeof(l0));
+      std::memcpy(&l1, t->fp8_lo + 64, sizeof(l1));
+      const U8x64 hi_bytes = __builtin_shuffle(h0, h1, raw) | (raw & 0x80);  // the permute reads 7 bits
+      const U8x64 lo_bytes = __builtin_shuffle(l0, l1, raw);
+      U8x64 w0, w1;
+      zip_bytes_in_lanes(lo_bytes, hi_bytes, w0, w1);
+      std::memcpy(&w[0], &w0, sizeof(w0));
+      std::memcpy(&w[1], &w1, sizeof(w1));
+      scale = F32x16{} + s[step_block[k / kStep]];
+    }
+  };
+  Row row(int64_t m) {
+    if (m < lo || m >= hi) {
+      const int64_t b = m / bn;
+      lo = b * bn;
+      hi = lo + bn;
+      srow = scale + b * kb;
+    }
+    return {{}, data + m * K, srow, K, step_block.data(), &bf16_tables()};
+  }
+  int64_t bytes_per_row() const { return K; }
+};
+
+// MXFP4 by bfloat16 dot products: a step is 128 codes, nibble j of each 16-bit word through vpermw of the e2m1
+// values' bfloat16 bits (word p of vector j: column 4 p + j of the step); the pairs vdpbf16ps sums, codes 8 i + j and
+// 8 i + 4 + j, share scale i / 4 of the step.
+struct Bf16Mxfp4Rows : Mxfp4Matrix {
+  static constexpr int kStep = 128;
+  using a_t = uint16_t;
+  static constexpr int64_t column(int64_t in) { return 4 * (in % 32) + in / 32; }
+  using Mxfp4Matrix::Mxfp4Matrix;
+  struct Row : Bf16DotRow<Row> {
+    static constexpr int kVectors = 4;
+    const uint8_t* p;
+    const uint8_t* s;
+    int64_t K;
+    const uint16_t* e2m1;  // Bf16Tables::e2m1
+    inline __attribute__((always_inline)) void load(int64_t k, BF16x32 (&w)[4], F32x16& scale) const {
+      U16x32 raw, table;
+      uint32_t sw;
+      mxfp4_step<kStep>(p, s, K, k, raw, sw);
+      scale = e8m0_lanes<16>(sw);
+      std::memcpy(&table, e2m1, sizeof(table));
+      for (int j = 0; j < 4; ++j) {
+        const U16x32 v = __builtin_shuffle(table, raw >> (4 * j));  // the permute reads 5 bits
+        std::memcpy(&w[j], &v, sizeof(v));
+      }
+    }
+  };
+  Row row(int64_t m) const { return {{}, codes(m), scales(m), K, bf16_tables().e2m1}; }
+};
+
+template <typename Rows>
+inline __attribute__((always_inline)) void bf16_stream(const float* a, int64_t rows, const QMatrix& w,
+                                                       const float* bias, float* out) {
+  const int64_t Kp = (w.K + Rows::kStep - 1) / Rows::kStep * Rows::kStep;
+  Rows src(w, Kp);
+  const auto ap = rows_layout<Rows>(a, rows, w.K, Kp);
+  stream_rows_impl<64>(ap.data(), rows, Kp, src, w.M, bias, out);
+}
+
+// out [rows, M] = a [rows, K] @ w^T (+ bias [M]) by bfloat16 dot products (a rounded to bfloat16).
+MOE_KERNELS_AVX512_BF16 void stream_bf16_dot(const float* a, int64_t rows, const QMatrix& w, const float* bias,
+                                             float* out) {
+  if (w.format == Format::mxfp4) {
+    bf16_stream<Bf16Mxfp4Rows>(a, rows, w, bias, out);
+  } else {
+    bf16_stream<Bf16Fp8Rows>(a, rows, w, bias, out);
+  }
+}
+#endif
+
+// Whether the bfloat16 dot products run here: the avx512 ISA level on a CPU with AVX512-BF16 and AVX512-VBMI.
+bool bf16_dot_available() {
+  static const bool available = [] {
+#if MOE_KERNELS_X86
+    __builtin_cpu_init();
+    return cpu_isa() == CpuIsa::avx512 && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("avx512vbmi");
+#else
+    return false;
+#endif
+  }();
+  return available;
 }
 
 // (a, b) lanes interleaved: lo = a0 b0 a1 b1 ..., hi = the upper halves'.
@@ -524,6 +799,20 @@ inline __attribute__((always_inline)) void dequantize_impl(const QMatrix& w, int
   with_rows<VB, acc_t>(w, DequantizeJob<acc_t, out_t>{m0, m1, out});
 }
 
+// stream_bf16_dot where w says so (float32 compute only): whether it ran.
+template <typename acc_t>
+bool stream_bf16_dot_if(const QMatrix& w, const acc_t* a, int64_t rows, const acc_t* bias, acc_t* out) {
+#if MOE_KERNELS_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (w.bf16_dot) {
+      stream_bf16_dot(a, rows, w, bias, out);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 // Per ISA level: 64-byte vectors in the AVX-512 build, 32 elsewhere.
 // stream_quantized(a, rows, w, bias, out): out [rows, M] = a [rows, K] @ w^T (+ bias [M]).
 #define MOE_KERNELS_STREAM_QUANTIZED(acc_t, name)                                                                   \
@@ -540,7 +829,7 @@ inline __attribute__((always_inline)) void dequantize_impl(const QMatrix& w, int
   }                                                                                                               \
   void stream_quantized(const acc_t* a, int64_t rows, const QMatrix& w, const acc_t* bias, acc_t* out) {          \
     static const auto fn = pick_isa(&name##_baseline, &name##_avx2, &name##_avx512);                              \
-    fn(a, rows, w, bias, out);                                                                                    \
+    if (!stream_bf16_dot_if(w, a, rows, bias, out)) fn(a, rows, w, bias, out);                                    \
   }
 MOE_KERNELS_STREAM_QUANTIZED(float, stream_quantized_f32)
 MOE_KERNELS_STREAM_QUANTIZED(double, stream_quantized_f64)
@@ -596,7 +885,8 @@ struct QArgs {
   int64_t T, D, E, H2, H, O, bn, bk;
   Activation act;
   bool gated;
-  bool fp8_bits;
+  bool fp8_bits;  // see QMatrix
+  bool bf16_dot;
 };
 
 // Checks the quantized weights: data and scale of gate_up [E, H2, D] and down [E, O, H] in the format's layout.
@@ -651,7 +941,7 @@ QArgs quantized_args(const at::Tensor& x, c10::string_view format, const at::Ten
   QArgs q{x.contiguous(), up_data.contiguous(), up_scale.contiguous(), down_data.contiguous(),
           down_scale.contiguous(), bias_arg(op, "gate_up_bias", gate_up_bias, E, H2, x.scalar_type()),
           bias_arg(op, "down_bias", down_bias, E, O, x.scalar_type()), f, x.size(0), D, E, H2, H, O, block_n,
-          block_k, parse_activation(activation, gated, op), gated, false};
+          block_k, parse_activation(activation, gated, op), gated, false, false};
   if (f == Format::fp8) {
     // fp8_lanes times scale * 2^120: exact when denormals are read and every finite scale is below 2^8
     const auto below = [](const at::Tensor& s) {
@@ -663,12 +953,15 @@ QArgs quantized_args(const at::Tensor& x, c10::string_view format, const at::Ten
     };
     q.fp8_bits = !denormals_are_zero() && below(q.up_scale) && below(q.down_scale);
   }
+  // bfloat16 x: its rows are exact in bfloat16, and the activations between the projections are rounded as
+  // bfloat16 compute rounds them; FP8 K blocks of whole steps (one scale a step)
+  q.bf16_dot = x.scalar_type() == at::kBFloat16 && bf16_dot_available() && (f == Format::mxfp4 || block_k % 64 == 0);
   return q;
 }
 
 QMatrix expert_matrix(const QArgs& q, const at::Tensor& data, const at::Tensor& scale, int64_t e, int64_t M,
                       int64_t K) {
-  QMatrix w{q.format, nullptr, nullptr, nullptr, M, K, q.bn, q.bk, q.fp8_bits};
+  QMatrix w{q.format, nullptr, nullptr, nullptr, M, K, q.bn, q.bk, q.fp8_bits, q.bf16_dot};
   if (q.format == Format::fp8) {
     w.data = reinterpret_cast<const uint8_t*>(data.const_data_ptr()) + e * M * K;
     w.fp8_scale = scale.const_data_ptr<float>() + e * scale.size(1) * scale.size(2);

@@ -171,10 +171,14 @@ def test_native_sentinels_and_capacity(fmt, path):
     check(run_native(case, capacity=capacity), case, capacity=capacity, name="capacity")
 
 
+LOW = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("path", PATHS)
-def test_native_nan_token_stays_in_its_token(fmt, path):
-    case = make_case(fmt, *SHAPES[fmt, path])
+def test_native_nan_token_stays_in_its_token(fmt, path, dtype):
+    case = make_case(fmt, *SHAPES[fmt, path], dtype=dtype)
     case["x"][1, 5] = math.nan
     out = run_native(case)
     assert bool(torch.isnan(out[1]).all())
@@ -184,13 +188,14 @@ def test_native_nan_token_stays_in_its_token(fmt, path):
     check(out, case)
 
 
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("path", PATHS)
-def test_native_nan_weights(fmt, path):
+def test_native_nan_weights(fmt, path, dtype):
     # an FP8 NaN code (0x7f, 0xff) or an MXFP4 NaN scale (255) makes the dot products that read it NaN, as the
     # dequantised weight does: here one row of the gate projection of token 0's first expert, in the tokens routed
     # to that expert
-    case = make_case(fmt, *SHAPES[fmt, path])
+    case = make_case(fmt, *SHAPES[fmt, path], dtype=dtype)
     up, e = case["gate_up_proj"], int(case["experts"][0, 0])
     if fmt == "fp8":
         up.data.view(torch.uint8)[e, 3, 17] = 0xff
@@ -202,12 +207,15 @@ def test_native_nan_weights(fmt, path):
     check(out, case)
 
 
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("block", [(40, 48), (64, 192)], ids=["40x48", "64x192"])
 @pytest.mark.parametrize("path", PATHS)
-def test_native_fp8_subnormal_codes_and_block_shapes(path):
+def test_native_fp8_subnormal_codes_and_block_shapes(path, block, dtype):
     # e4m3's subnormal codes (magnitudes m * 2^-9 of the block's scale) next to its largest ones, blocks that do not
-    # divide the kernels' steps (bk = 48 < 64 columns a step, bn = 40) and a partial last block
-    T, D, H, E, k = (4, 200, 72, 16, 4) if path == "decode" else (96, 200, 72, 5, 3)
-    case = make_case("fp8", T, D, H, E, k, block=(40, 48))
+    # divide the kernels' steps (bk = 48 < 64 columns a step, bn = 40) or hold several (bk = 192), and a partial last
+    # block
+    T, D, H, E, k = (4, 1000, 72, 16, 4) if path == "decode" else (96, 200, 72, 5, 3)
+    case = make_case("fp8", T, D, H, E, k, dtype=dtype, block=block)
     for w in (case["gate_up_proj"], case["down_proj"]):
         codes = w.data.view(torch.uint8)
         codes[..., ::7] = torch.randint(0, 8, codes[..., ::7].shape, dtype=torch.uint8) | (codes[..., ::7] & 0x80)
