@@ -357,25 +357,24 @@ inline __attribute__((always_inline)) void dot_rows(const acc_t* a, int64_t K, R
   }
 }
 
-// A Row with kOwnDot computes its dot products itself: dot<R>(a, K, res) as dot_rows does, with a in its own
-// element type and layout (quantized.cpp: bfloat16 dot products).
-template <typename Row, typename = void>
-struct OwnDot : std::false_type {};
-template <typename Row>
-struct OwnDot<Row, std::void_t<decltype(Row::kOwnDot)>> : std::bool_constant<Row::kOwnDot> {};
+// Rows with kOwnBlock compute a block of rows of out themselves: block<R>(a, K, m0, m1, M, bias, out) does what
+// stream_block does, with a in their own element type and layout (quantized.cpp: bfloat16 dot products).
+template <typename Rows, typename = void>
+struct OwnBlock : std::false_type {};
+template <typename Rows>
+struct OwnBlock<Rows, std::void_t<decltype(Rows::kOwnBlock)>> : std::bool_constant<Rows::kOwnBlock> {};
 
 template <int R, int VB, typename Rows, typename a_t, typename acc_t>
 inline __attribute__((always_inline)) void stream_block(const a_t* a, int64_t K, Rows& w, int64_t m0, int64_t m1,
                                                         int64_t M, const acc_t* bias, acc_t* out) {
-  acc_t res[R];
-  for (int64_t m = m0; m < m1; ++m) {
-    auto row = w.row(m);
-    if constexpr (OwnDot<decltype(row)>::value) {
-      row.template dot<R>(a, K, res);
-    } else {
-      dot_rows<R, VB>(a, K, row, res);
+  if constexpr (OwnBlock<Rows>::value) {
+    w.template block<R>(a, K, m0, m1, M, bias, out);
+  } else {
+    acc_t res[R];
+    for (int64_t m = m0; m < m1; ++m) {
+      dot_rows<R, VB>(a, K, w.row(m), res);
+      for (int r = 0; r < R; ++r) out[r * M + m] = bias != nullptr ? res[r] + bias[m] : res[r];
     }
-    for (int r = 0; r < R; ++r) out[r * M + m] = bias != nullptr ? res[r] + bias[m] : res[r];
   }
 }
 

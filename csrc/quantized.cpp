@@ -228,6 +228,18 @@ struct Mxfp4Matrix {
   Mxfp4Matrix(const QMatrix& w, int64_t) : data(w.data), scale(w.mx_scale), K(w.K) {}
   const uint8_t* codes(int64_t m) const { return data + m * (K / 2); }
   const uint8_t* scales(int64_t m) const { return scale + m * (K / 32); }
+  // whether no scale of row m is 0 or 255 (e8m0_lanes' normal), eight bytes at a time
+  bool normal_scales(int64_t m) const {
+    const uint8_t* s = scales(m);
+    uint64_t special = 0;
+    for (int64_t i = 0; i < K / 32; i += 8) {
+      uint64_t v = ~uint64_t(0) / 255 * 0x80;  // bytes past the row: 0x80, neither
+      std::memcpy(&v, s + i, std::min<int64_t>(8, K / 32 - i));
+      const uint64_t ones = ~uint64_t(0) / 255, high = ones * 0x80, inv = ~v;
+      special |= ((v - ones) & ~v & high) | ((inv - ones) & ~inv & high);  // a zero byte in v or in ~v
+    }
+    return special == 0;
+  }
   int64_t bytes_per_row() const { return K / 2 + K / 32; }
 };
 
@@ -249,14 +261,16 @@ inline __attribute__((always_inline)) void mxfp4_step(const uint8_t* p, const ui
   }
 }
 
-// n float32 lanes of 2^(s - 127) for the scale bytes of sw: byte q in lanes 4q .. 4q + 3 (s = 0: 2^-127, 255: NaN).
+// n float32 lanes of 2^(s - 127) for the scale bytes of sw: byte q in lanes 4q .. 4q + 3. normal: no byte is 0 or
+// 255, so that s << 23 are the bits; else those are 2^-127 and NaN.
 template <int n>
-inline __attribute__((always_inline)) Vec<float, 4 * n> e8m0_lanes(uint32_t sw) {
+inline __attribute__((always_inline)) Vec<float, 4 * n> e8m0_lanes(uint32_t sw, bool normal) {
   using U32 = typename VecN<uint32_t, n>::type;
   U32 shift;
   for (int i = 0; i < n; ++i) shift[i] = 8 * (i / 4);
   const U32 e = ((U32{} + sw) >> shift) & 0xffu;
-  const U32 bits = e == 0u ? U32{} + 0x00400000u : (e == 255u ? U32{} + 0x7fc00000u : e << 23);
+  U32 bits = e << 23;
+  if (!normal) bits = e == 0u ? U32{} + 0x00400000u : (e == 255u ? U32{} + 0x7fc00000u : bits);
   Vec<float, 4 * n> v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
@@ -278,12 +292,13 @@ struct Mxfp4BitRows : Mxfp4Matrix, Interleaved<VB / 4, 8> {
     const uint8_t* p;
     const uint8_t* s;
     int64_t K;
+    bool normal;  // Mxfp4Matrix::normal_scales
     template <int VB_, typename acc_t>
     inline __attribute__((always_inline)) void load(int64_t k, V (&w)[kVectors], V& sv) {
       U32 raw;
       uint32_t sw;
       mxfp4_step<kStep>(p, s, K, k, raw, sw);
-      sv = e8m0_lanes<n>(sw);
+      sv = e8m0_lanes<n>(sw, normal);
       for (int j = 0; j < kVectors; ++j) {
         const I32 idx = (I32)(raw >> (4 * j));  // the permutes read its low 4 bits
         if constexpr (n == 16) {
@@ -314,7 +329,7 @@ struct Mxfp4BitRows : Mxfp4Matrix, Interleaved<VB / 4, 8> {
       load<VB_, acc_t>(k, w);
     }
   };
-  Row row(int64_t m) const { return {codes(m), scales(m), K}; }
+  Row row(int64_t m) const { return {codes(m), scales(m), K, normal_scales(m)}; }
 };
 
 // FP8 through a table of the codes' values, times the scale of each column's block (natural layout, two vectors a
@@ -486,43 +501,85 @@ inline __attribute__((always_inline)) void zip_bytes_in_lanes(U8x64 a, U8x64 b, 
                                126, 63, 127);
 }
 
-// Row r's dot products over the steps of a [R, Kp] (bfloat16 bits in the source's layout): per step, its kVectors
-// vectors of weights (load) against a's, summed by vdpbf16ps, times the step's scale vector, into the row's sum.
-template <int R, typename Row>
-inline __attribute__((always_inline)) void bf16_dot_rows(const Row& w, const uint16_t* a, int64_t Kp, float* res) {
-  constexpr int S = Row::kVectors;
-  F32x16 acc[R] = {};
-  for (int64_t k = 0; k < Kp; k += 32 * S) {
-    BF16x32 wv[S];
-    F32x16 scale;
-    w.load(k, wv, scale);
-    for (int r = 0; r < R; ++r) {
-      F32x16 part = {};
-      for (int v = 0; v < S; ++v) {
-        BF16x32 av;
-        std::memcpy(&av, a + r * Kp + k + 32 * v, sizeof(av));
-        part = dot_bf16(part, av, wv[v]);
-      }
-      acc[r] += part * scale;
-    }
+// The sums of the lanes of 16 vectors v[0..15], as sum_halves sums each (the lower half plus the upper half, until
+// one lane is left) but 16 at once: each level adds the halves of two vectors' lanes in one vector, and the last
+// leaves sum i in lane i.
+inline __attribute__((always_inline)) F32x16 sum_halves_16(const F32x16 (&v)[16]) {
+  F32x16 w8[8], w4[4], w2[2];
+  for (int j = 0; j < 8; ++j) {
+    w8[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                    31);
   }
-  for (int r = 0; r < R; ++r) res[r] = sum_halves(acc[r]);
+  for (int j = 0; j < 4; ++j) {
+    w4[j] = __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
+                                    27) +
+            __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                    31);
+  }
+  for (int j = 0; j < 2; ++j) {
+    w2[j] = __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
+                                    29) +
+            __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                    31);
+  }
+  return __builtin_shufflevector(w2[0], w2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(w2[0], w2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// The dot products of a Row of bfloat16 weights (its load(k, w, scale)): bf16_dot_rows.
-template <typename Row>
-struct Bf16DotRow {
-  static constexpr bool kOwnDot = true;
+// The rows of weights of a Rows source of bfloat16 weights (its row(m).load(k, w, scale): kVectors vectors of
+// bfloat16 and the step's scale vector) against R rows of a [R, Kp] (bfloat16 bits in the source's layout): per
+// step, the products summed by vdpbf16ps, times the scale, into the row's sum; the sums of 16 weight rows reduced
+// at once (sum_halves_16).
+template <typename Rows>
+struct Bf16DotBlock {
+  static constexpr bool kOwnBlock = true;
   template <int R>
-  inline __attribute__((always_inline)) void dot(const uint16_t* a, int64_t Kp, float* res) const {
-    bf16_dot_rows<R>(static_cast<const Row&>(*this), a, Kp, res);
+  inline __attribute__((always_inline)) void block(const uint16_t* a, int64_t Kp, int64_t m0, int64_t m1, int64_t M,
+                                                   const float* bias, float* out) {
+    auto& self = static_cast<Rows&>(*this);
+    for (int64_t mb = m0; mb < m1; mb += 16) {
+      const int64_t count = std::min<int64_t>(16, m1 - mb);
+      F32x16 acc[R][16] = {};
+      for (int64_t i = 0; i < count; ++i) {
+        const auto row = self.row(mb + i);
+        constexpr int S = decltype(row)::kVectors;
+        F32x16 sum[R] = {};
+        for (int64_t k = 0; k < Kp; k += 32 * S) {
+          BF16x32 wv[S];
+          F32x16 scale;
+          row.load(k, wv, scale);
+          for (int r = 0; r < R; ++r) {
+            F32x16 part = {};
+            for (int v = 0; v < S; ++v) {
+              BF16x32 av;
+              std::memcpy(&av, a + r * Kp + k + 32 * v, sizeof(av));
+              part = dot_bf16(part, av, wv[v]);
+            }
+            sum[r] += part * scale;
+          }
+        }
+        for (int r = 0; r < R; ++r) acc[r][i] = sum[r];
+      }
+      for (int r = 0; r < R; ++r) {
+        F32x16 res = sum_halves_16(acc[r]);
+        if (bias != nullptr) {
+          float b[16] = {};
+          std::memcpy(b, bias + mb, count * sizeof(float));
+          F32x16 bv;
+          std::memcpy(&bv, b, sizeof(bv));
+          res += bv;
+        }
+        std::memcpy(out + r * M + mb, &res, count * sizeof(float));
+      }
+    }
   }
 };
 
 // FP8 by bfloat16 dot products, K blocks of a multiple of 64 columns: a step is 64 codes (one scale), each code's
 // bfloat16 high and low bytes from tables (vpermi2b of its 7 magnitude bits; the sign put back), interleaved into two
 // vectors of 32 bfloat16 (word p of vector v: column 16 (p / 8) + 8 v + p % 8 of the step).
-struct Bf16Fp8Rows {
+struct Bf16Fp8Rows : Bf16DotBlock<Bf16Fp8Rows> {
   static constexpr int kStep = 64;
   using a_t = uint16_t;
   static constexpr int64_t column(int64_t in) { return 16 * (in % 32 / 8) + 8 * (in / 32) + in % 8; }
@@ -536,7 +593,7 @@ struct Bf16Fp8Rows {
       : data(w.data), scale(w.fp8_scale), K(w.K), bn(w.bn), kb((w.K + w.bk - 1) / w.bk), step_block(Kp / kStep) {
     for (int64_t i = 0; i < Kp / kStep; ++i) step_block[i] = static_cast<int32_t>(i * kStep / w.bk);
   }
-  struct Row : Bf16DotRow<Row> {
+  struct Row {
     static constexpr int kVectors = 2;
     const uint8_t* p;
     const float* s;
@@ -572,7 +629,7 @@ struct Bf16Fp8Rows {
       hi = lo + bn;
       srow = scale + b * kb;
     }
-    return {{}, data + m * K, srow, K, step_block.data(), &bf16_tables()};
+    return {data + m * K, srow, K, step_block.data(), &bf16_tables()};
   }
   int64_t bytes_per_row() const { return K; }
 };
@@ -580,22 +637,23 @@ struct Bf16Fp8Rows {
 // MXFP4 by bfloat16 dot products: a step is 128 codes, nibble j of each 16-bit word through vpermw of the e2m1
 // values' bfloat16 bits (word p of vector j: column 4 p + j of the step); the pairs vdpbf16ps sums, codes 8 i + j and
 // 8 i + 4 + j, share scale i / 4 of the step.
-struct Bf16Mxfp4Rows : Mxfp4Matrix {
+struct Bf16Mxfp4Rows : Mxfp4Matrix, Bf16DotBlock<Bf16Mxfp4Rows> {
   static constexpr int kStep = 128;
   using a_t = uint16_t;
   static constexpr int64_t column(int64_t in) { return 4 * (in % 32) + in / 32; }
   using Mxfp4Matrix::Mxfp4Matrix;
-  struct Row : Bf16DotRow<Row> {
+  struct Row {
     static constexpr int kVectors = 4;
     const uint8_t* p;
     const uint8_t* s;
     int64_t K;
+    bool normal;           // Mxfp4Matrix::normal_scales
     const uint16_t* e2m1;  // Bf16Tables::e2m1
     inline __attribute__((always_inline)) void load(int64_t k, BF16x32 (&w)[4], F32x16& scale) const {
       U16x32 raw, table;
       uint32_t sw;
       mxfp4_step<kStep>(p, s, K, k, raw, sw);
-      scale = e8m0_lanes<16>(sw);
+      scale = e8m0_lanes<16>(sw, normal);
       std::memcpy(&table, e2m1, sizeof(table));
       for (int j = 0; j < 4; ++j) {
         const U16x32 v = __builtin_shuffle(table, raw >> (4 * j));  // the permute reads 5 bits
@@ -603,7 +661,7 @@ struct Bf16Mxfp4Rows : Mxfp4Matrix {
       }
     }
   };
-  Row row(int64_t m) const { return {{}, codes(m), scales(m), K, bf16_tables().e2m1}; }
+  Row row(int64_t m) const { return {codes(m), scales(m), K, normal_scales(m), bf16_tables().e2m1}; }
 };
 
 template <typename Rows>

@@ -223,6 +223,23 @@ def test_native_fp8_subnormal_codes_and_block_shapes(path, block, dtype):
     check(run_native(case), case)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(F64, id="fp64")])
+@pytest.mark.parametrize("path", PATHS)
+def test_native_mxfp4_extreme_scales(path, dtype):
+    # e8m0's ends: 2^-127 (s = 0, a float32 subnormal) and 2^-126, 2^0 and 2^10, in rows of their own and next to
+    # ordinary ones (the kernels take a row's scales as float32 bits unless it holds a 0 or 255)
+    T, D, H, E, k = (4, 256, 64, 16, 4) if path == "decode" else (96, 256, 64, 5, 3)
+    case = make_case("mxfp4", T, D, H, E, k, dtype=dtype)
+    for w in (case["gate_up_proj"], case["down_proj"]):
+        w.scale[:, 0, :] = 0
+        w.scale[:, 1, 0] = 0
+        w.scale[:, 2, :] = 1
+        w.scale[:, 3, 1] = 127
+        w.scale[:, 4, -1] = 137
+    check(run_native(case), case)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_native_fp8_table_path(path):
     # the FP8 rows go through a table of the codes' values where the bit conversion would not be exact: a scale of
