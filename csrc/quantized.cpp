@@ -24,6 +24,7 @@
 
 #include "grouped_gemm.h"
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -423,18 +424,32 @@ template <typename Rows, typename acc_t>
 auto rows_layout(const acc_t* a, int64_t rows, int64_t K, int64_t Kp) {
   using a_t = typename AOf<Rows, acc_t>::type;
   constexpr int64_t step = Rows::kStep;
+  constexpr auto columns = [] {
+    std::array<int32_t, step> c{};
+    for (int64_t i = 0; i < step; ++i) c[i] = static_cast<int32_t>(Rows::column(i));
+    return c;
+  }();
+  const auto convert = [](acc_t v) {
+    if constexpr (std::is_same_v<a_t, uint16_t>) {
+      const float f = static_cast<float>(v);
+      uint32_t bits;
+      std::memcpy(&bits, &f, sizeof(bits));
+      return static_cast<uint16_t>(f != f ? 0x7fc0u : bf16_rounded_bits(bits));
+    } else {
+      return v;
+    }
+  };
   std::vector<a_t> out(rows * Kp, a_t(0));
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t pos = 0; pos < Kp; ++pos) {
-      const int64_t in = pos % step, col = pos - in + Rows::column(in);
-      if (col >= K) continue;
-      if constexpr (std::is_same_v<a_t, uint16_t>) {
-        const float v = static_cast<float>(a[r * K + col]);
-        uint32_t bits;
-        std::memcpy(&bits, &v, sizeof(bits));
-        out[r * Kp + pos] = static_cast<uint16_t>(v != v ? 0x7fc0u : bf16_rounded_bits(bits));
+    const acc_t* ar = a + r * K;
+    a_t* o = out.data() + r * Kp;
+    for (int64_t k = 0; k < Kp; k += step) {
+      if (k + step <= K) {
+        for (int64_t i = 0; i < step; ++i) o[k + i] = convert(ar[k + columns[i]]);
       } else {
-        out[r * Kp + pos] = a[r * K + col];
+        for (int64_t i = 0; i < step; ++i) {
+          if (k + columns[i] < K) o[k + i] = convert(ar[k + columns[i]]);
+        }
       }
     }
   }
