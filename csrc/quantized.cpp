@@ -12,6 +12,9 @@
 //   times 2^-120, exactly), the block scales times 2^120 folded into a copy of x's rows once per block of bn weight
 //   rows, NaN codes noted once per 64 bytes. MXFP4: each nibble through a permute of the 16 e2m1 values, a step's
 //   products summed unscaled, then times its scales (powers of two: exact).
+//   bfloat16 x on CPUs with AVX512-BF16 and AVX512-VBMI: the codes become bfloat16 (exact) through byte and word
+//   permutes of tables, and vdpbf16ps sums their products with x's in pairs; 16 weight rows' sums are reduced at
+//   once (the --- bfloat16 dot products --- section).
 // - more rows: the expert's weight dequantised (in chunks of rows of up to kKeptSlotBytes) into a per-thread kept
 //   buffer in the GEMM dtype (bfloat16 where bf16_gemm(), else float32; float64 for float64 x) by the same row
 //   decoders, then the float expert MLP's GEMMs and activation on it.
@@ -45,9 +48,22 @@ struct QMatrix {
   const float* fp8_scale;      // fp8: [ceil(M / bn), ceil(K / bk)]
   const uint8_t* mx_scale;     // mxfp4: [M, K / 32] e8m0 exponents
   int64_t M, K, bn, bk;
-  bool fp8_bits;  // fp8: the bit conversion is exact here (see Fp8BitRows)
+  bool fp8_bits;  // fp8: every finite scale is below 2^8 (the bit conversion is exact, denormals read: fp8_bits_here)
   bool bf16_dot;  // the streaming kernel may round a to bfloat16 and use bfloat16 dot products
 };
+
+// Whether denormal inputs are read as zero (MXCSR.DAZ, as torch.set_flush_denormal(True) sets): then the bit
+// conversion of FP8 would lose e4m3's subnormals. Off x86, assumed so.
+bool denormals_are_zero() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return (_mm_getcsr() & 0x0040u) != 0;
+#else
+  return true;
+#endif
+}
+
+// Whether the bit conversion of FP8 is exact for w in the thread that runs it (each thread has its own MXCSR).
+inline bool fp8_bits_here(const QMatrix& w) { return w.fp8_bits && !denormals_are_zero(); }
 
 // The values of the codes, exact: e4m3fn (NaN at 0x7f and 0xff) in float32 and float64, e8m0 (2^(s - 127), NaN at
 // 255) in float64.
@@ -850,7 +866,7 @@ template <int VB, typename acc_t, typename Job>
 inline __attribute__((always_inline)) void with_rows(const QMatrix& w, const Job& job) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (w.format == Format::mxfp4) return run_on<VB, Mxfp4BitRows<VB, false>>(w, job);
-    if (w.fp8_bits) return run_on<VB, Fp8BitRows<VB, true, true>>(w, job);
+    if (fp8_bits_here(w)) return run_on<VB, Fp8BitRows<VB, true, true>>(w, job);
   } else {
     if (w.format == Format::mxfp4) return run_on<VB, Mxfp4TableRows<acc_t, VB>>(w, job);
   }
@@ -862,7 +878,7 @@ inline __attribute__((always_inline)) void stream_quantized_impl(const acc_t* a,
                                                                  const acc_t* bias, acc_t* out) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (w.format == Format::mxfp4) return run_on<VB, Mxfp4BitRows<VB, true>>(w, StreamJob<acc_t>{a, rows, bias, out});
-    if (w.fp8_bits) return fp8_stream<VB>(a, rows, w, bias, out);
+    if (fp8_bits_here(w)) return fp8_stream<VB>(a, rows, w, bias, out);
   }
   with_rows<VB, acc_t>(w, StreamJob<acc_t>{a, rows, bias, out});
 }
@@ -942,16 +958,6 @@ void dequantize_rows(const QMatrix& w, int64_t m0, int64_t m1, const at::Tensor&
   });
 }
 
-// Whether denormal inputs are read as zero (MXCSR.DAZ, as torch.set_flush_denormal(True) sets): then the bit
-// conversion of FP8 would lose e4m3's subnormals. Off x86, assumed so.
-bool denormals_are_zero() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return (_mm_getcsr() & 0x0040u) != 0;
-#else
-  return true;
-#endif
-}
-
 struct QArgs {
   at::Tensor x, up_data, up_scale, down_data, down_scale, up_bias, down_bias;  // contiguous
   Format format;
@@ -1024,7 +1030,7 @@ QArgs quantized_args(const at::Tensor& x, c10::string_view format, const at::Ten
       }
       return true;
     };
-    q.fp8_bits = !denormals_are_zero() && below(q.up_scale) && below(q.down_scale);
+    q.fp8_bits = below(q.up_scale) && below(q.down_scale);
   }
   // bfloat16 x: its rows are exact in bfloat16, and the activations between the projections are rounded as
   // bfloat16 compute rounds them; FP8 K blocks of whole steps (one scale a step)

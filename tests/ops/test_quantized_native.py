@@ -55,7 +55,8 @@ def make_case(fmt, T, D, H, E, k, dtype=torch.float32, gated=True, bias=False, b
     up = torch.randn(E, 2 * H if gated else H, D) * (scale / math.sqrt(D))
     down = torch.randn(E, D, H) * (scale / math.sqrt(H))
     case = dict(x=torch.randn(T, D).to(dtype), experts=rand_experts(T, k, E), weights=torch.rand(T, k).to(dtype),
-                gate_up_proj=QuantizedWeight.quantize(up, fmt, block), down_proj=QuantizedWeight.quantize(down, fmt, block))
+                gate_up_proj=QuantizedWeight.quantize(up, fmt, block),
+                down_proj=QuantizedWeight.quantize(down, fmt, block))
     if bias:
         case["gate_up_bias"] = (0.1 * torch.randn(E, up.shape[1])).to(dtype)
         case["down_bias"] = (0.1 * torch.randn(E, D)).to(dtype)
@@ -145,7 +146,8 @@ def test_native_ran_not_the_reference(fmt, monkeypatch):
 
 # --- edge shapes, routing, special values ----------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape", [pytest.param((1, 64, 32, 1, 1), id="E1-T1"), pytest.param((20, 64, 32, 1, 1), id="E1-many"),
+@pytest.mark.parametrize("shape", [pytest.param((1, 64, 32, 1, 1), id="E1-T1"),
+                                   pytest.param((20, 64, 32, 1, 1), id="E1-many"),
                                    pytest.param((3, 96, 64, 9, 1), id="empty-experts"),
                                    pytest.param((5, 64, 32, 4, 4), id="k=E"), pytest.param((0, 64, 32, 4, 2), id="T0"),
                                    pytest.param((1, 32, 32, 2, 2), id="T1-k2")])
