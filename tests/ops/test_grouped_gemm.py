@@ -46,6 +46,27 @@ def naive_grouped_mm(a, w, offsets, bias, activation, gated):
     return out
 
 
+def reordered_preactivation_atol(a, w, offsets, bias, activation, gated, dtype):
+    """Per output element: two roundings of each pre-activation's sum of |terms| (what another summation order
+    may move it by), carried through the activation's derivative. A kernel that sums K in another order than
+    the baseline earns this where the baseline happens to land on the float64 value and the activation
+    amplifies (relu2's slope is 2 * pre)."""
+    a64, w64 = a.double(), w.double()
+    N, (E, M, K) = a.shape[0], w.shape
+    end = int(offsets[-1])
+    rows = torch.arange(end, device=a.device)
+    e = torch.searchsorted(offsets[1:].long(), rows, right=True)
+    pre = torch.einsum("nk,nmk->nm", a64[:end], w64[e])
+    spread = torch.einsum("nk,nmk->nm", a64[:end].abs(), w64[e].abs())
+    if bias is not None:
+        pre = pre + bias.double()[e]
+        spread = spread + bias.double()[e].abs()
+    jac = torch.func.vmap(torch.func.jacfwd(lambda h: naive_glu(h, activation, gated)))(pre)  # [end, out, M]
+    atol = torch.zeros(N, M // 2 if gated else M, dtype=F64, device=a.device)
+    atol[:end] = 2 * torch.finfo(dtype).eps * torch.einsum("nom,nm->no", jac.abs().nan_to_num(0.0, 0.0, 0.0), spread)
+    return atol
+
+
 def same_dtype_grouped_mm(a, w, offsets, bias, activation, gated):
     """Plain PyTorch in the inputs' dtype (the baseline of the earned tolerance): one matmul per expert."""
     out = torch.zeros(a.shape[0], w.shape[1] // 2 if gated else w.shape[1], dtype=a.dtype)
@@ -159,7 +180,8 @@ def test_forward_low_precision_earned(backend, activation, gated, dtype):
     out = grouped_mm(a, w, offsets, bias, activation=activation, gated=gated)
     assert out.dtype == dtype
     ref64 = naive_grouped_mm(a, w, offsets, bias, activation, gated)  # the same rounded inputs, in float64
-    assert_earned_dtype(out, ref64, same_dtype_grouped_mm(a, w, offsets, bias, activation, gated))
+    atol = 1e-6 + reordered_preactivation_atol(a, w, offsets, bias, activation, gated, dtype)
+    assert_earned_dtype(out, ref64, same_dtype_grouped_mm(a, w, offsets, bias, activation, gated), atol=atol)
     assert bool((out[int(offsets[-1]):] == 0).all())
 
 
