@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
   const MlpArgs m = mlp_args("moe_mlp_forward", x_in, gate_up_in, down_in, gate_up_bias, down_bias, activation, gated);
   const int64_t N = m.T * experts.size(1);
   const auto gt = gemm_dtype(m.x.scalar_type());
-  auto h_pre = save_for_backward ? at::empty({N, m.H2}, m.x.options()) : at::empty({0}, m.x.options());
+  auto h_pre = save_for_backward ? new_empty({N, m.H2}, m.x.options()) : new_empty({0}, m.x.options());
   const bool pre_in_place = save_for_backward && m.x.scalar_type() == gt;
   auto r = routed_forward("moe_mlp_forward", m.x, experts, weights, m.E, m.O, capacity,
                           [&](int64_t e, int64_t lo, int64_t hi, const at::Tensor& token, const at::Tensor& y) {
@@ -133,10 +133,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto token = at::div(kept_order, k, "floor");
   const auto scale = weights.reshape({-1}).index_select(0, kept_order).to(ct).unsqueeze(1);  // [kept, 1]
 
-  auto grad_up = at::empty_like(m.gate_up);
-  auto grad_down = at::empty_like(m.down);
-  auto grad_up_b = m.gate_up_bias.defined() ? at::empty_like(m.gate_up_bias) : at::empty({0}, m.x.options());
-  auto grad_down_b = m.down_bias.defined() ? at::empty_like(m.down_bias) : at::empty({0}, m.x.options());
+  auto grad_up = new_empty_like(m.gate_up);
+  auto grad_down = new_empty_like(m.down);
+  auto grad_up_b = m.gate_up_bias.defined() ? new_empty_like(m.gate_up_bias) : new_empty({0}, m.x.options());
+  auto grad_down_b = m.down_bias.defined() ? new_empty_like(m.down_bias) : new_empty({0}, m.x.options());
   for (int64_t e = 0; e < m.E; ++e) {
     if (bounds[e + 1] > bounds[e]) continue;
     grad_up[e].zero_();
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const Scratch dx_scratch({N, m.D}, m.x.options().dtype(gt));
   const at::Tensor& dx = dx_scratch.tensor();  // expert-ordered rows of dX, summed per token below
-  auto dw = at::empty({kept}, m.x.options().dtype(ct));    // routing-weight gradient of each expert-ordered row
+  auto dw = new_empty({kept}, m.x.options().dtype(ct));    // routing-weight gradient of each expert-ordered row
 
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) {
     const auto tok = token.slice(0, lo, hi);
@@ -169,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     mm_into(dx.slice(0, lo, hi), dpre, to_gemm_kept(Kept::weight_b, m.gate_up[e]));
   });
 
-  auto grad_x = unpermute_to(dx, inverse, at::Tensor(), m.x.scalar_type());
+  // rows of dx past kept are scratch no GEMM wrote: an inverse pointing there is refused
+  auto grad_x = unpermute_to(dx, inverse, at::Tensor(), m.x.scalar_type(), kept, "moe_mlp_backward");
   auto grad_w = at::zeros({N}, dw.options()).index_copy_(0, kept_order, dw).view({m.T, k}).to(weights.scalar_type());
   return {grad_x, grad_w, grad_up, grad_down, grad_up_b, grad_down_b};
 }
@@ -225,7 +226,7 @@ Routed routed_forward(const char* op, const at::Tensor& x, const at::Tensor& exp
   const Scratch y_scratch({N, O}, x.options().dtype(gemm_dtype(x.scalar_type())));
   const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
   for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) { expert(e, lo, hi, token, y); });
-  return {unpermute_to(y, inverse, weights, x.scalar_type()), order, inverse, offsets, kept};
+  return {unpermute_to(y, inverse, weights, x.scalar_type(), kept, op), order, inverse, offsets, kept};
 }
 
 TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {

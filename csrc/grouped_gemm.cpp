@@ -166,7 +166,7 @@ thread_local KeptSlots kept_slots;
 
 at::Tensor kept_empty(Kept slot, at::IntArrayRef shape, at::ScalarType dtype) {
   const int64_t bytes = c10::multiply_integers(shape) * static_cast<int64_t>(c10::elementSize(dtype));
-  if (bytes > kKeptSlotBytes) return at::empty(shape, at::TensorOptions().dtype(dtype));
+  if (bytes > kKeptSlotBytes || poison_mode()) return new_empty(shape, at::TensorOptions().dtype(dtype));
   auto& buf = kept_slots.bytes[static_cast<int>(slot)];
   if (!buf.defined() || buf.numel() < bytes) buf = at::empty({std::max<int64_t>(bytes, 1)}, at::kByte);
   return buf.narrow(0, 0, bytes).view(dtype).view(shape);
@@ -213,7 +213,7 @@ at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& idx_in) {
   const auto idx = idx_in.contiguous();
   const int64_t rows = idx.size(0), T = src.size(0), D = src.size(1);
   const auto gt = gemm_dtype(src.scalar_type());
-  auto out = at::empty({rows, D}, src.options().dtype(gt));
+  auto out = new_empty({rows, D}, src.options().dtype(gt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_rows", [&] {
     using src_t = scalar_t;
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "gather_rows_index", [&] {
@@ -392,7 +392,7 @@ void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tenso
   // a bfloat16 a (bf16_gemm) is widened: a few rows
   const auto ac = a.scalar_type() == ct ? a.contiguous() : a.to(ct).contiguous();
   const auto bc = !bias.defined() || bias.scalar_type() == ct ? bias : bias.to(ct);
-  const auto res = out.scalar_type() == ct ? out : at::empty(out.sizes(), out.options().dtype(ct));
+  const auto res = out.scalar_type() == ct ? out : new_empty(out.sizes(), out.options().dtype(ct));
   const int64_t rows = ac.size(0), K = ac.size(1), M = w.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "gemm_bias_out", [&] {
     using w_t = scalar_t;
@@ -404,7 +404,7 @@ void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tenso
 }
 
 at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
-  auto out = at::empty({a.size(0), w.size(0)}, a.options());
+  auto out = new_empty({a.size(0), w.size(0)}, a.options());
   gemm_bias_out(out, a, w, bias);
   return out;
 }
@@ -997,7 +997,7 @@ void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, const Activati
 }
 
 at::Tensor gated_act(const at::Tensor& h, const Activation& a, bool gated) {
-  auto out = at::empty({h.size(0), gated ? h.size(1) / 2 : h.size(1)}, h.options());
+  auto out = new_empty({h.size(0), gated ? h.size(1) / 2 : h.size(1)}, h.options());
   gated_act_into(out, h, a, gated);
   return out;
 }
@@ -1040,7 +1040,7 @@ void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, con
   const auto p = to_compute(pre);
   const auto dhc = dh.to(ct);
   const auto d = scale.defined() ? dhc * scale.reshape({rows, 1}) : dhc;
-  auto dp = gt == ct ? dpre : at::empty(dpre.sizes(), dpre.options().dtype(ct));
+  auto dp = gt == ct ? dpre : new_empty(dpre.sizes(), dpre.options().dtype(ct));
   at::Tensor value;
   if (!gated) {
     value = act(p, a);
@@ -1069,7 +1069,7 @@ void gated_act_backward_into(const at::Tensor& dpre_c, const at::Tensor& dh, con
       d_act = at::where(g <= a.limit, d_act, 0);
       g = at::clamp_max(g, a.limit);
     }
-    auto d_gate = at::empty_like(gate, at::MemoryFormat::Contiguous);
+    auto d_gate = new_empty_like(gate);
     act_backward_out(d_gate, d_act, gate, a);
     auto d_up = d * g;
     if (a.has_up_softcap) d_up = d_up * (1 - t_up * t_up);
@@ -1105,7 +1105,7 @@ KeptScratch& kept_scratch() {
 
 Scratch::Scratch(at::IntArrayRef shape, const at::TensorOptions& options) {
   const int64_t bytes = c10::multiply_integers(shape) * static_cast<int64_t>(options.dtype().itemsize());
-  if (bytes > 0 && bytes <= kMaxBytes) {
+  if (bytes > 0 && bytes <= kMaxBytes && !poison_mode()) {
     auto& kept = kept_scratch();
     std::lock_guard<std::mutex> lock(kept.mutex);
     if (!kept.in_use) {
@@ -1116,7 +1116,7 @@ Scratch::Scratch(at::IntArrayRef shape, const at::TensorOptions& options) {
       kept.in_use = kept_ = true;
     }
   }
-  if (!kept_) tensor_ = at::empty(shape, options);
+  if (!kept_) tensor_ = new_empty(shape, options);
 }
 
 Scratch::~Scratch() {
@@ -1169,7 +1169,7 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& w_in, const at::
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const GroupedArgs g = grouped_args("grouped_mm", a_in, w_in, offsets, bias_in, activation, gated);
   const int64_t N = g.a.size(0), M = g.w.size(1);
-  auto out = at::empty({N, gated ? M / 2 : M}, g.a.options());
+  auto out = new_empty({N, gated ? M / 2 : M}, g.a.options());
   zero_outside(out, g.bounds);
   const bool in_place = !gated && g.act.kind == ActKind::identity && g.act.plain() &&
                         g.a.scalar_type() == gemm_dtype(g.a.scalar_type());
@@ -1200,9 +1200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
               "grouped_mm_backward: grad must be [N, ", gated ? M / 2 : M, "] = the output's shape, got ",
               grad_in.sizes());
   const auto grad = grad_in.contiguous();
-  auto grad_a = at::empty_like(g.a);
-  auto grad_w = want_grad_w ? at::empty_like(g.w) : at::empty({0}, g.a.options());
-  auto grad_b = g.bias.defined() ? at::empty_like(g.bias) : at::empty({0}, g.a.options());
+  auto grad_a = new_empty_like(g.a);
+  auto grad_w = want_grad_w ? new_empty_like(g.w) : new_empty({0}, g.a.options());
+  auto grad_b = g.bias.defined() ? new_empty_like(g.bias) : new_empty({0}, g.a.options());
   zero_outside(grad_a, g.bounds);
   for (int64_t e = 0; e < E; ++e) {
     if (g.bounds[e + 1] > g.bounds[e]) continue;

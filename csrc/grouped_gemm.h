@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include "buffers.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

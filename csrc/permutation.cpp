@@ -123,9 +123,10 @@ void store_row(const acc_t* acc, int64_t D, out_t* o) {
 }
 
 // out[t] = sum over kept j of w[t, j] * y[inverse[t, j]]; acc_t: the accumulation type, w already in acc_t.
+// Rows [0, rows) of y are the written ones: an inverse pointing past them is refused.
 template <typename in_t, typename out_t, typename acc_t>
-void unpermute_kernel(const in_t* y, const int32_t* inverse, const acc_t* w, int64_t T, int64_t k, int64_t D,
-                      int64_t N, out_t* out) {
+void unpermute_kernel(const char* op, const in_t* y, const int32_t* inverse, const acc_t* w, int64_t T, int64_t k,
+                      int64_t D, int64_t rows, out_t* out) {
   at::parallel_for(0, T, token_grain(k, D), [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(D);
     for (int64_t t = t0; t < t1; ++t) {
@@ -133,7 +134,8 @@ void unpermute_kernel(const in_t* y, const int32_t* inverse, const acc_t* w, int
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = inverse[t * k + j];
         if (p < 0) continue;  // not kept: contributes nothing (no multiply by zero: a NaN there stays there)
-        TORCH_CHECK(p < N, "unpermute: inverse[", t, ", ", j, "] = ", p, " is not a row of y (", N, " rows)");
+        TORCH_CHECK(p < rows, op, ": inverse[", t, ", ", j, "] = ", p, " is past the ", rows,
+                    " rows that hold results (the kept pairs' rows)");
         const in_t* row = y + p * D;
         if (w != nullptr) {
           const acc_t a = w[t * k + j];
@@ -161,9 +163,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& 
   TORCH_CHECK(N < (int64_t(1) << 31), "sort_by_expert: T*k = ", N, " overflows int32 indices");
   auto ids = experts.contiguous();
   auto opts = experts.options().dtype(at::kInt);
-  auto order = at::empty({N}, opts);
-  auto inverse = at::empty({T, k}, opts);
-  auto offsets = at::empty({num_experts + 1}, opts);
+  auto order = new_empty({N}, opts);
+  auto inverse = new_empty({T, k}, opts);
+  auto offsets = new_empty({num_experts + 1}, opts);
   if (ids.scalar_type() == at::kInt) {
     sort_impl<int32_t>(ids.data_ptr<int32_t>(), T, k, num_experts, capacity, order.data_ptr<int32_t>(),
                        inverse.data_ptr<int32_t>(), offsets.data_ptr<int32_t>());
@@ -175,28 +177,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& 
 }
 
 at::Tensor unpermute_to(const at::Tensor& y_in, const at::Tensor& inverse_in, const at::Tensor& weights,
-                        at::ScalarType out_dtype) {
+                        at::ScalarType out_dtype, int64_t rows, const char* op) {
   const auto y = y_in.contiguous();
   const auto inverse = inverse_in.contiguous();
-  const int64_t T = inverse.size(0), k = inverse.size(1), N = y.size(0), D = y.size(1);
+  const int64_t T = inverse.size(0), k = inverse.size(1), D = y.size(1);
+  const int64_t N = rows < 0 ? y.size(0) : std::min(rows, y.size(0));
   const auto acc = acc_type(y.scalar_type());
   at::Tensor w;
   if (weights.defined()) {
-    TORCH_CHECK(weights.sizes() == inverse.sizes(), "unpermute: weights must be [T, k] = ", inverse.sizes(),
+    TORCH_CHECK(weights.sizes() == inverse.sizes(), op, ": weights must be [T, k] = ", inverse.sizes(),
                 ", got ", weights.sizes());
     w = weights.to(acc).contiguous();
   }
-  auto out = at::empty({T, D}, y.options().dtype(out_dtype));
+  auto out = new_empty({T, D}, y.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "unpermute_out", [&] {
       using out_t = scalar_t;
       if (acc == at::kDouble) {
-        unpermute_kernel<in_t, out_t, double>(y.const_data_ptr<in_t>(), inverse.const_data_ptr<int32_t>(),
+        unpermute_kernel<in_t, out_t, double>(op, y.const_data_ptr<in_t>(), inverse.const_data_ptr<int32_t>(),
                                               w.defined() ? w.const_data_ptr<double>() : nullptr, T, k, D, N,
                                               out.mutable_data_ptr<out_t>());
       } else {
-        unpermute_kernel<in_t, out_t, float>(y.const_data_ptr<in_t>(), inverse.const_data_ptr<int32_t>(),
+        unpermute_kernel<in_t, out_t, float>(op, y.const_data_ptr<in_t>(), inverse.const_data_ptr<int32_t>(),
                                              w.defined() ? w.const_data_ptr<float>() : nullptr, T, k, D, N,
                                              out.mutable_data_ptr<out_t>());
       }
@@ -215,7 +218,7 @@ at::Tensor permute(const at::Tensor& x_in, const at::Tensor& order_in, const at:
   const auto order = order_in.contiguous();
   const auto inverse = inverse_in.contiguous();
   const int64_t k = inverse.size(1), N = order.size(0), D = x.size(1);
-  auto out = at::empty({N, D}, x.options());
+  auto out = new_empty({N, D}, x.options());
   if (N == 0 || D == 0) return out;
   const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
   const char* src = static_cast<const char*>(x.const_data_ptr());
@@ -239,46 +242,80 @@ at::Tensor permute(const at::Tensor& x_in, const at::Tensor& order_in, const at:
 at::Tensor permute_backward(const at::Tensor& grad, const at::Tensor& inverse) {
   check_pairs("permute_backward", at::Tensor(), inverse);
   check_rows("permute_backward", "grad", grad, inverse.numel(), "T*k");
-  return unpermute_to(grad, inverse, at::Tensor(), grad.scalar_type());
+  return unpermute_to(grad, inverse, at::Tensor(), grad.scalar_type(), -1, "permute_backward");
 }
 
 at::Tensor unpermute(const at::Tensor& y, const at::Tensor& inverse, const std::optional<at::Tensor>& weights) {
   check_pairs("unpermute", at::Tensor(), inverse);
   check_rows("unpermute", "y", y, inverse.numel(), "T*k");
-  return unpermute_to(y, inverse, weights.value_or(at::Tensor()), y.scalar_type());
+  return unpermute_to(y, inverse, weights.value_or(at::Tensor()), y.scalar_type(), -1, "unpermute");
 }
 
 // -> (grad_y [N, D] in y's dtype, grad_weights [T, k] in the weights' dtype, or [0] without weights).
-// grad_y[inverse[t, j]] = w[t, j] * grad[t]; rows no pair keeps are zero. grad_w[t, j] = y[inverse[t, j]] . grad[t]
-// (float64 dot products), zero for a pair not kept.
+// grad_y[p] = sum over the pairs (t, j) with inverse[t, j] = p of w[t, j] * grad[t]; rows no pair keeps are zero.
+// grad_w[t, j] = y[inverse[t, j]] . grad[t] (float64 dot products), zero for a pair not kept.
+// sort_by_expert's inverse gives each kept pair its own row below the kept count: each of those rows is then one
+// pair's gradient, written once, in parallel over tokens. Any other inverse (a caller's, where the Python check
+// does not run, as under torch.compile) sums the pairs of each row in flat pair order on one thread.
 template <typename scalar_t, typename acc_t>
 void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* y, const int32_t* inverse, const acc_t* w,
-                               int64_t T, int64_t k, int64_t D, int64_t n_kept, scalar_t* grad_y, double* grad_w) {
-  at::parallel_for(0, T, token_grain(k, D), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const scalar_t* g = grad + t * D;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t p = inverse[t * k + j];
-        if (p < 0) {
-          if (grad_w != nullptr) grad_w[t * k + j] = 0;
-          continue;
-        }
-        TORCH_CHECK(p < n_kept, "unpermute_backward: inverse[", t, ", ", j, "] = ", p,
-                    " is past the kept rows [0, ", n_kept, "): not an inverse from sort_by_expert");
-        scalar_t* gy = grad_y + p * D;
-        if (w != nullptr) {
-          const acc_t a = w[t * k + j];
-          for (int64_t d = 0; d < D; ++d) gy[d] = static_cast<scalar_t>(static_cast<acc_t>(g[d]) * a);
-          const scalar_t* row = y + p * D;
-          double dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(row[d]) * static_cast<double>(g[d]);
-          grad_w[t * k + j] = dot;
-        } else {
-          std::copy(g, g + D, gy);
+                               int64_t T, int64_t k, int64_t D, int64_t N, bool one_row_per_pair, scalar_t* grad_y,
+                               double* grad_w) {
+  // the pair's routing-weight gradient; its row's gradient goes to `row_grad`
+  auto pair = [&](int64_t t, int64_t j, auto&& row_grad) {
+    const int64_t p = inverse[t * k + j];
+    if (p < 0) {
+      if (grad_w != nullptr) grad_w[t * k + j] = 0;
+      return;
+    }
+    TORCH_CHECK(p < N, "unpermute_backward: inverse[", t, ", ", j, "] = ", p, " is not a row of y (", N, " rows)");
+    const scalar_t* g = grad + t * D;
+    const acc_t a = w != nullptr ? w[t * k + j] : acc_t(1);
+    row_grad(p, g, a);
+    if (w != nullptr) {
+      const scalar_t* row = y + p * D;
+      double dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(row[d]) * static_cast<double>(g[d]);
+      grad_w[t * k + j] = dot;
+    }
+  };
+  if (one_row_per_pair) {
+    at::parallel_for(0, T, token_grain(k, D), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t j = 0; j < k; ++j) {
+          pair(t, j, [&](int64_t p, const scalar_t* g, acc_t a) {
+            scalar_t* gy = grad_y + p * D;
+            for (int64_t d = 0; d < D; ++d) gy[d] = static_cast<scalar_t>(static_cast<acc_t>(g[d]) * a);
+          });
         }
       }
+    });
+    return;
+  }
+  std::vector<acc_t> acc(static_cast<size_t>(N * D), acc_t(0));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      pair(t, j, [&](int64_t p, const scalar_t* g, acc_t a) {
+        acc_t* row = acc.data() + p * D;
+        for (int64_t d = 0; d < D; ++d) row[d] += static_cast<acc_t>(g[d]) * a;
+      });
     }
-  });
+  }
+  for (int64_t i = 0; i < N * D; ++i) grad_y[i] = static_cast<scalar_t>(acc[i]);
+}
+
+// Whether every kept pair (inverse >= 0) has a row of its own in [0, kept count), as sort_by_expert makes it.
+bool one_row_per_pair(const int32_t* inverse, int64_t pairs, int64_t N) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < pairs; ++i) kept += inverse[i] >= 0;
+  std::vector<uint8_t> seen(static_cast<size_t>(kept), 0);
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t p = inverse[i];
+    if (p < 0) continue;
+    if (p >= kept || seen[p]) return false;
+    seen[p] = 1;
+  }
+  return kept <= N;
 }
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_in, const at::Tensor& y_in,
@@ -293,32 +330,35 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_in,
   const auto grad = grad_in.to(y.scalar_type()).contiguous();
   const auto inverse = inverse_in.contiguous();
   const int64_t T = inverse.size(0), k = inverse.size(1), N = y.size(0), D = y.size(1);
-  const int64_t n_kept = (inverse >= 0).sum().item<int64_t>();
-  auto grad_y = at::empty({N, D}, y.options());
-  grad_y.narrow(0, n_kept, N - n_kept).zero_();
+  const bool distinct = one_row_per_pair(inverse.const_data_ptr<int32_t>(), T * k, N);
+  auto grad_y = new_empty({N, D}, y.options());
+  if (distinct) {  // the kept rows [0, kept) are each written once below; the rest are no pair's
+    const int64_t n_kept = (inverse >= 0).sum().item<int64_t>();
+    grad_y.narrow(0, n_kept, N - n_kept).zero_();
+  }
   const auto acc = acc_type(y.scalar_type());
   at::Tensor w, grad_w64;
   if (weights.has_value()) {
     TORCH_CHECK(weights->sizes() == inverse.sizes(), "unpermute_backward: weights must be [T, k] = ",
                 inverse.sizes(), ", got ", weights->sizes());
     w = weights->to(acc).contiguous();
-    grad_w64 = at::empty({T, k}, y.options().dtype(at::kDouble));
+    grad_w64 = new_empty({T, k}, y.options().dtype(at::kDouble));
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_backward", [&] {
     double* gw = grad_w64.defined() ? grad_w64.mutable_data_ptr<double>() : nullptr;
     if (acc == at::kDouble) {
       unpermute_backward_kernel<scalar_t, double>(grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                                                   inverse.const_data_ptr<int32_t>(),
-                                                  w.defined() ? w.const_data_ptr<double>() : nullptr, T, k, D, n_kept,
-                                                  grad_y.mutable_data_ptr<scalar_t>(), gw);
+                                                  w.defined() ? w.const_data_ptr<double>() : nullptr, T, k, D, N,
+                                                  distinct, grad_y.mutable_data_ptr<scalar_t>(), gw);
     } else {
       unpermute_backward_kernel<scalar_t, float>(grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                                                  inverse.const_data_ptr<int32_t>(),
-                                                 w.defined() ? w.const_data_ptr<float>() : nullptr, T, k, D, n_kept,
-                                                 grad_y.mutable_data_ptr<scalar_t>(), gw);
+                                                 w.defined() ? w.const_data_ptr<float>() : nullptr, T, k, D, N,
+                                                 distinct, grad_y.mutable_data_ptr<scalar_t>(), gw);
     }
   });
-  auto grad_w = weights.has_value() ? grad_w64.to(weights->scalar_type()) : at::empty({0}, y.options());
+  auto grad_w = weights.has_value() ? grad_w64.to(weights->scalar_type()) : new_empty({0}, y.options());
   return {grad_y, grad_w};
 }
 

@@ -219,11 +219,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_rout
     bias = bias_in->to(f).contiguous();
   }
   auto opts = logits.options();
-  auto weights = at::empty({T, k}, opts.dtype(f));
-  auto experts = at::empty({T, k}, opts.dtype(at::kLong));
-  auto counts = at::empty({E}, opts.dtype(at::kInt));
-  auto prob_sum = at::empty({E}, opts.dtype(f));
-  auto lse = at::empty({T}, opts.dtype(f));
+  auto weights = new_empty({T, k}, opts.dtype(f));
+  auto experts = new_empty({T, k}, opts.dtype(at::kLong));
+  auto counts = new_empty({E}, opts.dtype(at::kInt));
+  auto prob_sum = new_empty({E}, opts.dtype(f));
+  auto lse = new_empty({T}, opts.dtype(f));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route", [&] {
     if (f == at::kDouble) {
       route_all<scalar_t, double>(logits.const_data_ptr<scalar_t>(), T, a,
@@ -349,7 +349,7 @@ at::Tensor topk_route_backward(const std::optional<at::Tensor>& grad_weights,
   const auto gw = as_double(grad_weights, {T, k}, "grad_weights");
   const auto gp = as_double(grad_prob_sum, {E}, "grad_prob_sum");
   const auto gl = as_double(grad_lse, {T}, "grad_lse");
-  auto grad = at::empty_like(logits);
+  auto grad = new_empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_backward", [&] {
     route_backward_all<scalar_t>(gw.defined() ? gw.const_data_ptr<double>() : nullptr,
                                  gp.defined() ? gp.const_data_ptr<double>() : nullptr,

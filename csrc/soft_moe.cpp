@@ -22,6 +22,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include "buffers.h"
+
 #include <algorithm>
 #include <limits>
 #include <optional>
@@ -88,12 +90,16 @@ struct Problem {
   bool shared_phi() const { return phi.dim() == 2; }
 };
 
+// [Bb, M, K] -> [Bb * M, K], sized explicitly: a -1 is ambiguous when K = 0 (D = 0 is a valid problem: the
+// logits are then all zero and combine's softmax is uniform).
+Tensor rows_of(const Tensor& t) { return t.reshape({t.size(0) * t.size(1), t.size(2)}); }
+
 // out [Bb, M, N] (=, or += when accumulate) a [Bb, M, K] @ w, w [K, N] shared by the batch or [Bb, K, N].
 // out is contiguous: the shared case is one GEMM over Bb * M rows.
 void gemm(Tensor out, const Tensor& a, const Tensor& w, bool accumulate) {
   if (w.dim() == 2) {
-    auto o = out.view({-1, out.size(2)});
-    auto a2 = a.reshape({-1, a.size(2)});
+    auto o = out.view({out.size(0) * out.size(1), out.size(2)});
+    auto a2 = rows_of(a);
     if (accumulate) {
       o.addmm_(a2, w);
     } else {
@@ -110,7 +116,7 @@ void gemm(Tensor out, const Tensor& a, const Tensor& w, bool accumulate) {
 // a [Bb, M, S], b [Bb, M, D], both contiguous.
 void gemm_tn(Tensor grad_w, const Tensor& a, const Tensor& b) {
   if (grad_w.dim() == 2) {
-    grad_w.addmm_(a.reshape({-1, a.size(2)}).t(), b.reshape({-1, b.size(2)}));
+    grad_w.addmm_(rows_of(a).t(), rows_of(b));
   } else {
     grad_w.baddbmm_(a.transpose(1, 2), b);
   }
@@ -130,7 +136,7 @@ struct Chunk {
   }
 
   Tensor logits() const {
-    auto out = at::empty({Bb, C, p.S}, p.options());
+    auto out = new_empty({Bb, C, p.S}, p.options());
     gemm(out, x, phi.transpose(-1, -2), false);
     if (p.masked) out.masked_fill_(p.masked->narrow(0, b0, Bb).narrow(1, n0, C).unsqueeze(-1), p.fill);
     if (p.slot_masked) out.masked_fill_(p.slot_masked->narrow(0, b0, Bb).unsqueeze(1), p.fill);
@@ -389,7 +395,7 @@ std::tuple<Tensor, Tensor> soft_combine(const Tensor& x_, const Tensor& phi_, co
   const Problem p(x_, phi_, mask, slot_mask, "soft_combine");
   const auto y = check_y(p, y_, "soft_combine");
   const Plan plan(p, chunk);
-  auto out = at::empty({p.B, p.N, y.size(2)}, p.options());
+  auto out = new_empty({p.B, p.N, y.size(2)}, p.options());
   auto lse = at::full({p.B, p.N}, -std::numeric_limits<double>::infinity(), p.options());
   if (p.empty()) return {out.zero_().to(y_.scalar_type()), lse};
   for (int64_t g = 0; g < plan.groups(); ++g) {

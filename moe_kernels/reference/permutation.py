@@ -72,7 +72,8 @@ def permute_backward(grad: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 
 
 def unpermute_backward(grad_out, y, inverse, weights):
-    """-> (grad_y [N, D], grad_weights [T, k] or None)."""
+    """-> (grad_y [N, D], grad_weights [T, k] or None). grad_y[p] sums the gradients of the pairs whose inverse is p
+    (one pair for sort_by_expert's inverse; a row no pair keeps is zero)."""
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     T, k = inverse.shape
     kept = (inverse >= 0).reshape(-1)
@@ -82,7 +83,7 @@ def unpermute_backward(grad_out, y, inverse, weights):
         grad_rows = grad_rows * weights.to(acc).unsqueeze(-1)
     grad_y = torch.zeros(y.shape, dtype=acc, device=y.device)
     idx = inverse.reshape(-1).long()[kept]
-    grad_y[idx] = grad_rows.reshape(-1, g.shape[-1])[kept]
+    grad_y.index_put_((idx,), grad_rows.reshape(-1, g.shape[-1])[kept], accumulate=True)
     grad_w = None
     if weights is not None:
         grad_w = (gather_pairs(y, inverse).to(acc) * g.unsqueeze(1)).sum(-1).to(weights.dtype)

@@ -340,6 +340,31 @@ def test_empty_batch_backward(backend):
         assert g.shape == leaf.shape and bool((g == 0).all())
 
 
+@pytest.mark.skipif(not _backend.NATIVE, reason="the native ops are not built")
+def test_native_backward_refuses_an_inverse_past_the_kept_rows():
+    # capacity 1 drops pairs, so offsets[E] < T*k and rows [offsets[E], T*k) of the backward's dX scratch are never
+    # written. An inverse pointing there once summed an earlier call's leftovers into grad_x (a zero gradient gave
+    # 3e6); it is refused, naming the op and the pair.
+    C = torch.ops.moe_kernels_C
+    T, k, D, H, E = 6, 2, 8, 4, 3
+    x = torch.randn(T, D, dtype=F64)
+    experts = torch.randint(E, (T, k))
+    weights = torch.rand(T, k, dtype=F64)
+    up, down = torch.randn(E, 2 * H, D, dtype=F64), torch.randn(E, D, H, dtype=F64)
+    out, h_pre, order, inverse, offsets = C.moe_mlp_forward(x, experts, weights, up, down, None, None, "silu", True,
+                                                            1, True)
+    kept = int(offsets[-1])
+    assert kept < T * k
+    args = (x, weights, up, down, None, None, h_pre, order)
+    C.moe_mlp_backward(torch.randn(T, D, dtype=F64) * 1e6, *args, inverse, offsets, "silu", True)  # fills scratch
+    bad = inverse.clone()
+    t, j = (int(v) for v in torch.nonzero(bad >= 0)[0])
+    bad[t, j] = kept
+    with pytest.raises(RuntimeError, match=rf"moe_mlp_backward: inverse\[{t}, {j}\] = {kept} is past the {kept} "
+                                           r"rows that hold results"):
+        C.moe_mlp_backward(torch.zeros(T, D, dtype=F64), *args, bad, offsets, "silu", True)
+
+
 # --- determinism, NaN isolation, strides --------------------------------------------------------------
 def test_deterministic_forward_and_backward(backend):
     inputs = make_inputs(96, 32, 24, 8, 2, "sentinel", dtype=torch.float32)

@@ -494,6 +494,51 @@ def test_permute_unpermute_bad_input(kind, exc, match):
         call()
 
 
+# --- the backends on metadata that no Sorted check saw (torch.compile skips it) ----------------------------------
+def _unpermute_backward_of(backend):
+    from moe_kernels.reference import permutation as ref_perm
+    if backend == "native":
+        return lambda *args: torch.ops.moe_kernels_C.unpermute_backward(*args)
+    return ref_perm.unpermute_backward
+
+
+def _dirty_allocator(shape, dtype):
+    """Frees a few NaN-filled blocks of this size first, so memory an op takes without writing it is likely to hold
+    NaN rather than the zeros of fresh pages."""
+    for _ in range(4):
+        torch.full(shape, float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["", "weights"])
+def test_unpermute_backward_sums_pairs_that_share_a_row(backend, with_weights):
+    # every pair of 4 tokens points at row 0 of 8: row 0's gradient is the sum of all 8 pairs' gradients, rows 1..7
+    # are no pair's (zero). The native op once returned rows 1..7 unwritten (it zeroed only rows past the kept count).
+    T, k, D = 4, 2, 3
+    inverse = torch.zeros(T, k, dtype=torch.int32)
+    y, grad = torch.randn(T * k, D, dtype=torch.float64), torch.randn(T, D, dtype=torch.float64)
+    w = torch.rand(T, k, dtype=torch.float64) if with_weights else None
+    _dirty_allocator((T * k, D), torch.float64)
+    grad_y, grad_w = _unpermute_backward_of(backend)(grad, y, inverse, w)
+    want = torch.zeros(T * k, D, dtype=torch.float64)
+    want[0] = (grad.unsqueeze(1) * (w if with_weights else torch.ones(T, k, dtype=torch.float64)).unsqueeze(-1)).sum((0, 1))
+    torch.testing.assert_close(grad_y, want, rtol=1e-12, atol=1e-12)
+    if with_weights:
+        torch.testing.assert_close(grad_w, (grad @ y[0]).unsqueeze(1).expand(T, k), rtol=1e-12, atol=1e-12)
+
+
+def test_unpermute_backward_rows_past_the_kept_count(backend):
+    # pairs on rows [n_kept, N) (a caller's inverse): those rows get their pair's gradient, the kept-count rows
+    # no pair points at stay zero
+    T, k, D = 3, 2, 4
+    inverse = torch.tensor([[5, -1], [0, 4], [-1, -1]], dtype=torch.int32)
+    y, grad = torch.randn(T * k, D, dtype=torch.float64), torch.randn(T, D, dtype=torch.float64)
+    _dirty_allocator((T * k, D), torch.float64)
+    grad_y, _ = _unpermute_backward_of(backend)(grad, y, inverse, None)
+    want = torch.zeros(T * k, D, dtype=torch.float64)
+    want[5], want[0], want[4] = grad[0], grad[1], grad[1]
+    torch.testing.assert_close(grad_y, want, rtol=0, atol=0)
+
+
 # --- a caller's Sorted is checked where an op takes it -----------------------------------------------------------
 def _user_sorted(T=5, k=2, E=3, capacity=None):
     """A valid Sorted as a caller builds it (a plain Sorted of sort_by_expert's tensors) and x [T, 4]."""

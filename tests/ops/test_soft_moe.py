@@ -463,6 +463,27 @@ def test_empty_sizes(backend, B, N, S):
         assert torch.count_nonzero(t) == 0
 
 
+@pytest.mark.parametrize("mask_kind", ["nomask", "mask"])
+@pytest.mark.parametrize("phi_kind", PHI)
+def test_zero_width_tokens(backend, phi_kind, mask_kind):
+    # D = 0: every logit is an empty dot product (zero), so each slot averages no features and each token takes
+    # the mean of the slots' outputs (y keeps its own width); the gradients of x and phi are [.., 0]. The native
+    # ops once raised here (a reshape to [-1, 0]) where the reference answers.
+    B, N, S = 2, 5, 3
+    x, phi, _, mask = make_inputs(B, N, 0, S, phi_kind, mask_kind)
+    y = torch.randn(B, S, 4, dtype=F64, requires_grad=True)
+    x.requires_grad_()
+    phi.requires_grad_()
+    slots, out = soft_dispatch(x, phi, mask), soft_combine(x, phi, y, mask)
+    assert slots.shape == (B, S, 0) and out.shape == (B, N, 4)
+    assert_close64(out, y.detach().mean(1, keepdim=True).expand(B, N, 4), "combine: the mean of the slots")
+    assert_close64(out, ref.soft_combine(x, phi, y, mask), "vs reference")
+    grad_out = torch.randn(B, N, 4, dtype=F64)
+    gx, gphi, gy = torch.autograd.grad((out * grad_out).sum() + slots.sum(), (x, phi, y))
+    assert gx.shape == x.shape and gphi.shape == phi.shape
+    assert_close64(gy, (grad_out.sum(1, keepdim=True) / S).expand(B, S, 4), "grad of y")
+
+
 def peak_bytes(fn):
     """The most bytes that fn held allocated at once while it ran: the CPU allocator's events, in time order."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
