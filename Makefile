@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench build clean aot-triton36
+.PHONY: test bench build clean aot-triton36 sanitize
 
 $(STAMP): setup.py pyproject.toml moe_kernels/_native.py $(wildcard csrc/*.cpp csrc/*.h)
 	@if [ ! -x $(PY) ]; then \
@@ -26,6 +26,14 @@ build: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The native ops built with AddressSanitizer and UndefinedBehaviorSanitizer (-fsanitize=address,undefined -fno-wrapv
+# -fno-omit-frame-pointer) into build/sanitize, and the op tests (tests/ops: routing, permutation, grouped GEMM, expert
+# MLP, LoRA, quantized, dense, Soft MoE, which together reach every native kernel) and the property tests run on
+# that build's native backend at each ISA level this CPU has, every output and scratch buffer poisoned
+# (MOE_KERNELS_POISON=1) and the kept buffers allocated per call. tests/sanitize.py; SANITIZE_ARGS="--isa avx2".
+sanitize: $(STAMP)
+	$(PY) -m tests.sanitize $(SANITIZE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -34,6 +34,10 @@ In that order:
    ``MOE_KERNELS_BACKEND=reference`` (or ``use_backend("reference")``) asks for the reference explicitly and does
    not warn; ``MOE_KERNELS_BACKEND=native`` raises instead.
 
+``MOE_KERNELS_NATIVE_LIBRARY=<path>`` loads the native ops from that library instead, before anything above: a
+build of ``csrc/`` made elsewhere, such as the AddressSanitizer / UndefinedBehaviorSanitizer build of ``make sanitize``
+(whose runtime must then be preloaded). A path that does not load is an error, not a fallback.
+
 ``MOE_KERNELS_BUILD_NATIVE=0`` means: compile nothing. At build time the package is pure Python (no ``_C``, and no
 sources shipped, so it never compiles later either). At run time it stops the first-use build; a ``_C`` built at
 install time or a complete build already in the cache is still used. Without either, the first CPU op under ``auto``
@@ -66,6 +70,7 @@ SOURCES_DIR = PACKAGE_DIR / "_csrc"  # the C++ sources a wheel ships (setup.py's
 DISABLED_MARK = "DISABLED"  # in _csrc/ instead of the sources: the package was built with MOE_KERNELS_BUILD_NATIVE=0
 
 ENV_BUILD = "MOE_KERNELS_BUILD_NATIVE"
+ENV_LIBRARY = "MOE_KERNELS_NATIVE_LIBRARY"
 ENV_CACHE = "MOE_KERNELS_CACHE_DIR"
 
 
@@ -75,7 +80,7 @@ class NativeOpsUnavailableWarning(UserWarning):
 
 class State(NamedTuple):
     available: bool
-    origin: Optional[str]  # "prebuilt" (moe_kernels._C) or "cache" (built on first use), when available
+    origin: Optional[str]  # "prebuilt" (moe_kernels._C), "cache" (built on first use) or "library" (ENV_LIBRARY)
     library: Optional[str]  # the loaded library's path, when available
     reason: Optional[str]  # why not, when unavailable
     fix: Optional[str]  # what to do about it
@@ -146,6 +151,11 @@ def _unavailable(reason: str, fix: str) -> State:
 
 
 def _load() -> State:
+    if os.environ.get(ENV_LIBRARY):
+        import torch
+        path = str(Path(os.environ[ENV_LIBRARY]).expanduser().resolve())
+        torch.ops.load_library(path)  # raises when it does not load: the caller asked for this library
+        return State(True, "library", path, None, None)
     try:
         mod = importlib.import_module("moe_kernels._C")
         return State(True, "prebuilt", getattr(mod, "__file__", None), None, None)

@@ -39,10 +39,18 @@ def fresh_seed(request):
 
 
 def cpu_backends():
-    """The backends that can run CPU tensors here."""
+    """The backends that can run CPU tensors here; MOE_KERNELS_TEST_CPU_BACKENDS=native (comma-separated names)
+    keeps only those (the sanitizer and poisoned runs test the native ops, not the reference again)."""
     names = ["reference"]
     if _backend.NATIVE:
         names.append("native")
+    keep = os.environ.get("MOE_KERNELS_TEST_CPU_BACKENDS")
+    if keep:
+        wanted = [n.strip() for n in keep.split(",") if n.strip()]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise pytest.UsageError(f"MOE_KERNELS_TEST_CPU_BACKENDS names {missing}, not among {names} here")
+        names = wanted
     return names
 
 

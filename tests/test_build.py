@@ -341,3 +341,18 @@ def test_source_checkout_never_compiles_at_run_time(tmp_path):
     assert "pip install --no-build-isolation -e ." in res["native"], res["native"]
     assert len(res["warnings"]) == 1 and res["auto_equals_reference"], res
     assert COMPILING not in proc.stderr and not cache.exists(), proc.stderr
+
+
+@pytest.mark.skipif(not list((ROOT / "moe_kernels").glob("_C*.so")), reason="no in-place build of moe_kernels._C")
+def test_native_library_variable_loads_that_library(tmp_path):
+    # MOE_KERNELS_NATIVE_LIBRARY (the sanitizer build of `make sanitize` uses it) is loaded instead of moe_kernels._C;
+    # a path that does not load is an error at the first native use, not a silent fallback
+    (library,) = (ROOT / "moe_kernels").glob("_C*.so")
+    copy = tmp_path / "moe_kernels_other.so"
+    copy.write_bytes(library.read_bytes())
+    res, _ = _check(sys.executable, ROOT, MOE_KERNELS_NATIVE_LIBRARY=copy)
+    assert res["origin"] == "library" and res["library"] == str(copy.resolve()), res
+    assert res["native"] == "available" and res["native_equals_reference"] and res["auto_equals_reference"], res
+    proc = _run([sys.executable, "-c", CHECK], ROOT, _env(MOE_KERNELS_NATIVE_LIBRARY=tmp_path / "missing.so"),
+                check=False)
+    assert proc.returncode != 0 and "missing.so" in proc.stderr, proc.stderr[-2000:]
