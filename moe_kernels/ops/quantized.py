@@ -156,6 +156,11 @@ def moe_mlp_quantized(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj:
         raise NotImplementedError("moe_mlp with quantized weights runs inference only: call it under "
                                   "torch.no_grad() / torch.inference_mode(), or dequantize() the weights to train")
     bn, bk = gate_up_proj.block
+    if not torch.compiler.is_compiling() and _backend.resolve("moe_mlp_quantized", x.device.type) == "native":
+        # eager CPU: the native op itself, without the custom op's Python dispatch (as much as a decode step's
+        # kernels on a small layer); traced code keeps the custom op
+        return _native(x, experts, weights, gate_up_proj.format, gate_up_proj.data, gate_up_proj.scale,
+                       down_proj.data, down_proj.scale, bn, bk, gate_up_bias, down_bias, activation, gated, capacity)
     return _moe_mlp_quantized(x, experts, weights, gate_up_proj.format, gate_up_proj.data, gate_up_proj.scale,
                               down_proj.data, down_proj.scale, bn, bk, gate_up_bias, down_bias, activation, gated,
                               -1 if capacity is None else capacity)
