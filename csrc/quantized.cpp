@@ -126,6 +126,13 @@ inline __attribute__((always_inline)) void load_padded(T& out, const uint8_t* p,
 // How far ahead of a step the streaming kernels ask for a weight row's bytes: the rows an expert streams lie one
 // after another, and a new expert's rows start cold.
 constexpr int64_t kPrefetchBytes = 4096;
+// The bfloat16 dot-product sources ask for the line `near` bytes ahead into L1 and, with far > 0, the line far bytes
+// ahead into L2 (measured on Zen 4: MXFP4, which spends fewer instructions a byte, gains from the second; FP8 not).
+template <int64_t near, int64_t far>
+inline __attribute__((always_inline)) void dot_prefetch(const uint8_t* p) {
+  __builtin_prefetch(p + near);
+  if constexpr (far > 0) __builtin_prefetch(p + far, 0, 2);
+}
 
 // The row sources of the quantized weights for the streaming kernel (the PlainRows interface, grouped_gemm.h), and
 // the layout of a's rows they read them against: kInterleave G = 1, a's columns as they are; else (G = kVectors)
@@ -558,40 +565,60 @@ inline __attribute__((always_inline)) F32x16 sum_halves_16(const F32x16 (&v)[16]
          __builtin_shufflevector(w2[0], w2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// The rows of weights of a Rows source of bfloat16 weights (its row(m).load(k, w, scale): kVectors vectors of
-// bfloat16 and the step's scale vector) against R rows of a [R, Kp] (bfloat16 bits in the source's layout): per
-// step, the products summed by vdpbf16ps, times the scale, into the row's sum; the sums of 16 weight rows reduced
-// at once (sum_halves_16).
+// The first n bytes at p (0 <= n < N, N = 16 or 64), zero past them, by a masked load: no byte past them is read.
+// (The bfloat16 sources' functions are templates, compiled only inlined into stream_bf16_dot's ISA level.)
+template <int N, typename T>
+inline __attribute__((always_inline)) void load_first(T& out, const uint8_t* p, int64_t n) {
+  static_assert(sizeof(T) == N);
+  typedef char C16 __attribute__((vector_size(16)));
+  typedef char C64 __attribute__((vector_size(64)));
+  if constexpr (N == 16) {
+    const C16 v = __builtin_ia32_loaddquqi128_mask(reinterpret_cast<const char*>(p), C16{},
+                                                   static_cast<uint16_t>((1u << n) - 1));
+    std::memcpy(&out, &v, N);
+  } else {
+    static_assert(N == 64);
+    const C64 v = __builtin_ia32_loaddquqi512_mask(reinterpret_cast<const char*>(p), C64{}, (uint64_t(1) << n) - 1);
+    std::memcpy(&out, &v, N);
+  }
+}
+
+// The products of S vectors of bfloat16 weights w with columns [k, k + 32 S) of R rows of a [R, Kp] (bfloat16 bits
+// in the source's layout), added into part[r] by vdpbf16ps, vector by vector (a fixed order for every R).
+template <int R, int S>
+inline __attribute__((always_inline)) void dot_into(const uint16_t* a, int64_t Kp, int64_t k, const BF16x32 (&w)[S],
+                                                    F32x16 (&part)[R]) {
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < S; ++v) {
+      BF16x32 av;
+      std::memcpy(&av, a + r * Kp + k + 32 * v, sizeof(av));
+      part[r] = dot_bf16(part[r], av, w[v]);
+    }
+  }
+}
+
+// The rows of weights of a source of bfloat16 dot products (its dot_rows<R, G>(m, a, Kp, sum): the dot products of
+// rows m .. m + G - 1 with R rows of a [R, Kp], bfloat16 bits in the source's layout, as the lanes of sum[g][r])
+// against R rows of a: G rows at once (up to its kGroup; G R chains of vdpbf16ps, few enough for the registers) so
+// that the chains' latencies overlap, the sums of 16 weight rows reduced at once (sum_halves_16). A row's sums do not
+// depend on G: the same bits whatever rows share the call.
 template <typename Rows>
 struct Bf16DotBlock {
   static constexpr bool kOwnBlock = true;
   template <int R>
   inline __attribute__((always_inline)) void block(const uint16_t* a, int64_t Kp, int64_t m0, int64_t m1, int64_t M,
                                                    const float* bias, float* out) {
+    constexpr int G = std::min(Rows::kGroup, R == 1 ? 4 : (R == 2 ? 2 : 1));
     auto& self = static_cast<Rows&>(*this);
     for (int64_t mb = m0; mb < m1; mb += 16) {
       const int64_t count = std::min<int64_t>(16, m1 - mb);
       F32x16 acc[R][16] = {};
-      for (int64_t i = 0; i < count; ++i) {
-        const auto row = self.row(mb + i);
-        constexpr int S = decltype(row)::kVectors;
-        F32x16 sum[R] = {};
-        for (int64_t k = 0; k < Kp; k += 32 * S) {
-          BF16x32 wv[S];
-          F32x16 scale;
-          row.load(k, wv, scale);
-          for (int r = 0; r < R; ++r) {
-            F32x16 part = {};
-            for (int v = 0; v < S; ++v) {
-              BF16x32 av;
-              std::memcpy(&av, a + r * Kp + k + 32 * v, sizeof(av));
-              part = dot_bf16(part, av, wv[v]);
-            }
-            sum[r] += part * scale;
-          }
-        }
-        for (int r = 0; r < R; ++r) acc[r][i] = sum[r];
-      }
+      int64_t i = 0;
+      for (; i + G <= count; i += G) rows_into<R, G>(self, mb + i, a, Kp, acc, i);
+      for (; i < count; ++i) rows_into<R, 1>(self, mb + i, a, Kp, acc, i);
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         F32x16 res = sum_halves_16(acc[r]);
         if (bias != nullptr) {
@@ -605,94 +632,159 @@ struct Bf16DotBlock {
       }
     }
   }
+  template <int R, int G>
+  static inline __attribute__((always_inline)) void rows_into(const Rows& self, int64_t m, const uint16_t* a,
+                                                              int64_t Kp, F32x16 (&acc)[R][16], int64_t i) {
+    F32x16 sum[G][R] = {};
+    self.template dot_rows<R, G>(m, a, Kp, sum);
+    #pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) {
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r][i + g] = sum[g][r];
+    }
+  }
 };
 
-// FP8 by bfloat16 dot products, K blocks of a multiple of 64 columns: a step is 64 codes (one scale), each code's
-// bfloat16 high and low bytes from tables (vpermi2b of its 7 magnitude bits; the sign put back), interleaved into two
-// vectors of 32 bfloat16 (word p of vector v: column 16 (p / 8) + 8 v + p % 8 of the step).
+// FP8 by bfloat16 dot products, K blocks of a multiple of 64 columns: a step is 64 codes, each code's bfloat16 high
+// and low bytes from tables (vpermi2b of its 7 magnitude bits; the sign put back), interleaved into two vectors of
+// 32 bfloat16 (word p of vector v: column 16 (p / 8) + 8 v + p % 8 of the step); a K block's products summed
+// unscaled, then times its scale.
 struct Bf16Fp8Rows : Bf16DotBlock<Bf16Fp8Rows> {
-  static constexpr int kStep = 64;
+  static constexpr int kStep = 64, kGroup = 1;  // rows at once: more made the cold weights' streams slower
   using a_t = uint16_t;
   static constexpr int64_t column(int64_t in) { return 16 * (in % 32 / 8) + 8 * (in / 32) + in % 8; }
   const uint8_t* data;
   const float* scale;
-  int64_t K, bn, kb;
-  std::vector<int32_t> step_block;  // the K block of each step
-  int64_t lo = 0, hi = 0;           // the rows of the current block, whose scales are at srow
-  const float* srow = nullptr;
-  Bf16Fp8Rows(const QMatrix& w, int64_t Kp)
-      : data(w.data), scale(w.fp8_scale), K(w.K), bn(w.bn), kb((w.K + w.bk - 1) / w.bk), step_block(Kp / kStep) {
-    for (int64_t i = 0; i < Kp / kStep; ++i) step_block[i] = static_cast<int32_t>(i * kStep / w.bk);
+  int64_t K, bn, bk, kb;
+  const Bf16Tables* t = &bf16_tables();
+  Bf16Fp8Rows(const QMatrix& w, int64_t)
+      : data(w.data), scale(w.fp8_scale), K(w.K), bn(w.bn), bk(w.bk), kb((w.K + w.bk - 1) / w.bk) {}
+  // the 64 codes of row p from column k as bfloat16 (zero past K)
+  template <typename = void>
+  inline __attribute__((always_inline)) void load(const uint8_t* p, int64_t k, BF16x32 (&w)[2]) const {
+    U8x64 raw;
+    if (k + kStep <= K) {
+      std::memcpy(&raw, p + k, sizeof(raw));
+      dot_prefetch<kPrefetchBytes, 0>(p + k);
+    } else {
+      load_first<kStep>(raw, p + k, K - k);
+    }
+    U8x64 h0, h1, l0, l1;
+    std::memcpy(&h0, t->fp8_hi, sizeof(h0));
+    std::memcpy(&h1, t->fp8_hi + 64, sizeof(h1));
+    std::memcpy(&l0, t->fp8_lo, sizeof(l0));
+    std::memcpy(&l1, t->fp8_lo + 64, sizeof(l1));
+    const U8x64 hi_bytes = __builtin_shuffle(h0, h1, raw) | (raw & 0x80);  // the permute reads 7 bits
+    const U8x64 lo_bytes = __builtin_shuffle(l0, l1, raw);
+    U8x64 w0, w1;
+    zip_bytes_in_lanes(lo_bytes, hi_bytes, w0, w1);
+    std::memcpy(&w[0], &w0, sizeof(w0));
+    std::memcpy(&w[1], &w1, sizeof(w1));
   }
-  struct Row {
-    static constexpr int kVectors = 2;
-    const uint8_t* p;
-    const float* s;
-    int64_t K;
-    const int32_t* step_block;
-    const Bf16Tables* t;
-    inline __attribute__((always_inline)) void load(int64_t k, BF16x32 (&w)[2], F32x16& scale) const {
-      U8x64 raw;
-      if (k + kStep <= K) {
-        std::memcpy(&raw, p + k, sizeof(raw));
-        __builtin_prefetch(p + k + kPrefetchBytes);
-      } else {
-        load_padded<kStep>(raw, p + k, K - k);
+  template <int R, int G>
+  inline __attribute__((always_inline)) void dot_rows(int64_t m, const uint16_t* a, int64_t Kp,
+                                                      F32x16 (&sum)[G][R]) const {
+    const uint8_t* p[G];
+    const float* s[G];
+    #pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) {
+      p[g] = data + (m + g) * K;
+      s[g] = scale + (m + g) / bn * kb;
+    }
+    for (int64_t j = 0, k = 0; k < Kp; ++j) {  // K block j: bk / 64 steps (fewer at the end of a row)
+      F32x16 part[G][R] = {};
+      for (const int64_t end = std::min(Kp, k + bk); k < end; k += kStep) {
+        #pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) {
+          BF16x32 w[2];
+          load(p[g], k, w);
+          dot_into<R>(a, Kp, k, w, part[g]);
+        }
       }
-      U8x64 h0, h1, l0, l1;
-      std::memcpy(&h0, t->fp8_hi, sizeof(h0));
-      std::memcpy(&h1, t->fp8_hi + 64, sizeof(h1));
-      std::memcpy(&l0, t->fp8_lo, sizeof(l0));
-      std::memcpy(&l1, t->fp8_lo + 64, sizeof(l1));
-      const U8x64 hi_bytes = __builtin_shuffle(h0, h1, raw) | (raw & 0x80);  // the permute reads 7 bits
-      const U8x64 lo_bytes = __builtin_shuffle(l0, l1, raw);
-      U8x64 w0, w1;
-      zip_bytes_in_lanes(lo_bytes, hi_bytes, w0, w1);
-      std::memcpy(&w[0], &w0, sizeof(w0));
-      std::memcpy(&w[1], &w1, sizeof(w1));
-      scale = F32x16{} + s[step_block[k / kStep]];
+      #pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) {
+        const F32x16 sv = F32x16{} + s[g][j];
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) sum[g][r] += part[g][r] * sv;
+      }
     }
-  };
-  Row row(int64_t m) {
-    if (m < lo || m >= hi) {
-      const int64_t b = m / bn;
-      lo = b * bn;
-      hi = lo + bn;
-      srow = scale + b * kb;
-    }
-    return {data + m * K, srow, K, step_block.data(), &bf16_tables()};
   }
   int64_t bytes_per_row() const { return K; }
 };
 
+// 16 float32 lanes of 2^(s - 127) for the e8m0 scale bytes s[0 .. n) (lane i: s[i]; past n: 2^-127, for codes
+// past K), 0 and 255 as 2^-127 and NaN.
+template <typename = void>
+inline __attribute__((always_inline)) F32x16 e8m0_16(const uint8_t* s, int64_t n) {
+  typedef uint8_t U8x16 __attribute__((vector_size(16)));
+  U8x16 b;
+  if (n >= 16) {
+    std::memcpy(&b, s, sizeof(b));
+  } else {
+    load_first<16>(b, s, n);
+  }
+  const U32x16 e = __builtin_convertvector(b, U32x16);
+  const U32x16 bits = e == 0u ? U32x16{} + 0x00400000u : (e == 255u ? U32x16{} + 0x7fc00000u : e << 23);
+  F32x16 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 // MXFP4 by bfloat16 dot products: a step is 128 codes, nibble j of each 16-bit word through vpermw of the e2m1
 // values' bfloat16 bits (word p of vector j: column 4 p + j of the step); the pairs vdpbf16ps sums, codes 8 i + j and
-// 8 i + 4 + j, share scale i / 4 of the step.
+// 8 i + 4 + j, share scale i / 4 of the step: a step's products summed unscaled, then times its four scales, taken
+// from the 16 scales of four steps converted at once.
 struct Bf16Mxfp4Rows : Mxfp4Matrix, Bf16DotBlock<Bf16Mxfp4Rows> {
-  static constexpr int kStep = 128;
+  static constexpr int kStep = 128, kGroup = 4;
+  static constexpr int64_t kNear = 1024, kFar = 8192;  // dot_prefetch's distances
   using a_t = uint16_t;
   static constexpr int64_t column(int64_t in) { return 4 * (in % 32) + in / 32; }
   using Mxfp4Matrix::Mxfp4Matrix;
-  struct Row {
-    static constexpr int kVectors = 4;
-    const uint8_t* p;
-    const uint8_t* s;
-    int64_t K;
-    bool normal;           // Mxfp4Matrix::normal_scales
-    const uint16_t* e2m1;  // Bf16Tables::e2m1
-    inline __attribute__((always_inline)) void load(int64_t k, BF16x32 (&w)[4], F32x16& scale) const {
-      U16x32 raw, table;
-      uint32_t sw;
-      mxfp4_step<kStep>(p, s, K, k, raw, sw);
-      scale = e8m0_lanes<16>(sw, normal);
-      std::memcpy(&table, e2m1, sizeof(table));
-      for (int j = 0; j < 4; ++j) {
-        const U16x32 v = __builtin_shuffle(table, raw >> (4 * j));  // the permute reads 5 bits
-        std::memcpy(&w[j], &v, sizeof(v));
+  const uint16_t* e2m1 = bf16_tables().e2m1;
+  template <int R, int G>
+  inline __attribute__((always_inline)) void dot_rows(int64_t m, const uint16_t* a, int64_t Kp,
+                                                      F32x16 (&sum)[G][R]) const {
+    U16x32 table;
+    std::memcpy(&table, e2m1, sizeof(table));
+    I32x16 quarter;  // lane i: scale i / 4 of a step
+    for (int i = 0; i < 16; ++i) quarter[i] = i / 4;
+    for (int64_t k0 = 0; k0 < Kp; k0 += 4 * kStep) {
+      F32x16 sv[G];
+      #pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* s = scales(m + g) + k0 / 32;
+        sv[g] = e8m0_16(s, (K - k0) / 32);
+        __builtin_prefetch(s + kFar / 16);
+      }
+      #pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k = k0 + q * kStep;
+        if (k >= Kp) break;
+        #pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) {
+          const uint8_t* p = codes(m + g) + k / 2;
+          U16x32 raw;
+          if (k + kStep <= K) {
+            std::memcpy(&raw, p, sizeof(raw));
+            dot_prefetch<kNear, kFar>(p);
+          } else {  // K is a multiple of 32
+            load_first<kStep / 2>(raw, p, (K - k) / 2);
+          }
+          BF16x32 w[4];
+          #pragma GCC unroll 16
+          for (int j = 0; j < 4; ++j) {
+            const U16x32 v = __builtin_shuffle(table, raw >> (4 * j));  // the permute reads 5 bits
+            std::memcpy(&w[j], &v, sizeof(v));
+          }
+          F32x16 part[R] = {};
+          dot_into<R>(a, Kp, k, w, part);
+          const F32x16 scale = __builtin_shuffle(sv[g], quarter + 4 * q);
+          #pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) sum[g][r] += part[r] * scale;
+        }
       }
     }
-  };
-  Row row(int64_t m) const { return {codes(m), scales(m), K, normal_scales(m), bf16_tables().e2m1}; }
+  }
 };
 
 template <typename Rows>

@@ -121,6 +121,20 @@ def test_native_matches_reference(fmt, path, dtype):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_native_bf16_decode_rows_share_nothing(fmt):
+    # bfloat16 x, one expert of 1 .. 8 rows each (the streaming kernel's groups of 1 .. 4 rows of x, its weight
+    # rows taken several at a time): against the reference, and every token's output the same bits as alone
+    case = make_case(fmt, 36, 224, 96, 8, 1, dtype=torch.bfloat16, bias=True)
+    case["experts"][:, 0] = torch.repeat_interleave(torch.arange(8), torch.arange(1, 9))
+    assert rows_per_expert(case).tolist() == list(range(1, 9))
+    out = run_native(case)
+    check(out, case)
+    for t in (0, 7, 35):
+        alone = dict(case, x=case["x"][t:t + 1], experts=case["experts"][t:t + 1], weights=case["weights"][t:t + 1])
+        assert same_bits(run_native(alone), out[t:t + 1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_native_op_called_directly(fmt):
     # the native op itself against the reference (no fallback can answer for it), both paths in one call: one
     # expert of many rows, the others of a few
