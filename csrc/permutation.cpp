@@ -304,18 +304,19 @@ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* y, const in
   for (int64_t i = 0; i < N * D; ++i) grad_y[i] = static_cast<scalar_t>(acc[i]);
 }
 
-// Whether every kept pair (inverse >= 0) has a row of its own in [0, kept count), as sort_by_expert makes it.
-bool one_row_per_pair(const int32_t* inverse, int64_t pairs, int64_t N) {
+// The kept count (pairs with inverse >= 0) when every kept pair has a row of its own below it, as sort_by_expert
+// makes it; -1 otherwise (a row shared by pairs, or a row past the kept count).
+int64_t kept_when_one_row_per_pair(const int32_t* inverse, int64_t pairs) {
   int64_t kept = 0;
   for (int64_t i = 0; i < pairs; ++i) kept += inverse[i] >= 0;
   std::vector<uint8_t> seen(static_cast<size_t>(kept), 0);
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t p = inverse[i];
     if (p < 0) continue;
-    if (p >= kept || seen[p]) return false;
+    if (p >= kept || seen[p]) return -1;
     seen[p] = 1;
   }
-  return kept <= N;
+  return kept;
 }
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_in, const at::Tensor& y_in,
@@ -330,12 +331,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_in,
   const auto grad = grad_in.to(y.scalar_type()).contiguous();
   const auto inverse = inverse_in.contiguous();
   const int64_t T = inverse.size(0), k = inverse.size(1), N = y.size(0), D = y.size(1);
-  const bool distinct = one_row_per_pair(inverse.const_data_ptr<int32_t>(), T * k, N);
+  // N = T*k (check_rows), so a kept count is never past y's rows
+  const int64_t n_kept = kept_when_one_row_per_pair(inverse.const_data_ptr<int32_t>(), T * k);
+  const bool distinct = n_kept >= 0;
   auto grad_y = new_empty({N, D}, y.options());
-  if (distinct) {  // the kept rows [0, kept) are each written once below; the rest are no pair's
-    const int64_t n_kept = (inverse >= 0).sum().item<int64_t>();
-    grad_y.narrow(0, n_kept, N - n_kept).zero_();
-  }
+  if (distinct) grad_y.narrow(0, n_kept, N - n_kept).zero_();  // rows [0, kept) are each written once below
   const auto acc = acc_type(y.scalar_type());
   at::Tensor w, grad_w64;
   if (weights.has_value()) {

@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "sanitize"
@@ -41,14 +42,15 @@ def runtime(name: str) -> str:
     return path
 
 
-def sanitizer_env(library: Path) -> dict:
+def sanitizer_env(library: Optional[Path]) -> dict:
+    """The environment of a process that loads a sanitizer build; `library` (when given) is the build it loads."""
     # libstdc++ preloaded too: ASan's __cxa_throw interceptor must find the real one at start-up, or the first C++
     # exception (a TORCH_CHECK) aborts
     return {**os.environ, "LD_PRELOAD": f"{runtime('libasan.so')} {runtime('libstdc++.so')}",
             # Python and torch keep allocations until exit by design; leaks are not what this run looks for
             "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=1",
-            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-            "MOE_KERNELS_NATIVE_LIBRARY": str(library), "MOE_KERNELS_POISON": "1"}
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "MOE_KERNELS_POISON": "1",
+            **({"MOE_KERNELS_NATIVE_LIBRARY": str(library)} if library else {})}
 
 
 def build(csrc: Path, folder: Path) -> Path:
@@ -63,9 +65,7 @@ def build(csrc: Path, folder: Path) -> Path:
               "is_python_module=False, verbose=False)")
     sources = sorted(str(p) for p in csrc.glob("*.cpp"))
     print(f"sanitize: building {len(sources)} sources of {csrc} into {folder}", flush=True)
-    env = sanitizer_env(folder / f"{name}.so")
-    del env["MOE_KERNELS_NATIVE_LIBRARY"]
-    subprocess.run([sys.executable, "-c", script, *sources], env=env, check=True)
+    subprocess.run([sys.executable, "-c", script, *sources], env=sanitizer_env(None), check=True)
     return folder / f"{name}.so"
 
 
