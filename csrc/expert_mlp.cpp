@@ -154,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const auto pre = h_pre.slice(0, lo, hi);  // read in its storage dtype by the activation's backward
     auto g = gather_rows(grad, tok);  // dOut rows of this expert's tokens
     const auto w_down = to_gemm_kept(Kept::weight_a, m.down[e]);
-    const auto dh = at::mm(g, w_down);  // [rows, H], before the routing weight
+    const auto [g_k, w_k] = rows_apart(g, w_down);
+    const auto dh = at::mm(g_k, w_k);  // [rows, H], before the routing weight
     // y = w * (h @ W_down^T + b), so dL/dw = dH . h + dOut . b
     const auto h = kept_empty(Kept::act, {hi - lo, m.H}, gt);
     const auto dpre = kept_empty(Kept::pre, {hi - lo, m.H2}, gt);
@@ -166,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (m.down_bias.defined()) grad_down_b[e].copy_(g.sum(0));
     mm_into(grad_up[e], dpre.t(), gather_rows(m.x, tok));
     if (m.gate_up_bias.defined()) grad_up_b[e].copy_(dpre.sum(0));
-    mm_into(dx.slice(0, lo, hi), dpre, to_gemm_kept(Kept::weight_b, m.gate_up[e]));
+    mm_into(dx.slice(0, lo, hi), dpre, to_gemm_kept(Kept::weight_b, m.gate_up[e]), true);
   });
 
   // rows of dx past kept are scratch no GEMM wrote: an inverse pointing there is refused

@@ -376,17 +376,24 @@ MOE_KERNELS_STREAM_ROWS(c10::Half, float, 64, stream_rows_f16)
 MOE_KERNELS_STREAM_ROWS(double, double, 32, stream_rows_f64)
 #undef MOE_KERNELS_STREAM_ROWS
 
-void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a, const at::Tensor& w_in, const at::Tensor& bias) {
+std::pair<at::Tensor, at::Tensor> rows_apart(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t pad = (32 - a.size(1) % 32) % 32;
+  if (pad == 0 || a.scalar_type() != at::kBFloat16) return {a, b};
+  return {at::constant_pad_nd(a, {0, pad}), at::constant_pad_nd(b, {0, 0, 0, pad})};
+}
+
+void gemm_bias_out(const at::Tensor& out_c, const at::Tensor& a_in, const at::Tensor& w_in, const at::Tensor& bias) {
   auto& out = const_cast<at::Tensor&>(out_c);
-  if (a.size(0) > kStreamRows || !out.is_contiguous()) {
-    const auto w = to_gemm_kept(Kept::gemm_weight, w_in);
+  if (a_in.size(0) > kStreamRows || !out.is_contiguous()) {
+    const auto [a, wt] = rows_apart(a_in, to_gemm_kept(Kept::gemm_weight, w_in).t());
     if (bias.defined()) {
-      at::addmm_out(out, bias, a, w.t());
+      at::addmm_out(out, bias, a, wt);
     } else {
-      at::mm_out(out, a, w.t());
+      at::mm_out(out, a, wt);
     }
     return;
   }
+  const auto& a = a_in;
   const auto w = w_in.contiguous();
   const auto ct = compute_dtype(w.scalar_type());
   // a bfloat16 a (bf16_gemm) is widened: a few rows
@@ -409,7 +416,8 @@ at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
   return out;
 }
 
-void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
+void mm_into(const at::Tensor& dst, const at::Tensor& a_in, const at::Tensor& b_in, bool token_rows) {
+  const auto [a, b] = token_rows ? rows_apart(a_in, b_in) : std::pair<at::Tensor, at::Tensor>{a_in, b_in};
   if (dst.scalar_type() == a.scalar_type()) {
     at::mm_out(const_cast<at::Tensor&>(dst), a, b);
   } else {
@@ -1220,7 +1228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward(const at::Ten
       gated_act_backward_into(dpre, dh, pre, g.act, g.gated);
       dh = dpre;
     }
-    mm_into(grad_a.slice(0, lo, hi), dh, w);
+    mm_into(grad_a.slice(0, lo, hi), dh, w, true);
     if (want_grad_w) mm_into(grad_w[e], dh.t(), a);
     if (g.bias.defined()) grad_b[e].copy_(dh.sum(0));
   });

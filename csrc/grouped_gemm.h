@@ -15,6 +15,7 @@
 #include <functional>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -459,7 +460,12 @@ void gemm_bias_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
 at::Tensor gemm_bias(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias);
 
 // dst = a @ b: straight into dst when it has a's dtype, else computed in a's dtype and narrowed into dst.
-void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b);
+// token_rows: the rows of a are tokens, whose products must stay apart (rows_apart).
+void mm_into(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, bool token_rows = false);
+// The operands of a [rows, K] @ b [K, N] whose product rows each depend on their own row of a only: oneDNN's
+// bfloat16 matmul on CPUs with AMX mixes a NaN of one row of a into a neighbour's product where K is not a multiple
+// of 32, so bfloat16 operands are padded there with zero columns of a and rows of b (which add nothing).
+std::pair<at::Tensor, at::Tensor> rows_apart(const at::Tensor& a, const at::Tensor& b);
 
 // The expert MLP's activation on a pre-activation h [rows, M] in the GEMM dtype: dst [rows, N] =
 // act(gate) * up when gated (M = 2N; gate and up as the spec lays them out, with its options), act(h) otherwise

@@ -394,6 +394,28 @@ def test_nan_in_one_token_stays_in_its_row(backend, capacity):
     assert bool(dirty[t].isnan().all())
 
 
+@pytest.mark.skipif(not _backend.native_available(), reason="native ops not built")
+@pytest.mark.parametrize("D,H", [(200, 100), (64, 48)], ids=["widths-not-of-32", "widths-of-16"])
+def test_native_bf16_gemms_keep_a_nan_in_its_token(D, H):
+    # many rows an expert: the GEMMs go through ATen's bfloat16 matmul, which on CPUs with AMX mixes a NaN row into
+    # its neighbour's product when the inner size is not a multiple of 32 (forward: D and H; backward dX: D and 2H)
+    T, E, k, t = 96, 3, 2, 1
+    x = torch.randn(T, D).bfloat16()
+    x[t, 5] = float("nan")
+    experts = rand_experts(T, k, E)
+    weights = torch.rand(T, k).bfloat16()
+    up = (torch.randn(E, 2 * H, D) / math.sqrt(D)).bfloat16().requires_grad_()
+    down = (torch.randn(E, D, H) / math.sqrt(H)).bfloat16().requires_grad_()
+    xg = x.clone().requires_grad_()
+    with moe_kernels.use_backend("native"):
+        out = moe_mlp(xg, experts, weights, up, down)
+        (dx,) = torch.autograd.grad(out, [xg], torch.randn(T, D).bfloat16())
+    others = torch.arange(T) != t
+    assert bool(out[t].isnan().all())
+    assert not bool(out[others].isnan().any()), "a NaN in one token leaked into another token's output"
+    assert not bool(dx[others].isnan().any()), "a NaN in one token leaked into another token's input gradient"
+
+
 def test_non_contiguous_inputs(backend):
     T, D, H, E, k = 19, 7, 5, 5, 2
     x = torch.randn(D, T, dtype=F64).t()

@@ -97,7 +97,12 @@ def check(out, case, activation="silu", gated=True, capacity=None, name="output"
     if dtype == F64:
         assert_close64(out, ref64, name)
         return
-    same = reference(case, dtype, activation, gated, capacity)
+    if bool(torch.isfinite(case["x"]).all()) or capacity is not None:
+        same = reference(case, dtype, activation, gated, capacity)
+    else:  # token by token: torch's bfloat16 matmul on AMX CPUs mixes a NaN row into its neighbour's product
+        same = torch.cat([reference({**case, "x": case["x"][t:t + 1], "experts": case["experts"][t:t + 1],
+                                     "weights": case["weights"][t:t + 1]}, dtype, activation, gated)
+                          for t in range(case["x"].shape[0])])
     D, H = case["x"].shape[1], case["down_proj"].shape[2]
     finite = torch.where(torch.isfinite(ref64), ref64, 0)
     assert_earned_max(out, ref64, same, atol=reordered_sum_atol(finite, dtype, D + H), name=name)
