@@ -734,6 +734,24 @@ inline __attribute__((always_inline)) F32x16 e8m0_16(const uint8_t* s, int64_t n
 // values' bfloat16 bits (word p of vector j: column 4 p + j of the step); the pairs vdpbf16ps sums, codes 8 i + j and
 // 8 i + 4 + j, share scale i / 4 of the step: a step's products summed unscaled, then times its four scales, taken
 // from the 16 scales of four steps converted at once.
+// Nibble j of each 16-bit word of raw as the bfloat16 bits of its e2m1 value, into w[j]: vpermw reads 5 bits of a
+// word (the table holds the 16 values twice). (A one-table __builtin_shuffle becomes vpermi2w, three micro-ops on
+// Intel cores.)
+template <typename = void>
+inline __attribute__((always_inline)) void nibbles_bf16(U16x32 table, U16x32 raw, BF16x32 (&w)[4]) {
+  typedef short S16x32 __attribute__((vector_size(64)));
+  S16x32 t;
+  std::memcpy(&t, &table, sizeof(t));
+  #pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const U16x32 shifted = raw >> (4 * j);
+    S16x32 idx;
+    std::memcpy(&idx, &shifted, sizeof(idx));
+    const S16x32 v = __builtin_ia32_permvarhi512_mask(t, idx, S16x32{}, ~0u);
+    std::memcpy(&w[j], &v, sizeof(v));
+  }
+}
+
 struct Bf16Mxfp4Rows : Mxfp4Matrix, Bf16DotBlock<Bf16Mxfp4Rows> {
   static constexpr int kStep = 128, kGroup = 4;
   static constexpr int64_t kNear = 1024, kFar = 8192;  // dot_prefetch's distances
@@ -771,11 +789,7 @@ struct Bf16Mxfp4Rows : Mxfp4Matrix, Bf16DotBlock<Bf16Mxfp4Rows> {
             load_first<kStep / 2>(raw, p, (K - k) / 2);
           }
           BF16x32 w[4];
-          #pragma GCC unroll 16
-          for (int j = 0; j < 4; ++j) {
-            const U16x32 v = __builtin_shuffle(table, raw >> (4 * j));  // the permute reads 5 bits
-            std::memcpy(&w[j], &v, sizeof(v));
-          }
+          nibbles_bf16(table, raw, w);
           F32x16 part[R] = {};
           dot_into<R>(a, Kp, k, w, part);
           const F32x16 scale = __builtin_shuffle(sv[g], quarter + 4 * q);
