@@ -458,4 +458,5 @@ def machine(device: str) -> dict:
         info["auto_backend"] = {op: _backend.resolve(op, device) for op in sorted(_backend.IMPLS)}
     info["native"], info["triton_state"], info["cpu_isa"] = b["native"], b["triton"], b["cpu_isa"]
     info["cpu_bf16_gemm"] = b.get("cpu_bf16_gemm")
+    info["cpu_amx"] = b.get("cpu_amx")
     return info

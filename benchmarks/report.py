@@ -140,6 +140,8 @@ def header(meta) -> str:
         what += f" (native kernels: {m['cpu_isa']}"
         if m.get("cpu_bf16_gemm") is not None:
             what += ", bf16 GEMMs in bf16" if m["cpu_bf16_gemm"] else ", bf16 GEMMs widened to fp32"
+        if m.get("cpu_amx"):
+            what += ", quantized decode on AMX tiles"
         what += ")"
     return (f"{what}; torch {m['torch']} ({m['torch_threads']} threads), transformers {pk.get('transformers')}, "
             f"soft-moe-pytorch {pk.get('soft-moe-pytorch')}, triton {pk.get('triton')}; moe_kernels "

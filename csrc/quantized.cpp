@@ -14,7 +14,8 @@
 //   products summed unscaled, then times its scales (powers of two: exact).
 //   bfloat16 x on CPUs with AVX512-BF16 and AVX512-VBMI: the codes become bfloat16 (exact) through byte and word
 //   permutes of tables, and vdpbf16ps sums their products with x's in pairs; 16 weight rows' sums are reduced at
-//   once (the --- bfloat16 dot products --- section).
+//   once (the --- bfloat16 dot products --- section). On CPUs with AMX-BF16 the codes of 16 weight rows are converted
+//   into a tile and multiplied on AMX tiles instead, the scales applied per group of columns (--- AMX tiles ---).
 // - more rows: the expert's weight dequantised (in chunks of rows of up to kKeptSlotBytes) into a per-thread kept
 //   buffer in the GEMM dtype (bfloat16 where bf16_gemm(), else float32; float64 for float64 x) by the same row
 //   decoders, then the float expert MLP's GEMMs and activation on it.
@@ -34,6 +35,14 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
+#if defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace moe_kernels {
@@ -492,6 +501,7 @@ typedef short BF16x32 __attribute__((vector_size(64)));  // bfloat16 bits, vdpbf
 typedef uint8_t U8x64 __attribute__((vector_size(64)));
 typedef uint16_t U16x32 __attribute__((vector_size(64)));
 typedef float F32x16 __attribute__((vector_size(64)));
+constexpr int kTileRows = 16;  // weight rows of an AMX tile (amx_stream)
 
 // acc + the products of a and b summed in pairs (vdpbf16ps; a template so that it is only ever compiled inlined into
 // the functions of its ISA level).
@@ -710,6 +720,25 @@ struct Bf16Fp8Rows : Bf16DotBlock<Bf16Fp8Rows> {
     }
   }
   int64_t bytes_per_row() const { return K; }
+  // --- the AMX tile interface (amx_stream): a step is two chunks of 32 bfloat16; group = K block
+  static constexpr int kChunks = 2;
+  template <typename = void>
+  inline __attribute__((always_inline)) void tile_row(int64_t m, int64_t k, uint16_t* abuf, int rr) const {
+    const uint8_t* p = data + m * K;
+    __builtin_prefetch(p + kTileRows * K + k, 0, 2);  // the row a block of tile rows ahead
+    BF16x32 w[2];
+    load(p, k, w);
+    std::memcpy(abuf + rr * 32, &w[0], sizeof(w[0]));
+    std::memcpy(abuf + (kTileRows + rr) * 32, &w[1], sizeof(w[1]));
+  }
+  int64_t group(int64_t q, int) const { return q * kStep / bk; }
+  int64_t groups() const { return kb; }
+  int64_t segment_steps(int S) const { return S * (bk / kStep); }
+  template <typename = void>
+  inline __attribute__((always_inline)) F32x16 group_scales(int64_t m, int64_t g0, int64_t n) const {
+    const float* s = scale + m / bn * kb + g0;
+    return __builtin_ia32_loadups512_mask(s, F32x16{}, static_cast<uint16_t>(n >= 16 ? 0xffff : (1u << n) - 1));
+  }
 };
 
 // 16 float32 lanes of 2^(s - 127) for the e8m0 scale bytes s[0 .. n) (lane i: s[i]; past n: 2^-127, for codes
@@ -799,7 +828,232 @@ struct Bf16Mxfp4Rows : Mxfp4Matrix, Bf16DotBlock<Bf16Mxfp4Rows> {
       }
     }
   }
+  // --- the AMX tile interface (amx_stream): a step is four chunks of 32 bfloat16 (nibble j of each word); pair row
+  // i of a chunk (columns 8 i + j and 8 i + 4 + j of the step) lies in group (scale) i / 4 of the step
+  static constexpr int kChunks = 4;
+  template <typename = void>
+  inline __attribute__((always_inline)) void tile_row(int64_t m, int64_t k, uint16_t* abuf, int rr) const {
+    U16x32 table;
+    std::memcpy(&table, e2m1, sizeof(table));
+    const uint8_t* p = codes(m) + k / 2;
+    U16x32 raw;
+    if (k + kStep <= K) {
+      std::memcpy(&raw, p, sizeof(raw));
+      __builtin_prefetch(p + kTileRows * (K / 2), 0, 2);  // the row a block of tile rows ahead
+      if (k == 0) __builtin_prefetch(scales(m + kTileRows), 0, 2);
+    } else {
+      load_first<kStep / 2>(raw, p, (K - k) / 2);
+    }
+    BF16x32 w[4];
+    nibbles_bf16(table, raw, w);
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) std::memcpy(abuf + (j * kTileRows + rr) * 32, &w[j], sizeof(w[j]));
+  }
+  int64_t group(int64_t q, int i) const { return 4 * q + i / 4; }
+  int64_t groups() const { return K / 32; }
+  int64_t segment_steps(int S) const { return S / 4; }
+  template <typename = void>
+  inline __attribute__((always_inline)) F32x16 group_scales(int64_t m, int64_t g0, int64_t n) const {
+    return e8m0_16(scales(m) + g0, n);
+  }
 };
+
+// --- AMX tiles (CPUs with AMX-BF16: Sapphire Rapids and later) ---
+// TDPBF16PS multiplies a tile of 16 weight rows x 32 bfloat16 (one chunk of the source's step, converted by
+// tile_row) with a tile of activations, 16 pair rows x 16 columns of bfloat16 pairs, into 16 x 16 float32 sums, for
+// the price of a few vdpbf16ps; the conversion of the codes is then the work. The scales differ per row and group
+// (MXFP4: 32 columns, FP8: a K block), so the activation tile spreads them: column gl * Rp + t holds token t's pair
+// where the pair row lies in group gl of the segment (S = 16 / Rp groups), zero elsewhere, and the sums of one group
+// stay apart until a segment ends: then each row's 16 sums are scaled by its groups' scales and added up in float32
+// (the same order for every row and token: a token's result does not depend on the others). Up to 8 rows of a:
+// Rp = 1, 2 or 4 columns per group, and 5 to 8 rows as two groups of 4 tokens in two accumulator tiles.
+#if defined(__linux__)
+#define MOE_KERNELS_AMX_BF16 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
+
+// Whether the AMX path runs: the CPU has AMX-TILE and AMX-BF16, the kernel grants this process the tile state
+// (arch_prctl ARCH_REQ_XCOMP_PERM), and MOE_KERNELS_CPU_AMX is not 0 (read once).
+bool amx_available() {
+  static const bool available = [] {
+    const char* env = std::getenv("MOE_KERNELS_CPU_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return available;
+}
+
+// A tile load of 16 rows of 64 bytes at base (GCC's _tile_loadd does not tell the compiler that it reads memory: the
+// stores of the chunk it loads could be moved past it).
+#define MOE_KERNELS_TILE_LOAD(tile, base) \
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #tile ::"r"(static_cast<const void*>(base)), "r"(64L) : "memory")
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The activation tiles of amx_stream: for token group tg (tokens 4 tg ..), chunk c, pair row i: the 16 columns
+// (bfloat16 pairs as uint32) of that pair row. a [rows, Kp] bfloat16 bits in the source's layout.
+template <typename Rows>
+MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_activation_tiles(const Rows& src, const uint16_t* a, int64_t rows,
+                                                                int64_t Kp, int Rp, int S, int64_t seg_steps,
+                                                                uint32_t* tiles) {
+  const int64_t steps = Kp / Rows::kStep, chunks = steps * Rows::kChunks;
+  const int groups = rows <= 4 ? 1 : 2;
+  for (int tg = 0; tg < groups; ++tg) {
+    const int64_t t0 = 4 * tg, nt = std::min<int64_t>(rows - t0, Rp);
+    for (int64_t q = 0; q < steps; ++q) {
+      const int64_t first = src.group(q / seg_steps * seg_steps, 0);
+      for (int j = 0; j < Rows::kChunks; ++j) {
+        const int64_t c = q * Rows::kChunks + j;
+        uint32_t* tile = tiles + (tg * chunks + c) * 256;
+        for (int i = 0; i < 16; ++i) {
+          const int64_t col = (src.group(q, i) - first) * Rp;
+          __m512i v = _mm512_setzero_si512();
+          for (int64_t t = 0; t < nt; ++t) {
+            uint32_t pair;
+            std::memcpy(&pair, a + (t0 + t) * Kp + 32 * c + 2 * i, sizeof(pair));
+            v = _mm512_mask_set1_epi32(v, static_cast<__mmask16>(1u << (col + t)), static_cast<int>(pair));
+          }
+          _mm512_store_si512(tile + 16 * i, v);
+        }
+      }
+    }
+  }
+}
+
+// The sums of the lanes of each token: v[r] the 16 sums of row r (lane gl * Rp + t: group gl, token t), added
+// over the groups by halves (the first levels of sum_halves_16); out[t][r] for t < Rp.
+inline __attribute__((always_inline)) void amx_token_sums(const F32x16 (&v)[16], int Rp, float (&out)[4][16]) {
+  F32x16 w8[8], w4[4], w2[2];
+  for (int j = 0; j < 8; ++j) {
+    w8[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                    31);
+  }
+  for (int j = 0; j < 4; ++j) {
+    w4[j] = __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
+                                    27) +
+            __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                    31);
+  }
+  if (Rp == 4) {  // w4[j] lane 4 s + t: row 4 j + s, token t
+    for (int j = 0; j < 4; ++j)
+      for (int s = 0; s < 4; ++s)
+        for (int t = 0; t < 4; ++t) out[t][4 * j + s] = w4[j][4 * s + t];
+    return;
+  }
+  for (int j = 0; j < 2; ++j) {
+    w2[j] = __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
+                                    29) +
+            __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                    31);
+  }
+  if (Rp == 2) {  // w2[j] lane 2 s + t: row 8 j + s, token t
+    for (int j = 0; j < 2; ++j)
+      for (int s = 0; s < 8; ++s)
+        for (int t = 0; t < 2; ++t) out[t][8 * j + s] = w2[j][2 * s + t];
+    return;
+  }
+  const F32x16 w1 = __builtin_shufflevector(w2[0], w2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                    __builtin_shufflevector(w2[0], w2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  std::memcpy(out[0], &w1, sizeof(w1));
+}
+
+// out [rows, M] = a [rows, Kp] @ w^T (+ bias [M]) for 1 to 8 rows of a (bfloat16 bits in the source's layout) on
+// AMX tiles. Tiles: 0 and 1 the sums of token groups 0 and 1; 2, 3, 4 and 5, 6, 7 a weight chunk and its
+// activations (groups 0 and 1), for even and odd chunks.
+template <typename Rows>
+MOE_KERNELS_AMX_BF16 void amx_stream(const uint16_t* a, int64_t rows, int64_t Kp, const Rows& src, int64_t M,
+                                     const float* bias, float* out) {
+  const int Rp = rows == 1 ? 1 : (rows == 2 ? 2 : 4);
+  const int S = 16 / Rp;  // groups a segment's sums keep apart
+  const bool two = rows > 4;
+  const int64_t steps = Kp / Rows::kStep, chunks = steps * Rows::kChunks, seg_steps = src.segment_steps(S);
+  thread_local std::vector<uint32_t> tile_store;
+  tile_store.resize((two ? 2 : 1) * chunks * 256 + 16);
+  uint32_t* tiles = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(tile_store.data()) + 63) & ~uintptr_t(63));
+  amx_activation_tiles(src, a, rows, Kp, Rp, S, seg_steps, tiles);
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint16_t abuf[Rows::kChunks * kTileRows * 32];
+  alignas(64) float sums[2][kTileRows][16];
+  I32x16 spread;  // lane n: group n / Rp of the segment
+  for (int n = 0; n < 16; ++n) spread[n] = n / Rp;
+  const int64_t ngroups = src.groups();
+  for (int64_t mb = 0; mb < M; mb += kTileRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTileRows, M - mb));
+    if (count < kTileRows) {  // rows past M: zero weights
+      for (int j = 0; j < Rows::kChunks; ++j)
+        std::memset(abuf + (j * kTileRows + count) * 32, 0, (kTileRows - count) * 64);
+    }
+    F32x16 acc[2][kTileRows] = {};
+    for (int64_t s0 = 0; s0 < steps; s0 += seg_steps) {
+      _tile_zero(0);
+      if (two) _tile_zero(1);
+      for (int64_t q = s0; q < std::min(steps, s0 + seg_steps); ++q) {
+        if (count == kTileRows) {
+          #pragma GCC unroll 16
+          for (int rr = 0; rr < kTileRows; ++rr) src.tile_row(mb + rr, q * Rows::kStep, abuf, rr);
+        } else {
+          for (int rr = 0; rr < count; ++rr) src.tile_row(mb + rr, q * Rows::kStep, abuf, rr);
+        }
+        // chunks alternate between two sets of operand tiles, so that a chunk's loads need not wait for the
+        // previous chunk's product to release its tiles
+        #pragma GCC unroll 4
+        for (int j = 0; j < Rows::kChunks; j += 2) {
+          const int64_t c = q * Rows::kChunks + j;
+          MOE_KERNELS_TILE_LOAD(2, abuf + j * kTileRows * 32);
+          MOE_KERNELS_TILE_LOAD(3, tiles + c * 256);
+          _tile_dpbf16ps(0, 2, 3);
+          if (two) {
+            MOE_KERNELS_TILE_LOAD(4, tiles + (chunks + c) * 256);
+            _tile_dpbf16ps(1, 2, 4);
+          }
+          MOE_KERNELS_TILE_LOAD(5, abuf + (j + 1) * kTileRows * 32);
+          MOE_KERNELS_TILE_LOAD(6, tiles + (c + 1) * 256);
+          _tile_dpbf16ps(0, 5, 6);
+          if (two) {
+            MOE_KERNELS_TILE_LOAD(7, tiles + (chunks + c + 1) * 256);
+            _tile_dpbf16ps(1, 5, 7);
+          }
+        }
+      }
+      _tile_stored(0, sums[0], 64);
+      if (two) _tile_stored(1, sums[1], 64);
+      const int64_t g0 = src.group(s0, 0), n = std::min<int64_t>(S, ngroups - g0);
+      for (int rr = 0; rr < count; ++rr) {
+        const F32x16 sv = src.group_scales(mb + rr, g0, n);
+        const F32x16 scale = __builtin_shuffle(sv, spread);
+        for (int tg = 0; tg < (two ? 2 : 1); ++tg) {
+          F32x16 v;
+          std::memcpy(&v, sums[tg][rr], sizeof(v));
+          acc[tg][rr] += v * scale;
+        }
+      }
+    }
+    for (int tg = 0; tg < (two ? 2 : 1); ++tg) {
+      float res[4][16];
+      amx_token_sums(acc[tg], Rp, res);
+      for (int64_t t = 0; t < std::min<int64_t>(rows - 4 * tg, Rp); ++t) {
+        float* o = out + (4 * tg + t) * M + mb;
+        for (int rr = 0; rr < count; ++rr) o[rr] = res[t][rr] + (bias != nullptr ? bias[mb + rr] : 0.0f);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
 
 template <typename Rows>
 inline __attribute__((always_inline)) void bf16_stream(const float* a, int64_t rows, const QMatrix& w,
@@ -807,6 +1061,12 @@ inline __attribute__((always_inline)) void bf16_stream(const float* a, int64_t r
   const int64_t Kp = (w.K + Rows::kStep - 1) / Rows::kStep * Rows::kStep;
   Rows src(w, Kp);
   const auto ap = rows_layout<Rows>(a, rows, w.K, Kp);
+#if defined(__linux__)
+  if (rows <= 8 && amx_available()) {  // every group of rows: a token's bits do not depend on its group's size
+    amx_stream(ap.data(), rows, Kp, src, w.M, bias, out);
+    return;
+  }
+#endif
   stream_rows_impl<64>(ap.data(), rows, Kp, src, w.M, bias, out);
 }
 
@@ -819,6 +1079,10 @@ MOE_KERNELS_AVX512_BF16 void stream_bf16_dot(const float* a, int64_t rows, const
     bf16_stream<Bf16Fp8Rows>(a, rows, w, bias, out);
   }
 }
+#endif
+
+#if !MOE_KERNELS_X86 || !defined(__linux__)
+bool amx_available() { return false; }
 #endif
 
 // Whether the bfloat16 dot products run here: the avx512 ISA level on a CPU with AVX512-BF16 and AVX512-VBMI.
@@ -1210,6 +1474,7 @@ at::Tensor moe_mlp_quantized(const at::Tensor& x_in, const at::Tensor& experts, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
+  m.def("cpu_amx() -> bool", []() { return bf16_dot_available() && amx_available(); });
   m.def("moe_mlp_quantized(Tensor x, Tensor experts, Tensor weights, str format, Tensor up_data, Tensor up_scale, "
         "Tensor down_data, Tensor down_scale, int block_n, int block_k, Tensor? gate_up_bias, Tensor? down_bias, "
         "str activation, bool gated, int capacity) -> Tensor");

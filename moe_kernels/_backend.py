@@ -169,8 +169,18 @@ def native_cpu_bf16_gemm() -> Optional[bool]:
     return torch.ops.moe_kernels_C.cpu_bf16_gemm()
 
 
+def native_cpu_amx() -> Optional[bool]:
+    """Whether the native decode kernels of quantized experts run on AMX tiles (CPUs with AMX-BF16 whose kernel
+    grants the tile state, at the avx512 ISA level; MOE_KERNELS_CPU_AMX=0 turns them off); None without the native
+    extension."""
+    if not native_available():
+        return None
+    import torch
+    return torch.ops.moe_kernels_C.cpu_amx()
+
+
 def backends() -> dict:
-    """What is available and what `auto` picks, per op: {'requested', 'native', 'cpu_isa', 'cpu_bf16_gemm',
+    """What is available and what `auto` picks, per op: {'requested', 'native', 'cpu_isa', 'cpu_bf16_gemm', 'cpu_amx',
     'triton', 'gemm_engines' (the engine of each grouped GEMM role of the expert MLP on CUDA: moe_kernels.triton.engines),
     'ops'}."""
     try:
@@ -199,6 +209,7 @@ def backends() -> dict:
                    else f"unavailable, CPU ops fall back to reference ({native_error()})"),
         "cpu_isa": native_cpu_isa(),
         "cpu_bf16_gemm": native_cpu_bf16_gemm(),
+        "cpu_amx": native_cpu_amx(),
         "triton": triton_state,
         "gemm_engines": gemm_engines,
         "ops": {op: {"implemented": sorted(impls), "cpu": cpu_choice(op)} for op, impls in sorted(IMPLS.items())},

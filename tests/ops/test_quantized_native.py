@@ -411,13 +411,45 @@ def test_native_runs_at_the_capped_isa_level():
     assert _backend.native_cpu_isa() in ISAS[:ISAS.index(cap) + 1]
 
 
+def cpu_flags():
+    """The CPU's feature flags (Linux), or an empty set."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def test_native_amx_as_configured():
+    # the decode kernels take AMX tiles only at the avx512 level, on a CPU that has AMX-BF16, unless turned off
+    amx = _backend.native_cpu_amx()
+    assert isinstance(amx, bool)
+    if os.environ.get("MOE_KERNELS_CPU_AMX") == "0" or _backend.native_cpu_isa() != "avx512":
+        assert not amx
+    if amx:
+        assert {"amx_bf16", "amx_tile"} <= cpu_flags() and moe_kernels.backends()["cpu_amx"] is True
+
+
+@pytest.mark.skipif(not _backend.native_available() or not _backend.native_cpu_amx(),
+                    reason="the decode kernels do not use AMX here: this process's run covers their other path")
+def test_native_quantized_without_amx():
+    # on a CPU with AMX the decode groups run on tiles: this file's tests again with MOE_KERNELS_CPU_AMX=0 cover the
+    # bfloat16 dot products that CPUs without AMX run
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__, "-k",
+                           "not every_isa_level and not without_amx and not opcheck and not refuses"],
+                          env={**os.environ, "MOE_KERNELS_CPU_AMX": "0"}, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout, done.stdout[-3000:]
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="not x86-64")
 @pytest.mark.parametrize("isa", ISAS)
 def test_native_quantized_at_every_isa_level(isa):
     # the streaming and dequantising kernels are built per ISA level and picked once per process: this file's tests
     # in a process capped at each level
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__, "-k",
-                           "not every_isa_level and not opcheck and not refuses"],
+                           "not every_isa_level and not without_amx and not opcheck and not refuses"],
                           env={**os.environ, "MOE_KERNELS_CPU_ISA": isa}, capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2], timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
