@@ -61,6 +61,9 @@ struct QMatrix {
   bool bf16_dot;  // the streaming kernel may round a to bfloat16 and use bfloat16 dot products
 };
 
+// The most rows of a the AMX decode kernel takes in one pass (four token groups, an accumulator tile each).
+constexpr int64_t kAmxRows = 16;
+
 // Whether denormal inputs are read as zero (MXCSR.DAZ, as torch.set_flush_denormal(True) sets): then the bit
 // conversion of FP8 would lose e4m3's subnormals. Off x86, assumed so.
 bool denormals_are_zero() {
@@ -905,7 +908,7 @@ MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_activation_t
                                                                 int64_t Kp, int Rp, int S, int64_t seg_steps,
                                                                 uint32_t* tiles) {
   const int64_t steps = Kp / Rows::kStep, chunks = steps * Rows::kChunks;
-  const int groups = rows <= 4 ? 1 : 2;
+  const int groups = static_cast<int>((rows + 3) / 4);
   for (int tg = 0; tg < groups; ++tg) {
     const int64_t t0 = 4 * tg, nt = std::min<int64_t>(rows - t0, Rp);
     for (int64_t q = 0; q < steps; ++q) {
@@ -966,18 +969,84 @@ inline __attribute__((always_inline)) void amx_token_sums(const F32x16 (&v)[16],
   std::memcpy(out[0], &w1, sizeof(w1));
 }
 
-// out [rows, M] = a [rows, Kp] @ w^T (+ bias [M]) for 1 to 8 rows of a (bfloat16 bits in the source's layout) on
-// AMX tiles. Tiles: 0 and 1 the sums of token groups 0 and 1; 2, 3, 4 and 5, 6, 7 a weight chunk and its
-// activations (groups 0 and 1), for even and odd chunks.
-template <typename Rows>
+// The products of a segment's chunks q0 .. q1 of 16 weight rows (their codes converted into abuf, a step at a time)
+// with the activation tiles of NG token groups, added into tiles 0 .. NG - 1. Tiles 4 and 5 hold the weight chunk
+// (even and odd chunks), 6 and 7 the activations (alternating): a load need not wait for the previous product to
+// release its tile.
+template <int NG, typename Rows>
+MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_segment(const Rows& src, int64_t mb, int count,
+                                                                            int64_t q0, int64_t q1, int64_t chunks,
+                                                                            const uint32_t* tiles, uint16_t* abuf) {
+  for (int64_t q = q0; q < q1; ++q) {
+    if (count == kTileRows) {
+      #pragma GCC unroll 16
+      for (int rr = 0; rr < kTileRows; ++rr) src.tile_row(mb + rr, q * Rows::kStep, abuf, rr);
+    } else {
+      for (int rr = 0; rr < count; ++rr) src.tile_row(mb + rr, q * Rows::kStep, abuf, rr);
+    }
+    #pragma GCC unroll 4
+    for (int j = 0; j < Rows::kChunks; j += 2) {
+      const int64_t c = q * Rows::kChunks + j;
+      MOE_KERNELS_TILE_LOAD(4, abuf + j * kTileRows * 32);
+      MOE_KERNELS_TILE_LOAD(6, tiles + c * 256);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NG > 1) {
+        MOE_KERNELS_TILE_LOAD(7, tiles + (chunks + c) * 256);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if constexpr (NG > 2) {
+        MOE_KERNELS_TILE_LOAD(6, tiles + (2 * chunks + c) * 256);
+        _tile_dpbf16ps(2, 4, 6);
+      }
+      if constexpr (NG > 3) {
+        MOE_KERNELS_TILE_LOAD(7, tiles + (3 * chunks + c) * 256);
+        _tile_dpbf16ps(3, 4, 7);
+      }
+      MOE_KERNELS_TILE_LOAD(5, abuf + (j + 1) * kTileRows * 32);
+      MOE_KERNELS_TILE_LOAD(7, tiles + (c + 1) * 256);
+      _tile_dpbf16ps(0, 5, 7);
+      if constexpr (NG > 1) {
+        MOE_KERNELS_TILE_LOAD(6, tiles + (chunks + c + 1) * 256);
+        _tile_dpbf16ps(1, 5, 6);
+      }
+      if constexpr (NG > 2) {
+        MOE_KERNELS_TILE_LOAD(7, tiles + (2 * chunks + c + 1) * 256);
+        _tile_dpbf16ps(2, 5, 7);
+      }
+      if constexpr (NG > 3) {
+        MOE_KERNELS_TILE_LOAD(6, tiles + (3 * chunks + c + 1) * 256);
+        _tile_dpbf16ps(3, 5, 6);
+      }
+    }
+  }
+}
+
+// Tiles 0 .. NG - 1 zeroed, or stored into sums[0 .. NG).
+template <int NG>
+MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_zero_sums() {
+  _tile_zero(0);
+  if constexpr (NG > 1) _tile_zero(1);
+  if constexpr (NG > 2) _tile_zero(2);
+  if constexpr (NG > 3) _tile_zero(3);
+}
+template <int NG>
+MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_store_sums(float (*sums)[kTileRows][16]) {
+  _tile_stored(0, sums[0], 64);
+  if constexpr (NG > 1) _tile_stored(1, sums[1], 64);
+  if constexpr (NG > 2) _tile_stored(2, sums[2], 64);
+  if constexpr (NG > 3) _tile_stored(3, sums[3], 64);
+}
+
+// out [rows, M] = a [rows, Kp] @ w^T (+ bias [M]) for 1 to kAmxRows rows of a (bfloat16 bits in the source's
+// layout) on AMX tiles, in NG = ceil(rows / 4) token groups.
+template <int NG, typename Rows>
 MOE_KERNELS_AMX_BF16 void amx_stream(const uint16_t* a, int64_t rows, int64_t Kp, const Rows& src, int64_t M,
                                      const float* bias, float* out) {
   const int Rp = rows == 1 ? 1 : (rows == 2 ? 2 : 4);
   const int S = 16 / Rp;  // groups a segment's sums keep apart
-  const bool two = rows > 4;
   const int64_t steps = Kp / Rows::kStep, chunks = steps * Rows::kChunks, seg_steps = src.segment_steps(S);
   thread_local std::vector<uint32_t> tile_store;
-  tile_store.resize((two ? 2 : 1) * chunks * 256 + 16);
+  tile_store.resize(NG * chunks * 256 + 16);
   uint32_t* tiles = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(tile_store.data()) + 63) & ~uintptr_t(63));
   amx_activation_tiles(src, a, rows, Kp, Rp, S, seg_steps, tiles);
   TileConfig cfg;
@@ -987,7 +1056,7 @@ MOE_KERNELS_AMX_BF16 void amx_stream(const uint16_t* a, int64_t rows, int64_t Kp
   }
   _tile_loadconfig(&cfg);
   alignas(64) uint16_t abuf[Rows::kChunks * kTileRows * 32];
-  alignas(64) float sums[2][kTileRows][16];
+  alignas(64) float sums[NG][kTileRows][16];
   I32x16 spread;  // lane n: group n / Rp of the segment
   for (int n = 0; n < 16; ++n) spread[n] = n / Rp;
   const int64_t ngroups = src.groups();
@@ -997,52 +1066,24 @@ MOE_KERNELS_AMX_BF16 void amx_stream(const uint16_t* a, int64_t rows, int64_t Kp
       for (int j = 0; j < Rows::kChunks; ++j)
         std::memset(abuf + (j * kTileRows + count) * 32, 0, (kTileRows - count) * 64);
     }
-    F32x16 acc[2][kTileRows] = {};
+    F32x16 acc[NG][kTileRows] = {};
     for (int64_t s0 = 0; s0 < steps; s0 += seg_steps) {
-      _tile_zero(0);
-      if (two) _tile_zero(1);
-      for (int64_t q = s0; q < std::min(steps, s0 + seg_steps); ++q) {
-        if (count == kTileRows) {
-          #pragma GCC unroll 16
-          for (int rr = 0; rr < kTileRows; ++rr) src.tile_row(mb + rr, q * Rows::kStep, abuf, rr);
-        } else {
-          for (int rr = 0; rr < count; ++rr) src.tile_row(mb + rr, q * Rows::kStep, abuf, rr);
-        }
-        // chunks alternate between two sets of operand tiles, so that a chunk's loads need not wait for the
-        // previous chunk's product to release its tiles
-        #pragma GCC unroll 4
-        for (int j = 0; j < Rows::kChunks; j += 2) {
-          const int64_t c = q * Rows::kChunks + j;
-          MOE_KERNELS_TILE_LOAD(2, abuf + j * kTileRows * 32);
-          MOE_KERNELS_TILE_LOAD(3, tiles + c * 256);
-          _tile_dpbf16ps(0, 2, 3);
-          if (two) {
-            MOE_KERNELS_TILE_LOAD(4, tiles + (chunks + c) * 256);
-            _tile_dpbf16ps(1, 2, 4);
-          }
-          MOE_KERNELS_TILE_LOAD(5, abuf + (j + 1) * kTileRows * 32);
-          MOE_KERNELS_TILE_LOAD(6, tiles + (c + 1) * 256);
-          _tile_dpbf16ps(0, 5, 6);
-          if (two) {
-            MOE_KERNELS_TILE_LOAD(7, tiles + (chunks + c + 1) * 256);
-            _tile_dpbf16ps(1, 5, 7);
-          }
-        }
-      }
-      _tile_stored(0, sums[0], 64);
-      if (two) _tile_stored(1, sums[1], 64);
+      amx_zero_sums<NG>();
+      amx_segment<NG>(src, mb, count, s0, std::min(steps, s0 + seg_steps), chunks, tiles, abuf);
+      amx_store_sums<NG>(sums);
       const int64_t g0 = src.group(s0, 0), n = std::min<int64_t>(S, ngroups - g0);
       for (int rr = 0; rr < count; ++rr) {
         const F32x16 sv = src.group_scales(mb + rr, g0, n);
         const F32x16 scale = __builtin_shuffle(sv, spread);
-        for (int tg = 0; tg < (two ? 2 : 1); ++tg) {
+        #pragma GCC unroll 4
+        for (int tg = 0; tg < NG; ++tg) {
           F32x16 v;
           std::memcpy(&v, sums[tg][rr], sizeof(v));
           acc[tg][rr] += v * scale;
         }
       }
     }
-    for (int tg = 0; tg < (two ? 2 : 1); ++tg) {
+    for (int tg = 0; tg < NG; ++tg) {
       float res[4][16];
       amx_token_sums(acc[tg], Rp, res);
       for (int64_t t = 0; t < std::min<int64_t>(rows - 4 * tg, Rp); ++t) {
@@ -1053,6 +1094,18 @@ MOE_KERNELS_AMX_BF16 void amx_stream(const uint16_t* a, int64_t rows, int64_t Kp
   }
   _tile_release();
 }
+
+// amx_stream with its token groups fixed at compile time.
+template <typename Rows>
+void amx_stream_rows(const uint16_t* a, int64_t rows, int64_t Kp, const Rows& src, int64_t M, const float* bias,
+                     float* out) {
+  switch ((rows + 3) / 4) {
+    case 1: amx_stream<1>(a, rows, Kp, src, M, bias, out); break;
+    case 2: amx_stream<2>(a, rows, Kp, src, M, bias, out); break;
+    case 3: amx_stream<3>(a, rows, Kp, src, M, bias, out); break;
+    default: amx_stream<4>(a, rows, Kp, src, M, bias, out); break;
+  }
+}
 #endif
 
 template <typename Rows>
@@ -1062,8 +1115,8 @@ inline __attribute__((always_inline)) void bf16_stream(const float* a, int64_t r
   Rows src(w, Kp);
   const auto ap = rows_layout<Rows>(a, rows, w.K, Kp);
 #if defined(__linux__)
-  if (rows <= 8 && amx_available()) {  // every group of rows: a token's bits do not depend on its group's size
-    amx_stream(ap.data(), rows, Kp, src, w.M, bias, out);
+  if (rows <= kAmxRows && amx_available()) {  // every group size: a token's bits do not depend on its group's
+    amx_stream_rows(ap.data(), rows, Kp, src, w.M, bias, out);
     return;
   }
 #endif
@@ -1447,11 +1500,13 @@ at::Tensor moe_mlp_quantized(const at::Tensor& x_in, const at::Tensor& experts, 
   check_experts("moe_mlp_quantized", experts);
   const QArgs q = quantized_args(x_in, format, up_data, up_scale, down_data, down_scale, block_n, block_k,
                                  gate_up_bias, down_bias, activation, gated);
+  // groups up to this many rows stream the weights (on AMX tiles more rows a pass than the dot products take)
+  const int64_t stream_rows = q.bf16_dot && amx_available() ? kAmxRows : kStreamRows;
   auto r = routed_forward("moe_mlp_quantized", q.x, experts, weights, q.E, q.O, capacity,
                           [&](int64_t e, int64_t lo, int64_t hi, const at::Tensor& token, const at::Tensor& y) {
     const QMatrix w_up = expert_matrix(q, q.up_data, q.up_scale, e, q.H2, q.D);
     const QMatrix w_down = expert_matrix(q, q.down_data, q.down_scale, e, q.O, q.H);
-    if (hi - lo <= kStreamRows) {
+    if (hi - lo <= stream_rows) {
       few_rows_expert(q.x, y, token, e, lo, hi, q.H2, q.O, q.up_bias, q.down_bias, q.act, q.gated,
                       [&](auto, int which, const auto* a, int64_t rows, const auto* bias, auto* out) {
                         stream_quantized(a, rows, which == 0 ? w_up : w_down, bias, out);
