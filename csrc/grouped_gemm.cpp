@@ -949,6 +949,12 @@ void exp_into(const double* x, int64_t n, double* out) {
   fn(x, n, out);
 }
 
+bool act_rows_vectorised(const float* pre, int64_t rows, int64_t H2, const Activation& a, bool gated, float* h) {
+  if (!fused_activation(a.kind)) return false;
+  act_rows(pre, rows, H2, a, gated, h, static_cast<float*>(nullptr));
+  return true;
+}
+
 void gated_act_into(const at::Tensor& dst_c, const at::Tensor& h, const Activation& a, bool gated,
                     const at::Tensor& save) {
   auto& dst = const_cast<at::Tensor&>(dst_c);

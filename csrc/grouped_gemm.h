@@ -511,10 +511,17 @@ std::vector<acc_t> widened_row(const at::Tensor& bias, int64_t e, int64_t n) {
   return std::vector<acc_t>(row, row + n);
 }
 
-// h [rows, H] = the activation of pre [rows, H2] (gated: H2 = 2H, with the spec's options; else H = H2), one value
-// at a time: the few-row paths.
+// h [rows, H] = the activation of pre [rows, H2] in float32 by the vectorised pass of the GEMM path (silu, relu,
+// relu2, identity, with their options): whether it ran.
+bool act_rows_vectorised(const float* pre, int64_t rows, int64_t H2, const Activation& a, bool gated, float* h);
+
+// h [rows, H] = the activation of pre [rows, H2] (gated: H2 = 2H, with the spec's options; else H = H2): the few-row
+// paths, float32 vectorised where the GEMM path's pass computes the activation, else one value at a time.
 template <typename acc_t>
 void few_rows_act(const acc_t* pre, int64_t rows, int64_t H2, const Activation& act, bool gated, acc_t* h) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (act_rows_vectorised(pre, rows, H2, act, gated, h)) return;
+  }
   const int64_t H = gated ? H2 / 2 : H2;
   if (act.plain() || !gated) {
     const acc_t alpha = static_cast<acc_t>(act.alpha);  // 1 unless silu's alpha: the one option when not gated

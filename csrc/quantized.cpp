@@ -916,14 +916,14 @@ MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_activation_t
       for (int j = 0; j < Rows::kChunks; ++j) {
         const int64_t c = q * Rows::kChunks + j;
         uint32_t* tile = tiles + (tg * chunks + c) * 256;
+        __m512i pairs[4];  // token t's 16 pairs of the chunk (lane i: pair row i)
+        for (int64_t t = 0; t < nt; ++t) pairs[t] = _mm512_loadu_si512(a + (t0 + t) * Kp + 32 * c);
         for (int i = 0; i < 16; ++i) {
           const int64_t col = (src.group(q, i) - first) * Rp;
+          const __m512i lane_i = _mm512_set1_epi32(i);
           __m512i v = _mm512_setzero_si512();
-          for (int64_t t = 0; t < nt; ++t) {
-            uint32_t pair;
-            std::memcpy(&pair, a + (t0 + t) * Kp + 32 * c + 2 * i, sizeof(pair));
-            v = _mm512_mask_set1_epi32(v, static_cast<__mmask16>(1u << (col + t)), static_cast<int>(pair));
-          }
+          for (int64_t t = 0; t < nt; ++t)
+            v = _mm512_mask_permutexvar_epi32(v, static_cast<__mmask16>(1u << (col + t)), lane_i, pairs[t]);
           _mm512_store_si512(tile + 16 * i, v);
         }
       }

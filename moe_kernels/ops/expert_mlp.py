@@ -13,7 +13,7 @@ from ..reference.activations import check_activation, glu
 from . import _checks
 from .grouped_gemm import grouped_mm
 from .permutation import permute, sort_by_expert, unpermute
-from .quantized import QuantizedWeight, moe_mlp_quantized
+from .quantized import QuantizedWeight, check_quantized, moe_mlp_quantized
 
 
 # --- the fused op ----------------------------------------------------------------------------------------
@@ -186,6 +186,10 @@ def _check_quantized_weights(gate_up_proj, down_proj, gated, gate_up_bias, down_
         if not isinstance(w, QuantizedWeight):
             raise TypeError(f"gate_up_proj and down_proj must both be QuantizedWeight or both tensors, got {name} "
                             f"{type(w).__name__}")
+        check_quantized(name, w)
+    if gate_up_proj.format != down_proj.format or (gate_up_proj.format == "fp8" and gate_up_proj.block != down_proj.block):
+        raise ValueError(f"gate_up_proj and down_proj must share a format (and FP8 block), got "
+                         f"{gate_up_proj.format} {gate_up_proj.block} and {down_proj.format} {down_proj.block}")
     dims = _check_shapes(gate_up_proj.shape, down_proj.shape, gated, gate_up_bias, down_bias, " (quantized)")
     _checks.same_dtype(x=x, gate_up_bias=gate_up_bias, down_bias=down_bias)
     return dims

@@ -144,13 +144,8 @@ if _triton.AVAILABLE:
 def moe_mlp_quantized(x: Tensor, experts: Tensor, weights: Tensor, gate_up_proj: QuantizedWeight,
                       down_proj: QuantizedWeight, *, activation: str, gated: bool, gate_up_bias: Optional[Tensor],
                       down_bias: Optional[Tensor], capacity: Optional[int]) -> Tensor:
-    """ops.moe_mlp with quantized projections (both in one format; ops.moe_mlp has checked the rest). Inference:
+    """ops.moe_mlp with quantized projections, checked by ops.moe_mlp (check_quantized, one format). Inference:
     no gradient flows into quantized weights, and none through them."""
-    check_quantized("gate_up_proj", gate_up_proj)
-    check_quantized("down_proj", down_proj)
-    if gate_up_proj.format != down_proj.format or (gate_up_proj.format == "fp8" and gate_up_proj.block != down_proj.block):
-        raise ValueError(f"gate_up_proj and down_proj must share a format (and FP8 block), got "
-                         f"{gate_up_proj.format} {gate_up_proj.block} and {down_proj.format} {down_proj.block}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights, gate_up_bias,
                                                                                    down_bias)):
         raise NotImplementedError("moe_mlp with quantized weights runs inference only: call it under "
