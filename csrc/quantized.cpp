@@ -755,7 +755,14 @@ inline __attribute__((always_inline)) F32x16 e8m0_16(const uint8_t* s, int64_t n
   } else {
     load_first<16>(b, s, n);
   }
-  const U32x16 e = __builtin_convertvector(b, U32x16);
+  typedef char C16 __attribute__((vector_size(16)));
+  typedef int S32x16 __attribute__((vector_size(64)));
+  C16 bc;
+  std::memcpy(&bc, &b, sizeof(bc));
+  // vpmovzxbd (a __builtin_convertvector of the bytes became byte extracts and inserts)
+  const S32x16 widened = __builtin_ia32_pmovzxbd512_mask(bc, S32x16{}, 0xffff);
+  U32x16 e;
+  std::memcpy(&e, &widened, sizeof(e));
   const U32x16 bits = e == 0u ? U32x16{} + 0x00400000u : (e == 255u ? U32x16{} + 0x7fc00000u : e << 23);
   F32x16 v;
   std::memcpy(&v, &bits, sizeof(v));
@@ -889,10 +896,25 @@ bool amx_available() {
   return available;
 }
 
-// A tile load of 16 rows of 64 bytes at base (GCC's _tile_loadd does not tell the compiler that it reads memory: the
-// stores of the chunk it loads could be moved past it).
-#define MOE_KERNELS_TILE_LOAD(tile, base) \
-  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #tile ::"r"(static_cast<const void*>(base)), "r"(64L) : "memory")
+// Tile instructions on tile numbers given as template arguments (GCC's _tile_* macros take literal numbers, and its
+// _tile_loadd does not tell the compiler that it reads memory: the stores of the chunk it loads could be moved past
+// it). Rows of 64 bytes.
+template <int T>
+inline __attribute__((always_inline)) void tile_load(const void* base) {
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(64L), "i"(T) : "memory");
+}
+template <int T>
+inline __attribute__((always_inline)) void tile_store(void* base) {
+  __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(64L), "i"(T) : "memory");
+}
+template <int T>
+inline __attribute__((always_inline)) void tile_zero() {
+  __asm__ volatile("tilezero %%tmm%c0" ::"i"(T));
+}
+template <int C, int A, int B>  // C += A B (bfloat16 pairs, float32 sums)
+inline __attribute__((always_inline)) void tile_dot() {
+  __asm__ volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+}
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -969,10 +991,32 @@ inline __attribute__((always_inline)) void amx_token_sums(const F32x16 (&v)[16],
   std::memcpy(out[0], &w1, sizeof(w1));
 }
 
-// The products of a segment's chunks q0 .. q1 of 16 weight rows (their codes converted into abuf, a step at a time)
-// with the activation tiles of NG token groups, added into tiles 0 .. NG - 1. Tiles 4 and 5 hold the weight chunk
-// (even and odd chunks), 6 and 7 the activations (alternating): a load need not wait for the previous product to
-// release its tile.
+// Weight chunk tile A (loaded from `chunk`) times the activation tiles of chunk c of NG token groups, added into
+// accumulator tiles 0 .. NG - 1; the activation tiles alternate between B0 and B1.
+template <int NG, int A, int B0, int B1>
+MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_chunk(const uint16_t* chunk, const uint32_t* tiles,
+                                                                          int64_t chunks, int64_t c) {
+  tile_load<A>(chunk);
+  tile_load<B0>(tiles + c * 256);
+  tile_dot<0, A, B0>();
+  if constexpr (NG > 1) {
+    tile_load<B1>(tiles + (chunks + c) * 256);
+    tile_dot<1, A, B1>();
+  }
+  if constexpr (NG > 2) {
+    tile_load<B0>(tiles + (2 * chunks + c) * 256);
+    tile_dot<2, A, B0>();
+  }
+  if constexpr (NG > 3) {
+    tile_load<B1>(tiles + (3 * chunks + c) * 256);
+    tile_dot<3, A, B1>();
+  }
+}
+
+// The products of a segment's steps q0 .. q1 of 16 weight rows (their codes converted into abuf a step at a time)
+// with the activation tiles of NG token groups, into accumulator tiles 0 .. NG - 1. Chunks alternate between two
+// sets of operand tiles (4, 6, 7 and 5, 7, 6), so that a load need not wait for the previous product to release
+// its tile.
 template <int NG, typename Rows>
 MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_segment(const Rows& src, int64_t mb, int count,
                                                                             int64_t q0, int64_t q1, int64_t chunks,
@@ -987,54 +1031,26 @@ MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_segment(cons
     #pragma GCC unroll 4
     for (int j = 0; j < Rows::kChunks; j += 2) {
       const int64_t c = q * Rows::kChunks + j;
-      MOE_KERNELS_TILE_LOAD(4, abuf + j * kTileRows * 32);
-      MOE_KERNELS_TILE_LOAD(6, tiles + c * 256);
-      _tile_dpbf16ps(0, 4, 6);
-      if constexpr (NG > 1) {
-        MOE_KERNELS_TILE_LOAD(7, tiles + (chunks + c) * 256);
-        _tile_dpbf16ps(1, 4, 7);
-      }
-      if constexpr (NG > 2) {
-        MOE_KERNELS_TILE_LOAD(6, tiles + (2 * chunks + c) * 256);
-        _tile_dpbf16ps(2, 4, 6);
-      }
-      if constexpr (NG > 3) {
-        MOE_KERNELS_TILE_LOAD(7, tiles + (3 * chunks + c) * 256);
-        _tile_dpbf16ps(3, 4, 7);
-      }
-      MOE_KERNELS_TILE_LOAD(5, abuf + (j + 1) * kTileRows * 32);
-      MOE_KERNELS_TILE_LOAD(7, tiles + (c + 1) * 256);
-      _tile_dpbf16ps(0, 5, 7);
-      if constexpr (NG > 1) {
-        MOE_KERNELS_TILE_LOAD(6, tiles + (chunks + c + 1) * 256);
-        _tile_dpbf16ps(1, 5, 6);
-      }
-      if constexpr (NG > 2) {
-        MOE_KERNELS_TILE_LOAD(7, tiles + (2 * chunks + c + 1) * 256);
-        _tile_dpbf16ps(2, 5, 7);
-      }
-      if constexpr (NG > 3) {
-        MOE_KERNELS_TILE_LOAD(6, tiles + (3 * chunks + c + 1) * 256);
-        _tile_dpbf16ps(3, 5, 6);
-      }
+      amx_chunk<NG, 4, 6, 7>(abuf + j * kTileRows * 32, tiles, chunks, c);
+      amx_chunk<NG, 5, 7, 6>(abuf + (j + 1) * kTileRows * 32, tiles, chunks, c + 1);
     }
   }
 }
 
-// Tiles 0 .. NG - 1 zeroed, or stored into sums[0 .. NG).
+// Accumulator tiles 0 .. NG - 1 zeroed, or stored into sums[0 .. NG).
 template <int NG>
 MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_zero_sums() {
-  _tile_zero(0);
-  if constexpr (NG > 1) _tile_zero(1);
-  if constexpr (NG > 2) _tile_zero(2);
-  if constexpr (NG > 3) _tile_zero(3);
+  tile_zero<0>();
+  if constexpr (NG > 1) tile_zero<1>();
+  if constexpr (NG > 2) tile_zero<2>();
+  if constexpr (NG > 3) tile_zero<3>();
 }
 template <int NG>
 MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_store_sums(float (*sums)[kTileRows][16]) {
-  _tile_stored(0, sums[0], 64);
-  if constexpr (NG > 1) _tile_stored(1, sums[1], 64);
-  if constexpr (NG > 2) _tile_stored(2, sums[2], 64);
-  if constexpr (NG > 3) _tile_stored(3, sums[3], 64);
+  tile_store<0>(sums[0]);
+  if constexpr (NG > 1) tile_store<1>(sums[1]);
+  if constexpr (NG > 2) tile_store<2>(sums[2]);
+  if constexpr (NG > 3) tile_store<3>(sums[3]);
 }
 
 // out [rows, M] = a [rows, Kp] @ w^T (+ bias [M]) for 1 to kAmxRows rows of a (bfloat16 bits in the source's
@@ -1115,7 +1131,10 @@ inline __attribute__((always_inline)) void bf16_stream(const float* a, int64_t r
   Rows src(w, Kp);
   const auto ap = rows_layout<Rows>(a, rows, w.K, Kp);
 #if defined(__linux__)
-  if (rows <= kAmxRows && amx_available()) {  // every group size: a token's bits do not depend on its group's
+  // one row a expert (most of them at a small decode batch) stays on the dot products: tile products wait for
+  // their weight chunk's stores to reach the cache, and one token cannot make up for it (Xeon, MXFP4 K=512:
+  // AMX 1.3x slower at one row, 1.6x faster at four)
+  if (rows >= 2 && rows <= kAmxRows && amx_available()) {
     amx_stream_rows(ap.data(), rows, Kp, src, w.M, bias, out);
     return;
   }

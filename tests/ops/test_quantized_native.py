@@ -127,19 +127,21 @@ def test_native_matches_reference(fmt, path, dtype):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_native_bf16_decode_rows_share_nothing(fmt):
-    # bfloat16 x, one expert of each group size the streaming kernel takes (1 .. 8 rows; on AMX tiles 1 .. 16, in
-    # token groups of 4; its weight rows taken several at a time): against the reference, and every token's output
-    # the same bits as alone
-    n = 16 if _backend.native_cpu_amx() else 8
+    # bfloat16 x, one expert of each group size the streaming kernel takes (1 .. 8 rows, its weight rows taken
+    # several at a time; with AMX, groups of 2 .. 16 on tiles, in token groups of 4): against the reference, and a
+    # token's output the same bits however many tokens share its group on the dot products, and however many other
+    # groups run beside its group on tiles
+    amx = _backend.native_cpu_amx()
+    n = 16 if amx else 8
     T = n * (n + 1) // 2
     case = make_case(fmt, T, 224, 96, n, 1, dtype=torch.bfloat16, bias=True)
     case["experts"][:, 0] = torch.repeat_interleave(torch.arange(n), torch.arange(1, n + 1))
     assert rows_per_expert(case).tolist() == list(range(1, n + 1))
     out = run_native(case)
     check(out, case)
-    for t in (0, 7, 35, T - 1):
-        alone = dict(case, x=case["x"][t:t + 1], experts=case["experts"][t:t + 1], weights=case["weights"][t:t + 1])
-        assert same_bits(run_native(alone), out[t:t + 1])
+    for lo, hi in ([(0, 1), (6, 10), (28, 36)] if amx else [(0, 1), (7, 8), (35, 36)]) + [(T - n, T)]:
+        alone = dict(case, x=case["x"][lo:hi], experts=case["experts"][lo:hi], weights=case["weights"][lo:hi])
+        assert same_bits(run_native(alone), out[lo:hi]), (lo, hi)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
