@@ -1142,6 +1142,63 @@ inline __attribute__((always_inline)) void bf16_stream(const float* a, int64_t r
   stream_rows_impl<64>(ap.data(), rows, Kp, src, w.M, bias, out);
 }
 
+// Rows [m0, m1) of an MXFP4 weight as bfloat16 into out [m1 - m0, K], in column order: a byte's two codes through
+// vpermw of the e2m1 values' bfloat16 bits, scaled exactly by adding s - 127 to the exponent of the nonzero ones,
+// interleaved back into columns. Rows with a scale outside [2, 252] (results subnormal, infinite or NaN: not a plain
+// exponent add) are left to rest(m), the general dequantiser.
+template <typename Rest>
+MOE_KERNELS_AVX512_BF16 void mxfp4_rows_bf16(const QMatrix& w, int64_t m0, int64_t m1, uint16_t* out,
+                                              const Rest& rest) {
+  typedef short S16x32 __attribute__((vector_size(64)));
+  typedef char C32 __attribute__((vector_size(32)));
+  const int64_t K = w.K, nb = K / 32;
+  S16x32 table, even_odd_lo, even_odd_hi;
+  std::memcpy(&table, bf16_tables().e2m1, sizeof(table));
+  for (int i = 0; i < 32; ++i) {  // column 2 i: code i of the even (low-nibble) words, 2 i + 1: of the odd
+    even_odd_lo[i] = static_cast<short>(i % 2 == 0 ? i / 2 : 32 + i / 2);
+    even_odd_hi[i] = static_cast<short>(i % 2 == 0 ? 16 + i / 2 : 48 + i / 2);
+  }
+  S16x32 lane;
+  for (int i = 0; i < 32; ++i) lane[i] = static_cast<short>(i);
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* s = w.mx_scale + m * nb;
+    bool plain = true;
+    for (int64_t b = 0; b < nb; ++b) plain &= s[b] >= 2 && s[b] <= 252;
+    if (!plain) {
+      rest(m);
+      continue;
+    }
+    const uint8_t* p = w.data + m * (K / 2);
+    uint16_t* o = out + (m - m0) * K;
+    for (int64_t k = 0; k < K; k += 64) {  // 32 bytes, two scale blocks (one when K ends within the step)
+      const bool whole = k + 64 <= K;
+      C32 raw;
+      if (whole) {
+        std::memcpy(&raw, p + k / 2, sizeof(raw));
+      } else {  // 16 bytes left (K is a multiple of 32)
+        raw = C32{};
+        std::memcpy(&raw, p + k / 2, 16);
+      }
+      const S16x32 words = __builtin_ia32_pmovzxbw512_mask(raw, S16x32{}, ~0u);
+      const S16x32 lo = __builtin_ia32_permvarhi512_mask(table, words, S16x32{}, ~0u);
+      const S16x32 hi = __builtin_ia32_permvarhi512_mask(table, words >> 4, S16x32{}, ~0u);
+      const short e0 = static_cast<short>((s[k / 32] - 127) << 7);
+      const short e1 = whole ? static_cast<short>((s[k / 32 + 1] - 127) << 7) : 0;
+      const S16x32 add = lane < 16 ? S16x32{} + e0 : S16x32{} + e1;  // words 0-15: block k / 32
+      const uint32_t lo_nonzero = __builtin_ia32_ptestmw512(lo, S16x32{} + 0x7fff, ~0u);
+      const uint32_t hi_nonzero = __builtin_ia32_ptestmw512(hi, S16x32{} + 0x7fff, ~0u);
+      const S16x32 lo_s = __builtin_ia32_paddw512_mask(lo, add, lo, lo_nonzero);
+      const S16x32 hi_s = __builtin_ia32_paddw512_mask(hi, add, hi, hi_nonzero);
+      const S16x32 first = __builtin_ia32_vpermt2varhi512_mask(even_odd_lo, lo_s, hi_s, ~0u);
+      std::memcpy(o + k, &first, sizeof(first));
+      if (whole) {
+        const S16x32 second = __builtin_ia32_vpermt2varhi512_mask(even_odd_hi, lo_s, hi_s, ~0u);
+        std::memcpy(o + k + 32, &second, sizeof(second));
+      }
+    }
+  }
+}
+
 // out [rows, M] = a [rows, K] @ w^T (+ bias [M]) by bfloat16 dot products (a rounded to bfloat16).
 MOE_KERNELS_AVX512_BF16 void stream_bf16_dot(const float* a, int64_t rows, const QMatrix& w, const float* bias,
                                              float* out) {
@@ -1367,6 +1424,22 @@ MOE_KERNELS_STREAM_QUANTIZED(double, stream_quantized_f64)
 #undef MOE_KERNELS_STREAM_QUANTIZED
 
 // dequantize_into(w, m0, m1, out): out [m1 - m0, K] = rows [m0, m1) of w in out_t, decoded in acc_t.
+// MXFP4 into bfloat16 by mxfp4_rows_bf16 where the bfloat16 dot products run (rows it leaves by the general
+// dequantiser, fn): whether it ran.
+template <typename out_t, typename Fn>
+bool dequantize_bf16_if(const QMatrix& w, int64_t m0, int64_t m1, out_t* out, Fn fn) {
+#if MOE_KERNELS_X86
+  if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    if (w.format == Format::mxfp4 && bf16_dot_available()) {
+      mxfp4_rows_bf16(w, m0, m1, reinterpret_cast<uint16_t*>(out),
+                      [&](int64_t m) { fn(w, m, m + 1, out + (m - m0) * w.K); });
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 #define MOE_KERNELS_DEQUANTIZE(acc_t, out_t, name)                                                                  \
   static void name##_baseline(const QMatrix& w, int64_t m0, int64_t m1, out_t* out) {                             \
     dequantize_impl<32, acc_t>(w, m0, m1, out);                                                                   \
@@ -1379,7 +1452,7 @@ MOE_KERNELS_STREAM_QUANTIZED(double, stream_quantized_f64)
   }                                                                                                               \
   void dequantize_into(const QMatrix& w, int64_t m0, int64_t m1, out_t* out) {                                    \
     static const auto fn = pick_isa(&name##_baseline, &name##_avx2, &name##_avx512);                              \
-    fn(w, m0, m1, out);                                                                                           \
+    if (!dequantize_bf16_if(w, m0, m1, out, fn)) fn(w, m0, m1, out);                                             \
   }
 MOE_KERNELS_DEQUANTIZE(float, float, dequantize_f32)
 MOE_KERNELS_DEQUANTIZE(double, double, dequantize_f64)
