@@ -1182,8 +1182,8 @@ MOE_KERNELS_AVX512_BF16 void mxfp4_rows_bf16(const QMatrix& w, int64_t m0, int64
       const S16x32 words = __builtin_ia32_pmovzxbw512_mask(raw, S16x32{}, ~0u);
       const S16x32 lo = __builtin_ia32_permvarhi512_mask(table, words, S16x32{}, ~0u);
       const S16x32 hi = __builtin_ia32_permvarhi512_mask(table, words >> 4, S16x32{}, ~0u);
-      const short e0 = static_cast<short>((s[k / 32] - 127) << 7);
-      const short e1 = whole ? static_cast<short>((s[k / 32 + 1] - 127) << 7) : 0;
+      const short e0 = static_cast<short>((s[k / 32] - 127) * 128);  // the exponent field's step, signed
+      const short e1 = whole ? static_cast<short>((s[k / 32 + 1] - 127) * 128) : 0;
       const S16x32 add = lane < 16 ? S16x32{} + e0 : S16x32{} + e1;  // words 0-15: block k / 32
       const uint32_t lo_nonzero = __builtin_ia32_ptestmw512(lo, S16x32{} + 0x7fff, ~0u);
       const uint32_t hi_nonzero = __builtin_ia32_ptestmw512(hi, S16x32{} + 0x7fff, ~0u);

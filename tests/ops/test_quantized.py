@@ -54,10 +54,12 @@ def test_quantize_rounds_to_nearest_and_roundtrips(fmt):
     assert deq.shape == w.shape == (3, 130, 96) and q.shape == (3, 130, 96)
     again = ops.QuantizedWeight.quantize(deq, fmt).dequantize(F64)
     assert torch.equal(again, deq)                  # representable values stay as they are
-    if fmt == "fp8":   # nearest e4m3 of w / scale: within half an e4m3 step (3 mantissa bits) of the scaled value
-        s = q.scale.double().repeat_interleave(128, 1)[:, :130].repeat_interleave(128, 2)[:, :, :96]
-        step = torch.exp2(torch.floor(torch.log2((w / s).abs().clamp_min(2.0 ** -6)))) / 8
-        assert ((deq - w).abs() / s <= step / 2 + 1e-12).all()
+    if fmt == "fp8":   # nearest e4m3 of the scaled value, which the quantizer forms in float32 (w.float() / scale):
+        # within half an e4m3 step (3 mantissa bits) of it
+        s32 = q.scale.repeat_interleave(128, 1)[:, :130].repeat_interleave(128, 2)[:, :, :96]
+        v = (w.float() / s32).double()
+        step = torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6)))) / 8
+        assert ((deq / s32.double() - v).abs() <= step / 2).all()
     else:              # the block's scale: 2^(floor(log2 amax) - 2)
         blocks = w.view(3, 130, 3, 32)
         want = torch.floor(torch.log2(blocks.abs().amax(-1))) - 2 + 127
