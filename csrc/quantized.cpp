@@ -4,7 +4,7 @@
 //
 // The forward around the experts is the float expert MLP's (routed_forward, grouped_gemm.h): the pairs sorted by
 // expert, the experts run by for_each_group, the weighted combine in slot order. Per expert:
-// - up to kStreamRows rows (decode): the streaming kernel of stream_rows (dot_rows, grouped_gemm.h) reading
+// - up to kStreamRows rows (decode; kAmxRows on AMX tiles): the streaming kernel of stream_rows (dot_rows, grouped_gemm.h) reading
 //   quantized rows: each weight row is read from memory once and dequantised in registers, for the dot products of
 //   all the expert's rows. The rows of x are laid out so that the codes a 32-bit lane packs (four e4m3, eight e2m1)
 //   multiply lanes of as many vectors, each code taken out with shifts, without cross-lane shuffles.
@@ -14,8 +14,9 @@
 //   products summed unscaled, then times its scales (powers of two: exact).
 //   bfloat16 x on CPUs with AVX512-BF16 and AVX512-VBMI: the codes become bfloat16 (exact) through byte and word
 //   permutes of tables, and vdpbf16ps sums their products with x's in pairs; 16 weight rows' sums are reduced at
-//   once (the --- bfloat16 dot products --- section). On CPUs with AMX-BF16 the codes of 16 weight rows are converted
-//   into a tile and multiplied on AMX tiles instead, the scales applied per group of columns (--- AMX tiles ---).
+//   once (the --- bfloat16 dot products --- section). On CPUs with AMX-BF16 experts of 2 or more rows convert the
+//   codes of 16 weight rows into a tile and multiply on AMX tiles instead, the scales applied per group of columns
+//   (--- AMX tiles ---).
 // - more rows: the expert's weight dequantised (in chunks of rows of up to kKeptSlotBytes) into a per-thread kept
 //   buffer in the GEMM dtype (bfloat16 where bf16_gemm(), else float32; float64 for float64 x) by the same row
 //   decoders, then the float expert MLP's GEMMs and activation on it.
@@ -552,30 +553,34 @@ inline __attribute__((always_inline)) void zip_bytes_in_lanes(U8x64 a, U8x64 b, 
                                126, 63, 127);
 }
 
+// The levels of sum_halves_16: of two vectors a and b of partial sums, each holding sums of 16 / W lanes in W-lane
+// groups, one vector of the pairwise sums of their groups' halves (a's in the lower half, b's in the upper).
+inline __attribute__((always_inline)) F32x16 halves_8(F32x16 a, F32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline __attribute__((always_inline)) F32x16 halves_4(F32x16 a, F32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+inline __attribute__((always_inline)) F32x16 halves_2(F32x16 a, F32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+inline __attribute__((always_inline)) F32x16 halves_1(F32x16 a, F32x16 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 // The sums of the lanes of 16 vectors v[0..15], as sum_halves sums each (the lower half plus the upper half, until
 // one lane is left) but 16 at once: each level adds the halves of two vectors' lanes in one vector, and the last
 // leaves sum i in lane i.
 inline __attribute__((always_inline)) F32x16 sum_halves_16(const F32x16 (&v)[16]) {
   F32x16 w8[8], w4[4], w2[2];
-  for (int j = 0; j < 8; ++j) {
-    w8[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-            __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                    31);
-  }
-  for (int j = 0; j < 4; ++j) {
-    w4[j] = __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
-                                    27) +
-            __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                    31);
-  }
-  for (int j = 0; j < 2; ++j) {
-    w2[j] = __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
-                                    29) +
-            __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                    31);
-  }
-  return __builtin_shufflevector(w2[0], w2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(w2[0], w2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int j = 0; j < 8; ++j) w8[j] = halves_8(v[2 * j], v[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) w4[j] = halves_4(w8[2 * j], w8[2 * j + 1]);
+  for (int j = 0; j < 2; ++j) w2[j] = halves_2(w4[2 * j], w4[2 * j + 1]);
+  return halves_1(w2[0], w2[1]);
 }
 
 // The first n bytes at p (0 <= n < N, N = 16 or 64), zero past them, by a masked load: no byte past them is read.
@@ -875,8 +880,9 @@ struct Bf16Mxfp4Rows : Mxfp4Matrix, Bf16DotBlock<Bf16Mxfp4Rows> {
 // (MXFP4: 32 columns, FP8: a K block), so the activation tile spreads them: column gl * Rp + t holds token t's pair
 // where the pair row lies in group gl of the segment (S = 16 / Rp groups), zero elsewhere, and the sums of one group
 // stay apart until a segment ends: then each row's 16 sums are scaled by its groups' scales and added up in float32
-// (the same order for every row and token: a token's result does not depend on the others). Up to 8 rows of a:
-// Rp = 1, 2 or 4 columns per group, and 5 to 8 rows as two groups of 4 tokens in two accumulator tiles.
+// (the same order for every row and token of a group size: a token's result does not depend on the other tokens'
+// values). 2 to kAmxRows rows of a: Rp = 2 or 4 columns per group, from 5 rows on in token groups of 4, an
+// accumulator tile each. (One row stays on the dot products: bf16_stream.)
 #if defined(__linux__)
 #define MOE_KERNELS_AMX_BF16 \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
@@ -926,9 +932,11 @@ struct TileConfig {
 // The activation tiles of amx_stream: for token group tg (tokens 4 tg ..), chunk c, pair row i: the 16 columns
 // (bfloat16 pairs as uint32) of that pair row. a [rows, Kp] bfloat16 bits in the source's layout.
 template <typename Rows>
-MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_activation_tiles(const Rows& src, const uint16_t* a, int64_t rows,
-                                                                int64_t Kp, int Rp, int S, int64_t seg_steps,
-                                                                uint32_t* tiles) {
+MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_activation_tiles(const Rows& src,
+                                                                                     const uint16_t* a, int64_t rows,
+                                                                                     int64_t Kp, int Rp,
+                                                                                     int64_t seg_steps,
+                                                                                     uint32_t* tiles) {
   const int64_t steps = Kp / Rows::kStep, chunks = steps * Rows::kChunks;
   const int groups = static_cast<int>((rows + 3) / 4);
   for (int tg = 0; tg < groups; ++tg) {
@@ -953,42 +961,23 @@ MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_activation_t
   }
 }
 
-// The sums of the lanes of each token: v[r] the 16 sums of row r (lane gl * Rp + t: group gl, token t), added
-// over the groups by halves (the first levels of sum_halves_16); out[t][r] for t < Rp.
+// The sums of the lanes of each token: v[r] the 16 sums of row r (lane gl * Rp + t: group gl, token t, Rp = 2 or
+// 4), added over the groups by halves (the first levels of sum_halves_16); out[t][r] for t < Rp.
 inline __attribute__((always_inline)) void amx_token_sums(const F32x16 (&v)[16], int Rp, float (&out)[4][16]) {
   F32x16 w8[8], w4[4], w2[2];
-  for (int j = 0; j < 8; ++j) {
-    w8[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-            __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                    31);
-  }
-  for (int j = 0; j < 4; ++j) {
-    w4[j] = __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
-                                    27) +
-            __builtin_shufflevector(w8[2 * j], w8[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                    31);
-  }
+  for (int j = 0; j < 8; ++j) w8[j] = halves_8(v[2 * j], v[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) w4[j] = halves_4(w8[2 * j], w8[2 * j + 1]);
   if (Rp == 4) {  // w4[j] lane 4 s + t: row 4 j + s, token t
     for (int j = 0; j < 4; ++j)
       for (int s = 0; s < 4; ++s)
         for (int t = 0; t < 4; ++t) out[t][4 * j + s] = w4[j][4 * s + t];
     return;
   }
-  for (int j = 0; j < 2; ++j) {
-    w2[j] = __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
-                                    29) +
-            __builtin_shufflevector(w4[2 * j], w4[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                    31);
-  }
-  if (Rp == 2) {  // w2[j] lane 2 s + t: row 8 j + s, token t
-    for (int j = 0; j < 2; ++j)
-      for (int s = 0; s < 8; ++s)
-        for (int t = 0; t < 2; ++t) out[t][8 * j + s] = w2[j][2 * s + t];
-    return;
-  }
-  const F32x16 w1 = __builtin_shufflevector(w2[0], w2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-                    __builtin_shufflevector(w2[0], w2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  std::memcpy(out[0], &w1, sizeof(w1));
+  for (int j = 0; j < 2; ++j) w2[j] = halves_2(w4[2 * j], w4[2 * j + 1]);
+  // Rp = 2: w2[j] lane 2 s + t: row 8 j + s, token t
+  for (int j = 0; j < 2; ++j)
+    for (int s = 0; s < 8; ++s)
+      for (int t = 0; t < 2; ++t) out[t][8 * j + s] = w2[j][2 * s + t];
 }
 
 // Weight chunk tile A (loaded from `chunk`) times the activation tiles of chunk c of NG token groups, added into
@@ -1053,18 +1042,19 @@ MOE_KERNELS_AMX_BF16 inline __attribute__((always_inline)) void amx_store_sums(f
   if constexpr (NG > 3) tile_store<3>(sums[3]);
 }
 
-// out [rows, M] = a [rows, Kp] @ w^T (+ bias [M]) for 1 to kAmxRows rows of a (bfloat16 bits in the source's
+// out [rows, M] = a [rows, Kp] @ w^T (+ bias [M]) for 2 to kAmxRows rows of a (bfloat16 bits in the source's
 // layout) on AMX tiles, in NG = ceil(rows / 4) token groups.
 template <int NG, typename Rows>
 MOE_KERNELS_AMX_BF16 void amx_stream(const uint16_t* a, int64_t rows, int64_t Kp, const Rows& src, int64_t M,
                                      const float* bias, float* out) {
-  const int Rp = rows == 1 ? 1 : (rows == 2 ? 2 : 4);
+  const int Rp = rows == 2 ? 2 : 4;
   const int S = 16 / Rp;  // groups a segment's sums keep apart
   const int64_t steps = Kp / Rows::kStep, chunks = steps * Rows::kChunks, seg_steps = src.segment_steps(S);
-  thread_local std::vector<uint32_t> tile_store;
-  tile_store.resize(NG * chunks * 256 + 16);
-  uint32_t* tiles = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(tile_store.data()) + 63) & ~uintptr_t(63));
-  amx_activation_tiles(src, a, rows, Kp, Rp, S, seg_steps, tiles);
+  thread_local std::vector<uint32_t> activations;
+  activations.resize(NG * chunks * 256 + 16);
+  uint32_t* tiles =
+      reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(activations.data()) + 63) & ~uintptr_t(63));
+  amx_activation_tiles(src, a, rows, Kp, Rp, seg_steps, tiles);
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
