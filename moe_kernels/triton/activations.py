@@ -121,6 +121,33 @@ def _row_expert(offsets_ptr, p, E, BLOCK_E: tl.constexpr):
     return tl.minimum(e, E - 1)
 
 
+@triton.jit
+def gate_up_rows(cols, MO, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Weight rows of the gate and up halves of output columns `cols` of a projection [2 MO, K]: gate rows first
+    (c, MO + c) or interleaved (2c, 2c + 1); a plain projection's rows are the columns (the up rows unused)."""
+    if GATED and INTERLEAVED:
+        return 2 * cols, 2 * cols + 1
+    else:
+        return cols, MO + cols
+
+
+@triton.jit
+def bias_glu(acc, acc_up, bias_row, n_gate, n_up, col_ok, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ALPHA, LIMIT,
+             UP_OFFSET, GCAP, UCAP, CLAMP: tl.constexpr, GATED: tl.constexpr, HAS_GCAP: tl.constexpr,
+             HAS_UCAP: tl.constexpr):
+    """A GEMM epilogue in fp32: the expert's bias (bias_row [MW]) added to the gate (acc) and up (acc_up, unused
+    when not GATED) tiles of weight rows n_gate / n_up, then the (gated) activation."""
+    if HAS_BIAS:
+        acc += tl.load(bias_row + n_gate, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_row + n_up, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        g, _, u, _ = _glu_parts(acc, acc_up, ACT, ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP, CLAMP, HAS_GCAP, HAS_UCAP)
+        return g * u
+    else:
+        return activation(acc, ACT, ALPHA)
+
+
 def _glu_args(act, gated):
     """The runtime and constexpr arguments of the GLU options of a parsed activation."""
     clamp = _NO_CLAMP if act.limit is None else _CLAMP_AFTER if act.clamp_after else _CLAMP_BEFORE

@@ -12,6 +12,7 @@ order; dW by variable-K grouped X^T dY. Only the pre-activation [T*k, 2H] is sav
 runs between the GEMMs.
 Each of the six GEMMs runs on the engine moe_kernels.triton.engines chooses for it (torch's grouped_mm, our
 Hopper TMA kernels, or our pointer kernels).
+Inference steps of few tokens can instead run in two launches (moe_kernels.triton.expert_mlp_decode).
 """
 import torch
 import triton
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from ..reference import expert_mlp as ref
 from . import engines as _engines
+from . import expert_mlp_decode as _decode
 from . import grouped_gemm as gg
 from . import grouped_gemm_tma as gt
 from . import permutation as perm
@@ -73,6 +75,11 @@ def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, 
     O = down_proj.shape[1]
     N = T * k
     shape = (E, D, H)
+    if _decode.applies(x, experts, E, training=save_for_backward):      # a decode step in two launches
+        out, order, inverse, offsets = _decode.moe_mlp_decode(
+            x, experts, weights, gate_up_proj, None, down_proj, None, gate_up_bias=gate_up_bias, down_bias=down_bias,
+            activation=activation, gated=gated, capacity=capacity)
+        return out, x.new_empty(0), order, inverse, offsets
     order, inverse, offsets = perm.sort_by_expert(experts, E, capacity)
     x = x.contiguous()
     up_engine = _choose("up", x, shape, N, (D, MW, H), gate_up_proj)

@@ -31,69 +31,16 @@ import triton.language as tl
 
 from ..reference.activations import check_activation
 from . import expert_mlp as _mlp
+from . import expert_mlp_decode as _decode
 from . import permutation as perm
-from .activations import _glu_args, _glu_parts, activation
+from .activations import _glu_args, bias_glu, gate_up_rows
+from .dequant import FMT_CODE as _FMT_CODE
+from .dequant import MX_GROUP, _e2m1, _e4m3_over_256, _e8m0, _weight_tile  # noqa: F401 (the decoders' tests)
 from .grouped_gemm import (_PREC_16BIT, _PREC_IEEE, _TL_TYPE, GEMM_BLOCK_E, _dot, _expert_of_tile,
                            tile_schedule)
 
-_FMT_CODE = {"fp8": 0, "mxfp4": 1}
 FP8_ENV = "MOE_KERNELS_FP8_ACTIVATIONS"
 ACT_GROUP = 128          # activation columns per scale of the FP8 x FP8 path
-MX_GROUP = 32            # mxfp4 values per scale along K
-
-
-# --- decoding ------------------------------------------------------------------------------------------------------
-@triton.jit
-def _e4m3_over_256(b):
-    """uint8 e4m3fn codes -> their values / 256 in fp32 (NaN at 0x7F / 0xFF): sign, exponent and mantissa bits
-    placed into an fp16 (exponent bias 15 instead of 7, so the value is 2^-8 of the code's, subnormals included)."""
-    u = b.to(tl.uint16)
-    h = (((u & 0x7F) << 7) | ((u & 0x80) << 8)).to(tl.float16, bitcast=True)
-    return tl.where((u & 0x7F) == 0x7F, float("nan"), h.to(tl.float32))
-
-
-@triton.jit
-def _e2m1(c):
-    """4-bit e2m1 codes (uint32) -> fp32: magnitude codes 2..7 are exponent bits 1-2 and mantissa bit 0 of an fp32
-    with bias 1 (so (em << 22) + (126 << 23)); code 1 is 0.5 and code 0 is 0; bit 3 is the sign."""
-    em = c & 7
-    mag = tl.where(em >= 2, (em << 22) + (126 << 23), em * (126 << 23))
-    return (mag | ((c & 8) << 28)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e8m0(s):
-    """uint8 e8m0 exponents -> 2^(s - 127) in fp32 (2^-127 a subnormal at 0, NaN at 255)."""
-    u = s.to(tl.uint32)
-    f = tl.where(u == 0, 0x00400000, u << 23).to(tl.float32, bitcast=True)
-    return tl.where(u == 255, float("nan"), f)
-
-
-@triton.jit
-def _weight_tile(w_e, ws_e, rows, row_ok, s_rows, k0, K, BK_S, FORMAT: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The dequantised fp32 tile [BLOCK_N, BLOCK_K] of weight rows `rows` (one expert's data w_e and scales ws_e),
-    columns k0 + [0, BLOCK_K); zero where masked. fp8: s_rows = (rows // bn) * ceil(K / bk) indexes the scale rows;
-    SCALE_PER_TILE: bk is a multiple of BLOCK_K (one scale per row of the tile)."""
-    if FORMAT == 0:
-        k = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (k < K)[None, :]
-        b = tl.load(w_e + rows.to(tl.int64)[:, None] * K + k[None, :], mask=ok, other=0)
-        if SCALE_PER_TILE:
-            s = tl.load(ws_e + s_rows + k0 // BK_S, mask=row_ok, other=0.0)[:, None]
-        else:
-            s = tl.load(ws_e + s_rows[:, None] + k[None, :] // BK_S, mask=ok, other=0.0)
-        return _e4m3_over_256(b) * (s * 256.0)
-    else:
-        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(w_e + rows.to(tl.int64)[:, None] * (K // 2) + j[None, :],
-                    mask=row_ok[:, None] & (j < K // 2)[None, :], other=0).to(tl.uint32)
-        codes = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))       # element 2i low, 2i + 1 high
-        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        s = tl.load(ws_e + rows.to(tl.int64)[:, None] * (K // 32) + g[None, :],
-                    mask=row_ok[:, None] & (g < K // 32)[None, :], other=0)
-        s = tl.reshape(tl.broadcast_to(_e8m0(s)[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)), (BLOCK_N, BLOCK_K))
-        return _e2m1(codes) * s
 
 
 @triton.jit
@@ -138,12 +85,7 @@ def _quant_gemm_kernel(
         src = p
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < MO
-    if GATED and INTERLEAVED:
-        n_gate = 2 * cols
-        n_up = 2 * cols + 1
-    else:
-        n_gate = cols
-        n_up = MO + cols
+    n_gate, n_up = gate_up_rows(cols, MO, GATED, INTERLEAVED)
     w_e = w_ptr + e.to(tl.int64) * W_STRIDE
     ws_e = ws_ptr + e.to(tl.int64) * WS_STRIDE
     s_gate = (n_gate // BN_S).to(tl.int64) * SK          # fp8 scale rows (unused by mxfp4)
@@ -168,16 +110,8 @@ def _quant_gemm_kernel(
                 w = _weight_tile(w_e, ws_e, n_up, col_ok, s_up, k0, K, BK_S, FORMAT, SCALE_PER_TILE, BLOCK_N,
                                  BLOCK_K)
                 acc_up = _dot(x, tl.trans(w.to(x.dtype)), acc_up, FP32_PRECISION)
-    if HAS_BIAS:
-        b_e = bias_ptr + e.to(tl.int64) * MW
-        acc += tl.load(b_e + n_gate, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up += tl.load(b_e + n_up, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        g, _, u, _ = _glu_parts(acc, acc_up, ACT, ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP, CLAMP, HAS_GCAP, HAS_UCAP)
-        v = g * u
-    else:
-        v = activation(acc, ACT, ALPHA)
+    v = bias_glu(acc, acc_up if GATED else acc, bias_ptr + e.to(tl.int64) * MW, n_gate, n_up, col_ok, HAS_BIAS, ACT,
+                 ALPHA, LIMIT, UP_OFFSET, GCAP, UCAP, CLAMP, GATED, HAS_GCAP, HAS_UCAP)
     tl.store(out_ptr + p.to(tl.int64)[:, None] * MO + cols[None, :], v.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -330,9 +264,14 @@ def moe_mlp_quantized(x, experts, weights, format, up_data, up_scale, down_data,
     O = down_data.shape[1]
     if T * k == 0 or E == 0:
         return x.new_zeros(T, O)
+    a_fp8 = fp8_activations(x, format, block_k)
+    if not a_fp8 and _decode.applies(x, experts, E):               # a decode step in two launches
+        return _decode.moe_mlp_decode(x, experts, weights, up_data, up_scale, down_data, down_scale, format=format,
+                                      block=(block_n, block_k), gate_up_bias=gate_up_bias, down_bias=down_bias,
+                                      activation=activation, gated=gated, capacity=capacity)[0]
     order, inverse, offsets, token, _ = _mlp._routing_rows(experts, weights, E, capacity)
     kw = dict(block=(block_n, block_k), offsets=offsets, tokens=T, out_dtype=x.dtype)
-    if fp8_activations(x, format, block_k):       # the GEMMs take e4m3 rows and their scales
+    if a_fp8:       # the GEMMs take e4m3 rows and their scales
         xq, xs = quantize_rows(x)
         h = grouped_gemm_quantized(xq, format, up_data, up_scale, gather=token, bias=gate_up_bias,
                                    activation=activation, gated=gated, a_scale=xs, **kw)
