@@ -107,6 +107,21 @@ def under(backend: str, fn: Callable) -> Callable:
     return wrapped
 
 
+def with_env(name: str, value: str, fn: Callable) -> Callable:
+    """fn run with the environment variable `name` set to `value` (restored after each call)."""
+    def wrapped(*args):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return wrapped
+
+
 def pass_fn(forward: Callable, inputs: tuple, params=(), *, backward: bool, grad=None) -> Callable[[], Any]:
     """One call of a pass of forward(*inputs): the forward under no_grad, or the forward and the backward of
     `grad` (a tensor, or a function of the forward's result) w.r.t. the floating-point inputs and `params`,

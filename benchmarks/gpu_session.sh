@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # All that a session with a GPU runs, in one command that fits a 15-minute lease with its start-up: the steps'
-# timeouts sum to 530 s (the device tool allows 600 s per command), a typical run ~7.5 min. No install, no network:
+# timeouts sum to 580 s (the device tool allows 600 s per command), a typical run ~8 min. No install, no network:
 # the python that holds torch+triton (PY, default python3) runs the repo from PYTHONPATH.
 #   STEPS="check tune bench profile" bash benchmarks/gpu_session.sh        (the default: all four, in this order)
 # Steps, with their estimated wall time on an H100 with a cold Triton cache (most of check is compiling):
 #   setup     ~10 s               the card, torch and triton versions
-#   check     ~90 s  (110 + 60 s) benchmarks.gpu_check: bf16 forward+backward of ops.moe_mlp on each engine forced
+#   check     ~110 s (110+60+50 s) benchmarks.gpu_check: bf16 forward+backward of ops.moe_mlp on each engine forced
 #                                 (torch, tma, triton) at Mixtral and Qwen3-30B-A3B sizes, most experts empty, pairs
 #                                 dropped by a capacity, against float64 on the GPU; then the GPU tests
 #                                 tests/triton/test_expert_mlp.py::test_bf16_at_real_sizes_on_gpu and
-#                                 tests/triton/test_quantized.py (FP8 / MXFP4 experts, FP8 x FP8, graph capture)
+#                                 tests/triton/test_quantized.py (FP8 / MXFP4 experts, FP8 x FP8, graph capture),
+#                                 and the two-launch decode's GPU tests (tests/triton/test_expert_mlp_decode.py:
+#                                 Mixtral sizes against float64, two kernels a step, CUDA graph replays)
 #   tune      ~140 s (150 s)      moe_kernels.tools.tune_gemm (--budget 120 s): engine per role and tiles, written
 #                                 into moe_kernels/triton/configs/ (read by bench and profile) and copied to $OUT
 #   bench     ~140 s (170 s)      expert_mlp at Mixtral T16384, Qwen3-30B-A3B T32768, OLMoE T16384, DeepSeek-V3
 #                                 T4096 (fwd, fwd+bwd) and Mixtral decode T1/T4/T8 against torch grouped_mm,
 #                                 transformers and the dense cuBLAS rate; Mixtral decode with bf16 / FP8 / MXFP4
-#                                 weights against the copy rate of their bytes; the OLMoE LoRA step against PEFT
+#                                 weights against the copy rate of their bytes, each decode case also with
+#                                 MOE_KERNELS_DECODE=fused ("ours two-launch decode"); the OLMoE LoRA step against PEFT
 #                                 (when peft is installed); the soft_moe cases
 #   profile   ~25 s  (40 s)       per-kernel CUDA time of Mixtral T16384 forward+backward and each role's engine
 # Output goes to $OUT (default benchmarks/results/gpu-session): while it runs, plain files under $OUT/session
 # (returned even if the command is killed); at the end one archive $OUT/gpu-session.tgz and $OUT/summary.md. The
-# summary is also the last thing on stdout. Per-step timeouts: CHECK_TIMEOUT, TEST_TIMEOUT, TUNE_TIMEOUT (and
-# TUNE_BUDGET), BENCH_TIMEOUT, PROFILE_TIMEOUT; BENCH_ARGS adds arguments to the suite.
+# summary is also the last thing on stdout. Per-step timeouts: CHECK_TIMEOUT, TEST_TIMEOUT, DECODE_TEST_TIMEOUT,
+# TUNE_TIMEOUT (and TUNE_BUDGET), BENCH_TIMEOUT, PROFILE_TIMEOUT; BENCH_ARGS adds arguments to the suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-session}
@@ -60,6 +63,11 @@ if has check; then
       tests/triton/test_quantized.py -q -p no:cacheprovider -rs > "$S/tests.log" 2>&1
   echo "GPU tests (bf16 at real sizes, quantized experts) exit $?: $(tail -1 "$S/tests.log")" >> "$SUM"
   grep -E "^(FAILED|ERROR)" "$S/tests.log" | cut -c1-300 >> "$SUM"
+  timeout -k 5 "${DECODE_TEST_TIMEOUT:-50}" $PY -m pytest tests/triton/test_expert_mlp_decode.py -q -p no:cacheprovider \
+      -rs -k "on_gpu" > "$S/tests-decode.log" 2>&1
+  echo "GPU tests (two-launch decode: real sizes, two kernels, CUDA graph) exit $?: $(tail -1 "$S/tests-decode.log")" \
+      >> "$SUM"
+  grep -E "^(FAILED|ERROR)" "$S/tests-decode.log" | cut -c1-300 >> "$SUM"
   tail -2 "$SUM"
 fi
 

@@ -182,7 +182,7 @@ def native_cpu_amx() -> Optional[bool]:
 def backends() -> dict:
     """What is available and what `auto` picks, per op: {'requested', 'native', 'cpu_isa', 'cpu_bf16_gemm', 'cpu_amx',
     'triton', 'gemm_engines' (the engine of each grouped GEMM role of the expert MLP on CUDA: moe_kernels.triton.engines),
-    'ops'}."""
+    'decode' (which kernels run a GPU decode step: moe_kernels.triton.expert_mlp_decode), 'ops'}."""
     try:
         import triton  # noqa: F401
         triton_state = "available"
@@ -199,10 +199,11 @@ def backends() -> dict:
     except ValueError as exc:
         requested = f"error: {exc}"
     try:
-        from .triton import engines
+        from .triton import engines, expert_mlp_decode
         gemm_engines = engines.report()
+        decode = expert_mlp_decode.report()
     except Exception as exc:  # no triton: the expert MLP's GEMMs run on the native or reference backend
-        gemm_engines = f"unavailable ({type(exc).__name__}: {exc})"
+        gemm_engines = decode = f"unavailable ({type(exc).__name__}: {exc})"
     return {
         "requested": requested,
         "native": ("available" if native_available()
@@ -212,5 +213,6 @@ def backends() -> dict:
         "cpu_amx": native_cpu_amx(),
         "triton": triton_state,
         "gemm_engines": gemm_engines,
+        "decode": decode,
         "ops": {op: {"implemented": sorted(impls), "cpu": cpu_choice(op)} for op, impls in sorted(IMPLS.items())},
     }

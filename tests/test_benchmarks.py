@@ -1,6 +1,7 @@
 """The benchmark suite's own logic: the acceptance targets evaluated from a run's rows, the fp32 oracle of 16-bit
 providers, and a quick run end to end (`python -m benchmarks --quick`, what `make bench` runs at its smallest)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,16 @@ def test_gpu_targets_from_rows():
     assert met is False and measured.startswith("0.90x at worst (DeepSeek-V3 T4096), 1.40x at best (OLMoE T16384)")
     assert got["Mixtral T4 fwd >= 70% of copy bandwidth"] == ("72% (memory)", True)
     assert len(got) == 6                      # decode T1 and T8 did not run: no row
+    two = bench_expert_mlp.TWO_LAUNCH
+    more = rows + [_row("Mixtral bf16-w T1-D4096-H14336-E8-k2", 1, "fwd", "ours", 0.2),
+                   _row("Mixtral bf16-w T1-D4096-H14336-E8-k2", 1, "fwd", two, 0.12),
+                   _row("Qwen3-30B-A3B mxfp4-w T8-D2048-H768-E128-k8", 8, "fwd", two, 0.05, pct=88, bound="memory")]
+    got = {name: (measured, met) for name, measured, met in bench_expert_mlp.targets(more, "cuda")}
+    assert got["Mixtral bf16 weights T1 fwd <= 0.15 ms"] == ("0.2 ms", False)
+    assert got["Mixtral bf16 weights T1 fwd <= 0.15 ms (two-launch decode)"] == ("0.12 ms", True)
+    assert got["Qwen3-30B-A3B mxfp4 weights T8 fwd >= 85% of the copy rate of its weight bytes (two-launch decode)"
+               ] == ("88% (memory)", True)
+    assert len(got) == 9
     # without the peer the ratios are unknown, not failed
     alone = {n: met for n, _, met in bench_expert_mlp.targets([r for r in rows if r["provider"] != gm], "cuda")}
     assert alone["every fwd+bwd case >= 1.0x the torch grouped_mm layer"] is None
@@ -163,3 +174,17 @@ def test_memory_measurement_keeps_the_terminal_quiet(capfd):
     assert peak is None or peak >= 1000 * 100 * 4
     print("still here", file=sys.stderr)     # descriptor 2 is back
     assert "still here" in capfd.readouterr().err
+
+
+def test_gpu_session_fits_one_device_command():
+    """The GPU session script parses, and its steps' default timeouts sum to less than the 600 s a device command
+    may run (with room for the card query and the archive)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_session.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    timeouts = dict(re.findall(r"\$\{(\w+_TIMEOUT):-(\d+)\}", text))
+    assert {"CHECK_TIMEOUT", "TEST_TIMEOUT", "DECODE_TEST_TIMEOUT", "TUNE_TIMEOUT", "BENCH_TIMEOUT",
+            "PROFILE_TIMEOUT"} <= set(timeouts)
+    total = sum(int(v) for v in timeouts.values())
+    assert total <= 590, f"the steps' timeouts sum to {total} s"
+    assert f"sum to {total} s" in text          # the header says what the script does

@@ -133,6 +133,12 @@ def _grid_barrier(sync_ptr, target):
 
 
 @triton.jit
+def _active_expert(active_ptr, AMAX, a):
+    """(expert, first row, end row) of active expert a of the schedule."""
+    return tl.load(active_ptr + a), tl.load(active_ptr + AMAX + a), tl.load(active_ptr + 2 * AMAX + a)
+
+
+@triton.jit
 def _w_tile(w_e, ws_e, rows, row_ok, s_rows, k0, K, BK_S, FORMAT: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Weight rows `rows`, columns k0 + [0, BLOCK_K) of one expert ([*, K]), zero where masked: float weights as
@@ -169,10 +175,7 @@ def _decode_kernel(
     if PHASE <= 0:              # A: up projection, bias and activation
         n_h = tl.cdiv(H, BLOCK_N)
         for item in range(pid, n_act * n_h, G):
-            a = item // n_h
-            e = tl.load(active_ptr + a)
-            lo = tl.load(active_ptr + AMAX + a)
-            hi = tl.load(active_ptr + 2 * AMAX + a)
+            e, lo, hi = _active_expert(active_ptr, AMAX, item // n_h)
             cols = (item % n_h) * BLOCK_N + lanes_n
             col_ok = cols < H
             n_gate, n_up = gate_up_rows(cols, H, GATED, INTERLEAVED)
@@ -208,10 +211,7 @@ def _decode_kernel(
     n_o = tl.cdiv(O, BLOCK_N)
     if PHASE < 0 or PHASE == 1:  # B: down projection and bias
         for item in range(pid, n_act * n_o, G):
-            a = item // n_o
-            e = tl.load(active_ptr + a)
-            lo = tl.load(active_ptr + AMAX + a)
-            hi = tl.load(active_ptr + 2 * AMAX + a)
+            e, lo, hi = _active_expert(active_ptr, AMAX, item // n_o)
             cols = (item % n_o) * BLOCK_N + lanes_n
             col_ok = cols < O
             w_e = down_ptr + e.to(tl.int64) * DOWN_STRIDE
@@ -301,6 +301,18 @@ def applies(x: torch.Tensor, experts: torch.Tensor, num_experts: int, training: 
     if mode not in ("", "fused", "split"):
         raise ValueError(f"{DECODE_ENV} must be 'fused' or 'split', got {mode!r}")
     return mode == "fused"
+
+
+def report() -> str:
+    """What moe_kernels.backends() says of decode steps."""
+    mode = os.environ.get(DECODE_ENV, "").strip()
+    if mode == "fused":
+        return (f"two launches ({DECODE_ENV}=fused): inference steps of 1..{DECODE_MAX_TOKENS} tokens on a GPU, "
+                f"float, FP8 or MXFP4 weights")
+    if mode in ("", "split"):
+        return (f"the split kernels (routing sort, grouped GEMMs, combine); {DECODE_ENV}=fused runs steps of "
+                f"1..{DECODE_MAX_TOKENS} tokens in two launches")
+    return f"error: {DECODE_ENV} must be 'fused' or 'split', got {mode!r}"
 
 
 def moe_mlp_decode(x, experts, weights, up, up_scale, down, down_scale, *, format=None, block=(128, 128),

@@ -279,7 +279,9 @@ def test_which_steps_take_it(fmt, monkeypatch):
     monkeypatch.delenv(dec.DECODE_ENV, raising=False)
     _moe_mlp(small)
     assert not calls                                   # the default: the split kernels, until measured on a GPU
+    assert moe_kernels.backends()["decode"].startswith("the split kernels")
     monkeypatch.setenv(dec.DECODE_ENV, "fused")
+    assert moe_kernels.backends()["decode"].startswith("two launches")
     _check(small, _moe_mlp(small), torch.float32)
     assert len(calls) == 1
     _check(big, _moe_mlp(big), torch.float32)          # more than DECODE_MAX_TOKENS tokens: the split kernels
@@ -288,6 +290,7 @@ def test_which_steps_take_it(fmt, monkeypatch):
     _moe_mlp(small)
     assert len(calls) == 1
     monkeypatch.setenv(dec.DECODE_ENV, "fast")
+    assert moe_kernels.backends()["decode"].startswith("error")
     with pytest.raises(ValueError, match=dec.DECODE_ENV):
         _moe_mlp(small)
 
