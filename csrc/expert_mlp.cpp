@@ -11,7 +11,8 @@
 // activation, dW_up = dH_pre^T x[token], dX rows = dH_pre @ W_up into an expert-ordered buffer that each token
 // then sums. Only the pre-activation [T*k, 2H] is saved; the activation is recomputed from it.
 // Experts run through for_each_group (grouped_gemm.h): spread over the threads when they are many and small; an
-// expert of a few rows (decode) runs its forward on raw pointers, streaming its weights.
+// expert of a few rows (decode) runs its forward on raw pointers, streaming its weights, single-threaded, so those
+// are always spread over the threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_f
         },
         m.act, m.gated, y.slice(0, lo, hi), pre_in_place ? h_pre.slice(0, lo, hi) : at::Tensor(),
         save_for_backward && !pre_in_place ? h_pre.slice(0, lo, hi) : at::Tensor());
-  });
+  }, kStreamRows);
   if (save_for_backward) h_pre.narrow(0, r.kept, N - r.kept).zero_();
   return {r.out, h_pre, r.order, r.inverse, r.offsets};
 }
@@ -214,7 +215,7 @@ void expert_rows_forward(const at::Tensor& xe, int64_t H2, const GemmInto& up, c
 }
 
 Routed routed_forward(const char* op, const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
-                      int64_t E, int64_t O, int64_t capacity, const ExpertRows& expert) {
+                      int64_t E, int64_t O, int64_t capacity, const ExpertRows& expert, int64_t serial_rows) {
   const int64_t T = x.size(0);
   check_experts(op, experts);
   TORCH_CHECK(experts.size(0) == T, op, ": experts must be [T = ", T, ", k], got ", experts.sizes());
@@ -226,7 +227,7 @@ Routed routed_forward(const char* op, const at::Tensor& x, const at::Tensor& exp
   const auto token = at::div(order.narrow(0, 0, kept), k, "floor");  // token of each expert-ordered row
   const Scratch y_scratch({N, O}, x.options().dtype(gemm_dtype(x.scalar_type())));
   const at::Tensor& y = y_scratch.tensor();  // expert-ordered, unweighted expert outputs
-  for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) { expert(e, lo, hi, token, y); });
+  for_each_group(bounds, 16, [&](int64_t e, int64_t lo, int64_t hi) { expert(e, lo, hi, token, y); }, serial_rows);
   return {unpermute_to(y, inverse, weights, x.scalar_type(), kept, op), order, inverse, offsets, kept};
 }
 

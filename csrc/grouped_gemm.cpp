@@ -245,7 +245,7 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows, const
 }
 
 void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
-                    const std::function<void(int64_t, int64_t, int64_t)>& body) {
+                    const std::function<void(int64_t, int64_t, int64_t)>& body, int64_t serial_rows) {
   // Within 15% of a perfect spread, single-threaded GEMMs on every thread beat multi-threaded ones in turn.
   constexpr double kBalance = 1.15;
   const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
@@ -258,6 +258,7 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
     }
   }
   auto cost = [&](int64_t e) { return bounds[e + 1] - bounds[e] + fixed_cost_rows; };
+  auto threaded = [&](int64_t e) { return bounds[e + 1] - bounds[e] > serial_rows; };
   auto run = [&](int64_t e) { body(e, bounds[e], bounds[e + 1]); };
   const int64_t threads = at::get_num_threads();
   if (threads == 1 || active.size() < 2 || at::in_parallel_region()) {
@@ -267,7 +268,7 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
   // heavy experts: one at a time, multi-threaded
   std::vector<int64_t> light;
   for (int64_t e : active) {
-    if (cost(e) * threads > total) {
+    if (threaded(e) && cost(e) * threads > total) {
       run(e);
     } else {
       light.push_back(e);
@@ -288,7 +289,8 @@ void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
   }
   const int64_t light_total = std::accumulate(load.begin(), load.end(), int64_t(0));
   const int64_t makespan = *std::max_element(load.begin(), load.end());
-  if (static_cast<double>(makespan) * threads > kBalance * static_cast<double>(light_total)) {
+  const bool any_threaded = std::any_of(light.begin(), light.end(), threaded);
+  if (any_threaded && static_cast<double>(makespan) * threads > kBalance * static_cast<double>(light_total)) {
     for (int64_t e : light) run(e);
     return;
   }
@@ -1196,7 +1198,7 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& w_in, const at::
     } else {
       gated_act_into(out.slice(0, lo, hi), gemm_bias(a, w, b), g.act, g.gated);
     }
-  });
+  }, kStreamRows);
   return out;
 }
 

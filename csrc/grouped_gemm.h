@@ -122,10 +122,12 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t rows, const
 // Runs body(e, lo, hi) once for every expert e with rows [lo, hi) non-empty. Experts whose cost alone exceeds
 // one thread's share run one at a time with multi-threaded GEMMs; the rest are spread over the threads (longest
 // first onto the least loaded thread), each running single-threaded GEMMs, when that spreads evenly, and run
-// one at a time otherwise. The cost of an expert is rows + fixed_cost_rows. The schedule depends only on the
-// group sizes and the thread count, so reruns are bit-identical. body runs below autograd.
+// one at a time otherwise. The cost of an expert is rows + fixed_cost_rows. Groups of at most serial_rows rows
+// have a single-threaded body (the streaming decode kernels): never run alone as heavy, and spread over the
+// threads however unevenly, since one at a time they would leave all threads but one idle. The schedule depends
+// only on the group sizes and the thread count, so reruns are bit-identical. body runs below autograd.
 void for_each_group(const std::vector<int64_t>& bounds, int64_t fixed_cost_rows,
-                    const std::function<void(int64_t e, int64_t lo, int64_t hi)>& body);
+                    const std::function<void(int64_t e, int64_t lo, int64_t hi)>& body, int64_t serial_rows = 0);
 
 // Groups of up to kStreamRows rows (decode) stream their weights: a GEMM there is bound by reading w, and BLAS
 // would first pack w (and 16-bit w would first be widened).
@@ -618,7 +620,7 @@ void expert_rows_forward(const at::Tensor& xe, int64_t H2, const GemmInto& up, c
 
 // The expert MLP's forward around its per-expert work: the (token, slot) pairs of experts [T, k] sorted by expert
 // (index only; ids outside [0, E) and pairs past capacity (< 0: none) dropped), expert(e, lo, hi, token, y) run for
-// every expert with rows (for_each_group) to write rows [lo, hi) of y [T*k, O] (expert-ordered, in x's GEMM dtype;
+// every expert with rows (for_each_group, serial_rows its single-threaded groups) to write rows [lo, hi) of y [T*k, O] (expert-ordered, in x's GEMM dtype;
 // token[i]: the token of row i, int32), then every token's sum of its rows times their routing weights, in slot
 // order (deterministic, no atomics; a token routed nowhere gets 0).
 struct Routed {
@@ -628,6 +630,6 @@ struct Routed {
 using ExpertRows =
     std::function<void(int64_t e, int64_t lo, int64_t hi, const at::Tensor& token, const at::Tensor& y)>;
 Routed routed_forward(const char* op, const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
-                      int64_t E, int64_t O, int64_t capacity, const ExpertRows& expert);
+                      int64_t E, int64_t O, int64_t capacity, const ExpertRows& expert, int64_t serial_rows = 0);
 
 }  // namespace moe_kernels

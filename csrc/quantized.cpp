@@ -1604,7 +1604,7 @@ at::Tensor moe_mlp_quantized(const at::Tensor& x_in, const at::Tensor& experts, 
           dequantized_gemm(out, a, w_down, bias_row(q.down_bias, e), Kept::weight_b);
         },
         q.act, q.gated, y.slice(0, lo, hi));
-  });
+  }, stream_rows);
   return r.out;
 }
 

@@ -366,3 +366,26 @@ def test_triton_moe_mlp_bit_identical_on_gpu(dtype):
         first, second = run(), run()
     torch.cuda.synchronize()
     _assert_same_bits(first, second, f"triton moe_mlp on {torch.cuda.get_device_name()}")
+
+
+@pytest.mark.skipif(not _backend.NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("fmt", [None, "bf16", "mxfp4"])
+def test_native_decode_thread_count_does_not_change_the_bits(fmt):
+    # experts of a decode step (at most 8 rows, the streaming kernels) are single-threaded and spread over the
+    # threads however unevenly: any thread count gives the same bits, forward
+    T, D, H, E, k = 5, 64, 96, 8, 2
+    x = torch.randn(T, D, dtype=torch.bfloat16 if fmt else torch.float32)
+    ids = rand_experts(T, k, E)
+    w = torch.rand(T, k).to(x.dtype)
+    up, down = torch.randn(E, 2 * H, D) / 8, torch.randn(E, D, H) / 10
+    if fmt == "mxfp4":
+        up, down = (ops.QuantizedWeight.quantize(t, fmt) for t in (up, down))
+    else:
+        up, down = up.to(x.dtype), down.to(x.dtype)
+    results = {}
+    with moe_kernels.use_backend("native"), torch.no_grad():
+        for n in (1, 2, 3):
+            with num_threads(n):
+                results[n] = [ops.moe_mlp(x, ids, w, up, down)]
+    _assert_same_bits(results[1], results[2], f"{fmt} decode: 1 vs 2 threads")
+    _assert_same_bits(results[1], results[3], f"{fmt} decode: 1 vs 3 threads")
