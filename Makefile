@@ -42,7 +42,7 @@ bench: $(STAMP)
 aot-triton36: $(STAMP)
 	$(PY) -m pip install -q --target build/triton36 --no-deps triton==3.6.0
 	PYTHONPATH=build/triton36 $(PY) -m moe_kernels.tools.aot_check --filter grouped_gemm_tma glu_ row_metadata grouped_gemm_tn \
-	  zero_empty grouped_gemm- quant_
+	  zero_empty grouped_gemm- quant_ moe_decode
 
 clean:
 	rm -rf build $(VENV) moe_kernels/_C*.so *.egg-info

@@ -91,8 +91,10 @@ def compile_one(entry: dict, arch: int) -> dict:
     names = list(entry["signature"])
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in entry.get("divisible", ())}
     src = ASTSource(fn=entry["fn"], signature=entry["signature"], constexprs=entry.get("constexprs", {}), attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": entry["num_warps"], "num_stages": entry.get("num_stages", 2)})
+    options = {"num_warps": entry["num_warps"], "num_stages": entry.get("num_stages", 2)}
+    if entry.get("maxnreg"):       # as the launcher passes it
+        options["maxnreg"] = entry["maxnreg"]
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = kernel.asm["ptx"]
     usage = resource_usage(kernel.asm["cubin"], sass=arch // 10 == 9 or bool(entry.get("cp_async_16")))
     target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.M)

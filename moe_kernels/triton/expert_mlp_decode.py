@@ -253,23 +253,22 @@ def _decode_kernel(
                      mask=t_ok[:, None] & col_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight format and BLOCK_M, 16-bit activations ("fp32": fp32
-# activations, an ieee dot on FMA). BLOCK_K 64 divides a 128-wide FP8 block (a scale per tile row) and is mxfp4's
-# minimum (two 32-value groups). Chosen so that no compile spills on sm_80 or sm_90 (aot_check).
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) by BLOCK_M, for 16-bit activations and for fp32 (an ieee dot on FMA).
+# BLOCK_K 64 divides a 128-wide FP8 block (a scale per tile row) and is mxfp4's minimum (two 32-value groups), 32
+# for fp32. The persistent kernel runs one program per SM, so it may take every register (DECODE_MAXNREG): ptxas
+# would otherwise keep it near 128 registers and spill.
 DECODE_CONFIGS = {
-    ("float", 16): (64, 64, 8, 4), ("float", 32): (64, 64, 8, 4), ("float", 64): (64, 64, 8, 3),
-    ("fp8", 16): (16, 64, 4, 4), ("fp8", 32): (64, 64, 8, 4), ("fp8", 64): (32, 64, 8, 4),
-    ("mxfp4", 16): (64, 64, 4, 4), ("mxfp4", 32): (64, 64, 8, 4), ("mxfp4", 64): (32, 64, 8, 4),
-    ("fp32", 16): (16, 32, 4, 2), ("fp32", 32): (16, 32, 4, 2), ("fp32", 64): (16, 32, 8, 2),
+    ("16bit", 16): (64, 64, 4, 4), ("16bit", 32): (64, 64, 8, 4), ("16bit", 64): (32, 64, 8, 4),
+    ("fp32", 16): (32, 32, 4, 2), ("fp32", 32): (16, 32, 8, 2), ("fp32", 64): (32, 32, 8, 1),
 }
+DECODE_MAXNREG = 255
 _BLOCK_T = 16
 
 
-def decode_config(tokens: int, dtype: torch.dtype, format=None):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a decode step of `tokens` tokens, weights in
-    `format` (None: float)."""
+def decode_config(tokens: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a decode step of `tokens` tokens."""
     bm = max(16, triton.next_power_of_2(max(tokens, 1)))
-    return (bm,) + DECODE_CONFIGS["fp32" if dtype == torch.float32 else format or "float", bm]
+    return (bm,) + DECODE_CONFIGS["fp32" if dtype == torch.float32 else "16bit", bm]
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,12 +344,13 @@ def moe_mlp_decode(x, experts, weights, up, up_scale, down, down_scale, *, forma
     _decode_schedule_kernel[(1,)](
         experts, order, inverse, offsets, active, sync, N, T, KT, *experts.stride(), E, AMAX,
         _NO_CAPACITY if capacity is None else min(capacity, N), HAS_CAPACITY=capacity is not None,
-        BLOCK=_SCHED_BLOCK, BLOCK_E=triton.next_power_of_2(E + 1), num_warps=4)
+        BLOCK=_SCHED_BLOCK, BLOCK_E=triton.next_power_of_2(E + 1), num_warps=4,
+        **({} if dev.type != "cuda" else dict(maxnreg=DECODE_MAXNREG)))       # one program: every register
     if schedule is not None:
         schedule["active"] = active
     if O == 0:
         return out, order, inverse, offsets
-    BM, BN, BK, warps, stages = decode_config(T, x.dtype, format)
+    BM, BN, BK, warps, stages = decode_config(T, x.dtype)
     h = torch.empty(N, H, dtype=x.dtype, device=dev)
     y = torch.empty(N, O, dtype=torch.float32, device=dev)
     if format is None:
@@ -388,7 +388,7 @@ def moe_mlp_decode(x, experts, weights, up, up_scale, down, down_scale, *, forma
     else:
         if _cooperative():
             kw["launch_cooperative_grid"] = True
-        _decode_kernel[(G,)](*args, PHASE=-1, **kw)
+        _decode_kernel[(G,)](*args, PHASE=-1, maxnreg=DECODE_MAXNREG, **kw)
     return out, order, inverse, offsets
 
 
@@ -405,7 +405,7 @@ _DSIG = {**dict.fromkeys(("x_ptr", "weights_ptr", "up_ptr", "up_s_ptr", "down_pt
 
 
 def _decode_entry(fmt, dtype, bm, spec="silu", gated=True, bias=False):
-    BM, BN, BK, warps, stages = decode_config(bm, dtype, fmt)
+    BM, BN, BK, warps, stages = decode_config(bm, dtype)
     ty = _TL_TYPE[dtype]
     w_ty = ty if fmt is None else "u8"
     s_ty = ty if fmt is None else "fp32" if fmt == "fp8" else "u8"
@@ -419,7 +419,7 @@ def _decode_entry(fmt, dtype, bm, spec="silu", gated=True, bias=False):
                            "HAS_UP_BIAS": bias, "HAS_DOWN_BIAS": bias, **consts,
                            "FP32_PRECISION": _PREC_IEEE if dtype == torch.float32 else _PREC_16BIT, "PHASE": -1,
                            "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "BLOCK_T": _BLOCK_T},
-            "num_warps": warps, "num_stages": stages,
+            "num_warps": warps, "num_stages": stages, "maxnreg": DECODE_MAXNREG,
             "divisible": tuple(n for n, t in sig.items() if t and t.startswith("*")) + ("D", "H", "O", "UP_STRIDE", "DOWN_STRIDE"),
             "cp_async_16": dtype != torch.float32}
 
@@ -430,14 +430,15 @@ def _aot_configs():
         for dtype in (torch.bfloat16, torch.float16):
             for bm in (16, 32, 64):
                 out.append(_decode_entry(fmt, dtype, bm, bias=bm == 32))
-        out.append(_decode_entry(fmt, torch.float32, 16, spec="gelu", gated=False))
+        for bm in (16, 32, 64):
+            out.append(_decode_entry(fmt, torch.float32, bm, spec="gelu" if bm == 16 else "silu", gated=bm != 16))
     out.append({"name": "moe_decode_schedule", "fn": _decode_schedule_kernel,
                 "signature": {"ids_ptr": "*i64", **dict.fromkeys(("order_ptr", "inverse_ptr", "offsets_ptr",
                                                                   "active_ptr", "sync_ptr"), "*i32"),
                               **dict.fromkeys(("N", "T", "K", "S_T", "S_K", "E", "AMAX", "capacity"), "i32"),
                               **dict.fromkeys(("HAS_CAPACITY", "BLOCK", "BLOCK_E"), "constexpr")},
                 "constexprs": {"HAS_CAPACITY": True, "BLOCK": _SCHED_BLOCK, "BLOCK_E": 256}, "num_warps": 4,
-                "num_stages": 1, "divisible": ()})
+                "num_stages": 1, "maxnreg": DECODE_MAXNREG, "divisible": ()})
     return out
 
 
