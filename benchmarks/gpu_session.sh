@@ -12,7 +12,8 @@
 #                                 tests/triton/test_quantized.py (FP8 / MXFP4 experts, FP8 x FP8, graph capture),
 #                                 and the two-launch decode's GPU tests (tests/triton/test_expert_mlp_decode.py:
 #                                 Mixtral sizes against float64, two kernels a step, CUDA graph replays)
-#   tune      ~140 s (150 s)      moe_kernels.tools.tune_gemm (--budget 120 s): engine per role and tiles, written
+#   tune      ~140 s (150 s)      moe_kernels.tools.tune_gemm (--budget 120 s): engine per role, tiles and the
+#                                 decode path (split kernels or two launches, at T = 1, 8, 64), written
 #                                 into moe_kernels/triton/configs/ (read by bench and profile) and copied to $OUT
 #   bench     ~140 s (170 s)      expert_mlp at Mixtral T16384, Qwen3-30B-A3B T32768, OLMoE T16384, DeepSeek-V3
 #                                 T4096 (fwd, fwd+bwd) and Mixtral decode T1/T4/T8 against torch grouped_mm,

@@ -23,6 +23,11 @@ it), then the TMA kernels' tile candidates, then the pointer kernels'; an engine
 the best one at a role is not tile-tuned there. After --budget seconds the rest is skipped with a note and the files
 hold what was measured. A candidate that fails to compile or run, or spills registers, is skipped. Written files
 are merged into any file of the same name in --out.
+Decode (after round 1): each model's forward at DECODE_STEPS tokens (up to its largest decode-size run) through
+ops.moe_mlp, bf16 weights, timed with the split kernels and with the two-launch decode
+(moe_kernels.triton.expert_mlp_decode, MOE_KERNELS_DECODE=fused); the faster is written as role "decode" of the
+engine file, {tokens: "fused" | "split"}, which the decode steps then follow; the two-launch output must agree
+with the split kernels' (within 2% of the largest output; NaN in the same places) or "split" is written.
 --dry-run: the whole pipeline on small shapes on the CPU under TRITON_INTERPRET=1 (fp16), with a fake timer.
 """
 import argparse
@@ -43,6 +48,7 @@ MODELS = {  # name: D, H, E, k (the published models' shapes)
 }
 TRAIN_TOKENS = {"Mixtral": 16384, "Qwen3-30B-A3B": 32768, "OLMoE": 16384, "DeepSeek-V3": 4096}  # the suite's
 DECODE_TOKENS = 64
+DECODE_STEPS = (1, 8, 64)    # token counts the decode round times (those up to the decode-size run)
 TRAIN_MIN = 1024            # token counts from which the backward roles are tuned and up saves its pre-activation
 DEFAULT_BUDGET = 180.0       # seconds: with start-up and the files, ~200 s for the default runs
 ROLES = ("up", "down", "dh", "dx", "dw_up", "dw_down")
@@ -289,6 +295,45 @@ class Budget:
         return False
 
 
+def _decode_setup(T, D, H, E, k, dtype, device, seed=0):
+    """(the layer's forward with the split kernels, with the two-launch decode): ops.moe_mlp on the triton backend,
+    random routing of T tokens, weights N(0, 1/fan-in)."""
+    import moe_kernels
+    from .. import ops
+    from ..triton.expert_mlp_decode import DECODE_ENV
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=dtype)  # noqa: E731
+    x, up, down = rnd(T, D), rnd(E, 2 * H, D) * D ** -0.5, rnd(E, D, H) * H ** -0.5
+    weights, experts = torch.softmax(torch.randn(T, E, generator=gen, device=device), -1).topk(k, -1)
+    weights = weights.to(dtype)
+
+    def run(mode):
+        def fn():
+            old = os.environ.get(DECODE_ENV)
+            os.environ[DECODE_ENV] = mode
+            try:
+                with moe_kernels.use_backend("triton"), torch.no_grad():
+                    return ops.moe_mlp(x, experts, weights, up, down)
+            finally:
+                if old is None:
+                    del os.environ[DECODE_ENV]
+                else:
+                    os.environ[DECODE_ENV] = old
+        return fn
+    return run("split"), run("fused")
+
+
+def decode_agrees(fused, split) -> bool:
+    """The two-launch decode's output against the split kernels': NaN in the same places, elsewhere within 2% of
+    the largest magnitude (both round in the activations' dtype; a broken kernel misses by far more)."""
+    nan = split.isnan()
+    if not torch.equal(fused.isnan(), nan):
+        return False
+    f, s = fused[~nan].float(), split[~nan].float()
+    return f.numel() == 0 or bool((f - s).abs().max() <= 0.02 * s.abs().max().clamp_min(1e-6))
+
+
 # --- the choice -----------------------------------------------------------------------------------------------------
 def role_cost(role, engine, ms, perm_ms):
     """ms of a role on an engine, with the materialised rows it needs."""
@@ -328,6 +373,7 @@ def tune(runs, dtype, out_dir, *, budget=DEFAULT_BUDGET, prune=1.5, device="cuda
     perm_ms = {}    # (model, T) -> {"x"|"g": ms}
     tuned = set()   # (model, T, role, engine) whose tile candidates were timed
     tile_of = {}    # (model, T, role) -> {engine: (kernel, N, K)}
+    decode = {}     # model -> {T: (split ms, fused ms or None, choice)}
 
     def shapes(what, measured_only=False):
         for model, T in runs:
@@ -365,6 +411,9 @@ def tune(runs, dtype, out_dir, *, budget=DEFAULT_BUDGET, prune=1.5, device="cuda
                           if dry or c in _candidates(kernel, role, dry)}
                     if (model, T, role, eng) in tuned and ok:
                         tiles.setdefault((kernel, E, Nk, Kk), {}).setdefault(N, {})[role] = ok
+        for model, steps in decode.items():
+            D, H, E, k = models[model]
+            engine_table.setdefault(f"E{E}-D{D}-H{H}", {})["decode"] = {str(T): c for T, (*_, c) in steps.items()}
         return report, _write(out_dir, engine_table, tiles, dev_name, dtype, config_file, engines.engine_file)
 
     print(f"round 1: every engine at its default tile ({len(runs)} shapes)", flush=True)
@@ -392,6 +441,37 @@ def tune(runs, dtype, out_dir, *, budget=DEFAULT_BUDGET, prune=1.5, device="cuda
             for role, by in times.get(key, {}).items()) + " ms", flush=True)
         del perms, gemms
 
+    report, written = conclude()
+    print("decode: the split kernels against the two-launch decode", flush=True)
+    small = [(m, T) for m, T in runs if T <= DECODE_TOKENS and T < train_min]       # the decode-size runs
+    for model in dict.fromkeys(m for m, _ in small):
+        D, H, E, k = models[model]
+        top = max(T for m, T in small if m == model)
+        for T in sorted({t for t in DECODE_STEPS if t <= top} | {top}):
+            if not clock.ok(f"decode {model} T={T}"):
+                continue
+            split, fused = _decode_setup(T, D, H, E, k, dtype, device)
+            t_split = _time(split, timer, f"{model} T={T} decode split")
+            t_fused = None
+            try:
+                agrees = decode_agrees(fused(), split())
+            except Exception as exc:  # noqa: BLE001 -- a path that fails here is not chosen
+                print(f"  {model} T={T}: the two-launch decode failed ({type(exc).__name__}: {exc})", flush=True)
+                agrees = False
+            if agrees:
+                t_fused = _time(fused, timer, f"{model} T={T} decode fused")
+            elif t_split is not None:
+                print(f"  {model} T={T}: the two-launch decode disagrees with the split kernels: not chosen",
+                      flush=True)
+            if t_split is None and t_fused is None:
+                continue
+            choice = "fused" if t_fused is not None and (t_split is None or t_fused < t_split) else "split"
+            decode.setdefault(model, {})[T] = (t_split, t_fused, choice)
+            ms = lambda t: "-" if t is None else f"{t:.3f}"  # noqa: E731
+            print(f"  {model} T={T}: split {ms(t_split)} ms, fused {ms(t_fused)} ms -> {choice}", flush=True)
+            del split, fused
+            if device == "cuda":
+                torch.cuda.empty_cache()
     report, written = conclude()
     for rnd, engine in ((2, "tma"), (3, "triton")):
         print(f"round {rnd}: {engine} tile candidates", flush=True)

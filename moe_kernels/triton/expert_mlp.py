@@ -75,7 +75,7 @@ def moe_mlp_forward(x, experts, weights, gate_up_proj, down_proj, gate_up_bias, 
     O = down_proj.shape[1]
     N = T * k
     shape = (E, D, H)
-    if _decode.applies(x, experts, E, training=save_for_backward):      # a decode step in two launches
+    if _decode.applies(x, experts, E, H, training=save_for_backward):   # a decode step in two launches
         out, order, inverse, offsets = _decode.moe_mlp_decode(
             x, experts, weights, gate_up_proj, None, down_proj, None, gate_up_bias=gate_up_bias, down_bias=down_bias,
             activation=activation, gated=gated, capacity=capacity)

@@ -27,6 +27,7 @@ The Triton interpreter runs programs one after another, so a grid barrier there 
 kernel runs either as one program (the barriers pass at once) or one launch per phase (PHASE 0, 1, 2).
 """
 import functools
+import math
 import os
 
 import torch
@@ -287,10 +288,24 @@ def _programs(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def applies(x: torch.Tensor, experts: torch.Tensor, num_experts: int, training: bool = False) -> bool:
-    """Whether a step takes the two-launch decode: MOE_KERNELS_DECODE = "fused" / "split" decides; unset, a GPU
-    step of at most DECODE_MAX_TOKENS tokens without gradients (the default until the GPU measurements of
-    benchmarks/gpu_session.sh have compared it with the split kernels: "split" there)."""
+def tuned_choice(device: torch.device, dtype: torch.dtype, shape, tokens: int):
+    """"fused" or "split" from the tuned data file configs/gemm_engines-{device}-{dtype}.json (role "decode" of
+    shape (E, D, H), measured by moe_kernels.tools.tune_gemm on bf16 weights; the nearest token count on a log
+    scale), or None without an entry."""
+    from .engines import _load_engines, engine_file
+    from .grouped_gemm import _device_name
+
+    E, D, H = shape
+    table = _load_engines(engine_file(_device_name(device), dtype)).get(f"E{E}-D{D}-H{H}", {}).get("decode")
+    if not table:
+        return None
+    return table[min(table, key=lambda t: (abs(math.log2(max(t, 1) / max(tokens, 1))), -t))]
+
+
+def applies(x: torch.Tensor, experts: torch.Tensor, num_experts: int, hidden: int, training: bool = False) -> bool:
+    """Whether a step takes the two-launch decode (at most DECODE_MAX_TOKENS tokens, no gradients):
+    MOE_KERNELS_DECODE = "fused" / "split" decides; unset, on a GPU, the tuned data file's choice for the shape
+    (E, D, hidden), else the split kernels (until a GPU has measured both)."""
     T, k = experts.shape
     if training or not 0 < T <= DECODE_MAX_TOKENS or T * k > DECODE_MAX_PAIRS or num_experts > DECODE_MAX_EXPERTS:
         return False
@@ -299,7 +314,9 @@ def applies(x: torch.Tensor, experts: torch.Tensor, num_experts: int, training: 
     mode = os.environ.get(DECODE_ENV, "").strip()
     if mode not in ("", "fused", "split"):
         raise ValueError(f"{DECODE_ENV} must be 'fused' or 'split', got {mode!r}")
-    return mode == "fused"
+    if mode:
+        return mode == "fused"
+    return x.device.type == "cuda" and tuned_choice(x.device, x.dtype, (num_experts, x.shape[1], hidden), T) == "fused"
 
 
 def report() -> str:
@@ -308,9 +325,12 @@ def report() -> str:
     if mode == "fused":
         return (f"two launches ({DECODE_ENV}=fused): inference steps of 1..{DECODE_MAX_TOKENS} tokens on a GPU, "
                 f"float, FP8 or MXFP4 weights")
-    if mode in ("", "split"):
-        return (f"the split kernels (routing sort, grouped GEMMs, combine); {DECODE_ENV}=fused runs steps of "
-                f"1..{DECODE_MAX_TOKENS} tokens in two launches")
+    if mode == "split":
+        return f"the split kernels (routing sort, grouped GEMMs, combine): {DECODE_ENV}=split"
+    if mode == "":
+        return (f"per tuned data file (role 'decode' of gemm_engines-*.json) on a GPU, else the split kernels "
+                f"(routing sort, grouped GEMMs, combine); {DECODE_ENV}=fused runs steps of 1..{DECODE_MAX_TOKENS} "
+                f"tokens in two launches")
     return f"error: {DECODE_ENV} must be 'fused' or 'split', got {mode!r}"
 
 

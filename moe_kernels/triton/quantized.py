@@ -265,7 +265,8 @@ def moe_mlp_quantized(x, experts, weights, format, up_data, up_scale, down_data,
     if T * k == 0 or E == 0:
         return x.new_zeros(T, O)
     a_fp8 = fp8_activations(x, format, block_k)
-    if not a_fp8 and _decode.applies(x, experts, E):               # a decode step in two launches
+    H = up_data.shape[1] // 2 if gated else up_data.shape[1]
+    if not a_fp8 and _decode.applies(x, experts, E, H):            # a decode step in two launches
         return _decode.moe_mlp_decode(x, experts, weights, up_data, up_scale, down_data, down_scale, format=format,
                                       block=(block_n, block_k), gate_up_bias=gate_up_bias, down_bias=down_bias,
                                       activation=activation, gated=gated, capacity=capacity)[0]

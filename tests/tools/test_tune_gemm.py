@@ -22,7 +22,7 @@ def interpreter():
 
 
 def test_dry_run_writes_files_the_launchers_read(interpreter, tmp_path, capsys, monkeypatch):
-    from moe_kernels.triton import engines, grouped_gemm as gg, grouped_gemm_tma as gt
+    from moe_kernels.triton import engines, expert_mlp_decode as dec, grouped_gemm as gg, grouped_gemm_tma as gt
 
     for env in (engines.ENGINE_ENV, gg.CONFIG_ENV, gg.TN_CONFIG_ENV, gt.TMA_CONFIG_ENV, gt.TN_TMA_CONFIG_ENV):
         monkeypatch.delenv(env, raising=False)
@@ -35,8 +35,12 @@ def test_dry_run_writes_files_the_launchers_read(interpreter, tmp_path, capsys, 
     data = json.loads((tmp_path / "gemm_engines-cpu-float16.json").read_text())
     assert set(data) == {"E4-D32-H16", "E5-D16-H24"}
     assert {r: sorted(t, key=int) for r, t in data["E4-D32-H16"].items()} == {
-        **{r: ["48"] for r in ("dh", "dx", "dw_up", "dw_down")}, "up": ["8", "48"], "down": ["8", "48"]}
-    assert all(e in engines.ENGINES for roles in data.values() for t in roles.values() for e in t.values())
+        **{r: ["48"] for r in ("dh", "dx", "dw_up", "dw_down")}, "up": ["8", "48"], "down": ["8", "48"],
+        "decode": ["1", "4"]}          # decode steps up to the decode-size run (T = 4)
+    assert all(e in engines.ENGINES for roles in data.values() for r, t in roles.items() if r != "decode"
+               for e in t.values())
+    assert all(c in ("fused", "split") for roles in data.values() for c in roles["decode"].values())
+    assert "T=4: split" in out and "-> " in out
 
     kernels = {"grouped_gemm": 5, "grouped_gemm_tn": 5, "grouped_gemm_tma": 6, "grouped_gemm_tn_tma": 6}
     tiles = [p for p in tmp_path.iterdir() if not p.name.startswith("gemm_engines")]
@@ -58,6 +62,8 @@ def test_dry_run_writes_files_the_launchers_read(interpreter, tmp_path, capsys, 
     assert list(gg.gemm_config(48, 4, torch.float16, False, N=32, K=32, device=cpu)) == shared["48"]
     tma = json.loads((tmp_path / "grouped_gemm_tma-E4-N32-K32-cpu-float16.json").read_text())
     assert list(gt.tma_config(48, 4, 32, 32, torch.float16, False, cpu)) == tma["48"]
+    for T, want in (("1", 1), ("4", 3), ("4", 64)):      # nearest token count on a log scale
+        assert dec.tuned_choice(cpu, torch.float16, (4, 32, 16), want) == data["E4-D32-H16"]["decode"][T]
 
     # a second run merges into the files
     tg.main(["--dry-run", "--model", "tiny", "--tokens", "12", "--out", str(tmp_path)])
@@ -100,3 +106,12 @@ def test_candidates_and_default_runs():
     assert tg.default_runs(list(tg.MODELS)) == [("Mixtral", 16384), ("Qwen3-30B-A3B", 32768), ("OLMoE", 16384),
                                                 ("DeepSeek-V3", 4096), ("Mixtral", 64), ("Qwen3-30B-A3B", 64),
                                                 ("OLMoE", 64), ("DeepSeek-V3", 64)]
+
+
+def test_decode_agreement_check():
+    split = torch.randn(6, 32)
+    assert tg.decode_agrees(split + 1e-3 * split.abs().max(), split)
+    assert not tg.decode_agrees(split * 1.1, split)              # a 10% miss: a broken kernel, not rounding
+    nan = split.clone()
+    nan[2, 3] = float("nan")
+    assert tg.decode_agrees(nan, nan) and not tg.decode_agrees(split, nan) and not tg.decode_agrees(nan, split)

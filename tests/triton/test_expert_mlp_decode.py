@@ -279,7 +279,7 @@ def test_which_steps_take_it(fmt, monkeypatch):
     monkeypatch.delenv(dec.DECODE_ENV, raising=False)
     _moe_mlp(small)
     assert not calls                                   # the default: the split kernels, until measured on a GPU
-    assert moe_kernels.backends()["decode"].startswith("the split kernels")
+    assert moe_kernels.backends()["decode"].startswith("per tuned data file")
     monkeypatch.setenv(dec.DECODE_ENV, "fused")
     assert moe_kernels.backends()["decode"].startswith("two launches")
     _check(small, _moe_mlp(small), torch.float32)

@@ -110,13 +110,14 @@ def test_activation_quantisation_matches_torchs_rounding():
 def _quantize_rows_ref(x):
     """(e4m3 codes, scales) per row and 128 columns, as the reference quantises FP8 weights (quantize_fp8)."""
     T, K = x.shape
-    padded = torch.zeros(T, -(-K // 128) * 128, dtype=x.dtype)
+    G = -(-K // 128)
+    padded = torch.zeros(T, G * 128, dtype=x.dtype)
     padded[:, :K] = x
-    groups = padded.view(T, -1, 128)
+    groups = padded.view(T, G, 128)          # G named: an expert without rows has T = 0
     amax = groups.abs().amax(-1).float()
     s = torch.where(amax > 0, amax / ref_q.FP8_MAX, torch.ones_like(amax))
     q = (groups.float() / s[..., None]).clamp(-ref_q.FP8_MAX, ref_q.FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(T, -1)[:, :K], s
+    return q.view(T, G * 128)[:, :K], s
 
 
 def _fake_quant(x):
