@@ -310,16 +310,8 @@ def _decode_setup(T, D, H, E, k, dtype, device, seed=0):
 
     def run(mode):
         def fn():
-            old = os.environ.get(DECODE_ENV)
-            os.environ[DECODE_ENV] = mode
-            try:
-                with moe_kernels.use_backend("triton"), torch.no_grad():
-                    return ops.moe_mlp(x, experts, weights, up, down)
-            finally:
-                if old is None:
-                    del os.environ[DECODE_ENV]
-                else:
-                    os.environ[DECODE_ENV] = old
+            with _Pinned(DECODE_ENV, (mode,)), moe_kernels.use_backend("triton"), torch.no_grad():
+                return ops.moe_mlp(x, experts, weights, up, down)
         return fn
     return run("split"), run("fused")
 
