@@ -114,6 +114,12 @@ def applies(engine, device, dtype, widths, bias=False, tensors=()) -> bool:
     return False
 
 
+def nearest(table: dict, n: int):
+    """table[m] of the key m nearest n on a log scale: 2048 is nearer 32768 (16x) than 128 (16x, then the
+    larger)."""
+    return table[min(table, key=lambda m: (abs(math.log2(max(m, 1) / max(n, 1))), -m))]
+
+
 def choose(role, device, dtype, shape, rows, widths, bias=False, tensors=()) -> str:
     """The engine of GEMM `role` of the expert MLP with shape (E, D, H) over `rows` sorted rows whose operands
     have these row widths; `bias`: the GEMM adds a bias the engine would have to take; `tensors`: see applies."""
@@ -125,8 +131,7 @@ def choose(role, device, dtype, shape, rows, widths, bias=False, tensors=()) -> 
         engine = None
         table = _load_engines(engine_file(_device_name(device), dtype)).get(key, {}).get(role)
         if table:
-            # nearest on a log scale: a batch of 2048 rows is nearer 32768 (16x) than 128 (16x, then the larger)
-            tuned = table[min(table, key=lambda m: (abs(math.log2(max(m, 1) / max(rows, 1))), -m))]
+            tuned = nearest(table, rows)
             if ok(tuned):
                 engine = tuned
     if engine is None:

@@ -27,7 +27,6 @@ The Triton interpreter runs programs one after another, so a grid barrier there 
 kernel runs either as one program (the barriers pass at once) or one launch per phase (PHASE 0, 1, 2).
 """
 import functools
-import math
 import os
 
 import torch
@@ -37,7 +36,9 @@ import triton.language as tl
 from ..reference.activations import check_activation
 from .activations import _glu_args, bias_glu, gate_up_rows
 from .dequant import FMT_CODE, MX_GROUP, _weight_tile
-from .grouped_gemm import _PREC_16BIT, _PREC_IEEE, _TL_TYPE, _dot
+from .engines import _load_engines, engine_file, nearest
+from .grouped_gemm import _PREC_16BIT, _PREC_IEEE, _TL_TYPE, _device_name, _dot
+from .permutation import _rank_in_block
 
 DECODE_MAX_TOKENS = 64
 DECODE_MAX_PAIRS = 4096          # T * k the one-program schedule takes
@@ -58,14 +59,6 @@ def _pair_keys(ids_ptr, i, valid, K, S_T, S_K, E):
 
 
 @triton.jit
-def _same_key_before(key, BLOCK: tl.constexpr):
-    """Number of earlier lanes of the block with the same key."""
-    lane = tl.arange(0, BLOCK)
-    same = (key[:, None] == key[None, :]) & (lane[None, :] < lane[:, None])
-    return tl.sum(same.to(tl.int32), axis=1)
-
-
-@triton.jit
 def _decode_schedule_kernel(ids_ptr, order_ptr, inverse_ptr, offsets_ptr, active_ptr, sync_ptr, N, T, K, S_T, S_K,
                             E, AMAX, capacity, HAS_CAPACITY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     """ids [T, K] -> order [N] (pair of each sorted row, dropped pairs last), inverse [T, K] (sorted row of each
@@ -83,7 +76,7 @@ def _decode_schedule_kernel(ids_ptr, order_ptr, inverse_ptr, offsets_ptr, active
             i = (q % T) * K + q // T
             key = _pair_keys(ids_ptr, i, valid, K, S_T, S_K, E)
             hit = key[:, None] == buckets[None, :]
-            rank = tl.sum(tl.where(hit, seen[None, :], 0), axis=1) + _same_key_before(key, BLOCK)
+            rank = tl.sum(tl.where(hit, seen[None, :], 0), axis=1) + _rank_in_block(key, BLOCK)
             tl.store(inverse_ptr + i, tl.where((key < E) & (rank < capacity), key, E), mask=valid)
             seen += tl.sum(hit.to(tl.int32), axis=0)
         tl.debug_barrier()
@@ -115,7 +108,7 @@ def _decode_schedule_kernel(ids_ptr, order_ptr, inverse_ptr, offsets_ptr, active
         else:
             key = _pair_keys(ids_ptr, i, valid, K, S_T, S_K, E)
         hit = key[:, None] == buckets[None, :]
-        pos = tl.sum(tl.where(hit, (starts + placed)[None, :], 0), axis=1) + _same_key_before(key, BLOCK)
+        pos = tl.sum(tl.where(hit, (starts + placed)[None, :], 0), axis=1) + _rank_in_block(key, BLOCK)
         tl.store(order_ptr + pos, i, mask=valid)
         tl.store(inverse_ptr + i, tl.where(key < E, pos, -1), mask=valid)
         placed += tl.sum(hit.to(tl.int32), axis=0)
@@ -292,14 +285,9 @@ def tuned_choice(device: torch.device, dtype: torch.dtype, shape, tokens: int):
     """"fused" or "split" from the tuned data file configs/gemm_engines-{device}-{dtype}.json (role "decode" of
     shape (E, D, H), measured by moe_kernels.tools.tune_gemm on bf16 weights; the nearest token count on a log
     scale), or None without an entry."""
-    from .engines import _load_engines, engine_file
-    from .grouped_gemm import _device_name
-
     E, D, H = shape
     table = _load_engines(engine_file(_device_name(device), dtype)).get(f"E{E}-D{D}-H{H}", {}).get("decode")
-    if not table:
-        return None
-    return table[min(table, key=lambda t: (abs(math.log2(max(t, 1) / max(tokens, 1))), -t))]
+    return nearest(table, tokens) if table else None
 
 
 def applies(x: torch.Tensor, experts: torch.Tensor, num_experts: int, hidden: int, training: bool = False) -> bool:
